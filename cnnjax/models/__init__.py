@@ -1,0 +1,42 @@
+"""Models by name: ``create_model('bn_cnn', num_classes=10)``.
+
+Every model is a ``flax.linen`` module called as ``model.apply(variables, x, train=...)``
+on normalised float inputs ``[B, H, W, C]`` and returns logits ``[B, num_classes]``.
+Batch-norm statistics live in the ``batch_stats`` collection, dropout draws from the
+``dropout`` rng, and named intermediates are sown into ``intermediates``.
+"""
+import dataclasses
+
+import flax.linen as nn
+
+from cnnjax.errors import UserError
+from cnnjax.models.bn_cnn import BNCNN
+from cnnjax.models.blocks import ConvBlock
+from cnnjax.models.keras_convnet import KerasConvNet
+from cnnjax.models.lenet import LeNet
+from cnnjax.models.mlp import MLP
+from cnnjax.models.seed_cnn import SeedCNN
+
+MODELS: dict[str, type[nn.Module]] = {
+    "seed_cnn": SeedCNN,
+    "bn_cnn": BNCNN,
+    "lenet": LeNet,
+    "keras_convnet": KerasConvNet,
+    "mlp": MLP,
+}
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+  """Builds the model registered as ``name`` with its constructor ``kwargs``."""
+  if name not in MODELS:
+    raise UserError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+  cls = MODELS[name]
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise UserError(f"model {name!r} has no option(s) {unknown}; expected some of {sorted(fields)}")
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  return cls(**kwargs)
+
+
+__all__ = ["MODELS", "create_model", "ConvBlock", "SeedCNN", "BNCNN", "LeNet", "KerasConvNet", "MLP"]

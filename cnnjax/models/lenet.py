@@ -1,0 +1,30 @@
+"""LeNet-5: modern (ReLU + max pooling) by default, the 1998 original (sigmoid + average)."""
+from typing import Literal
+
+import flax.linen as nn
+import jax
+
+from cnnjax.models.blocks import activation, pool
+
+
+class LeNet(nn.Module):
+  """conv5x5 6 (pad 2) -> pool -> conv5x5 16 (valid) -> pool -> dense 120 -> 84 -> classes.
+
+  ``[B, 28, 28, 1]`` flattens to 16*5*5 = 400 features, ``[B, 32, 32, 3]`` to 576.
+  Returns logits ``[B, num_classes]``.
+  """
+  num_classes: int = 10
+  activation: str = "relu"
+  pooling: Literal["max", "avg"] = "max"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # no dropout or batch norm
+    act = activation(self.activation)
+    x = pool(act(nn.Conv(6, (5, 5), padding=((2, 2), (2, 2)))(x)), self.pooling, 2)
+    x = pool(act(nn.Conv(16, (5, 5), padding="VALID")(x)), self.pooling, 2)
+    x = x.reshape(x.shape[0], -1)
+    self.sow("intermediates", "features", x)
+    x = act(nn.Dense(120)(x))
+    x = act(nn.Dense(84)(x))
+    return nn.Dense(self.num_classes)(x)

@@ -1,0 +1,209 @@
+"""Training curves, confusion heatmaps and image grids written as PNG files.
+
+Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``),
+never through ``pyplot``: no display is needed, the caller's pyplot backend (e.g. a
+notebook's) is left untouched, and no figure stays registered after a function returns.
+Every function writes one PNG to ``path``, creating missing parent folders, and returns
+the path it wrote.
+"""
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from cnnjax.errors import UserError
+
+_DPI = 100
+_MISTAKE_COLOR = "tab:red"
+# Above this many classes the per-cell numbers of a confusion heatmap are unreadable.
+_MAX_ANNOTATED_CLASSES = 30
+
+
+def _new_figure(width: float, height: float) -> Figure:
+  """A figure of ``width x height`` inches attached to an Agg canvas."""
+  fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> pathlib.Path:
+  """Writes ``fig`` as a PNG to ``path`` and returns it as a ``pathlib.Path``."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, format="png")
+  return path
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+  """``(epochs, values)`` of the entries of ``history`` that hold ``key``."""
+  rows = [row for row in history if key in row]
+  return [float(row["epoch"]) for row in rows], [float(row[key]) for row in rows]
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]],
+                path: str | os.PathLike) -> pathlib.Path:
+  """Loss and accuracy per epoch, train vs validation, plus the learning rate if logged.
+
+  Args:
+    history: one dict per epoch with ``epoch``, ``train_loss``, ``train_accuracy`` and
+      optionally ``val_loss``, ``val_accuracy`` and ``lr``; an optional key is drawn at
+      the epochs that hold it (e.g. validation every few epochs).
+    path: where to write the PNG.
+  Returns:
+    ``path``. The figure has 2 panels (loss, accuracy), or 3 when some epoch has ``lr``.
+  """
+  if isinstance(history, Mapping) or not isinstance(history, Sequence) or not history:
+    raise UserError(f"history={history!r:.80}; expected a non-empty list of per-epoch dicts")
+  for i, row in enumerate(history):
+    if not isinstance(row, Mapping):
+      raise UserError(f"history[{i}]={row!r:.80}; expected a dict of per-epoch metrics")
+    missing = {"epoch", "train_loss", "train_accuracy"} - set(row)
+    if missing:
+      raise UserError(
+          f"history[{i}] lacks {sorted(missing)}; expected epoch, train_loss, train_accuracy")
+
+  has_lr = any("lr" in row for row in history)
+  num_panels = 3 if has_lr else 2
+  fig = _new_figure(4.5 * num_panels, 3.5)
+  axes = fig.subplots(1, num_panels)
+  for ax, metric, title in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
+    for split, style in (("train", "-"), ("val", "--")):
+      epochs, values = _series(history, f"{split}_{metric}")
+      if epochs:
+        label = "train" if split == "train" else "validation"
+        ax.plot(epochs, values, style, marker="o", markersize=3, label=label)
+    ax.set(title=title, xlabel="epoch", ylabel=metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  if has_lr:
+    epochs, values = _series(history, "lr")
+    axes[2].plot(epochs, values, marker="o", markersize=3, color="tab:green")
+    axes[2].set(title="Learning rate", xlabel="epoch", ylabel="lr")
+    if min(values) > 0 and max(values) / min(values) > 100:
+      axes[2].set_yscale("log")
+    axes[2].grid(alpha=0.3)
+  for ax in axes:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  return _save(fig, path)
+
+
+def plot_confusion(cm: Any, class_names: Sequence[str], path: str | os.PathLike,
+                   normalize: bool = True) -> pathlib.Path:
+  """Heatmap of a confusion matrix, true class down the rows, prediction across.
+
+  Args:
+    cm: ``[K, K]`` non-negative counts, rows = true class, columns = predicted class.
+    class_names: ``K`` tick labels.
+    path: where to write the PNG.
+    normalize: divide each row by its total (the class's recall on the diagonal); rows
+      with no examples stay 0. Otherwise raw counts are shown.
+  Returns:
+    ``path``. Each cell shows its value when ``K <= 30``; larger matrices are colour only.
+  """
+  cm = np.asarray(cm)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
+    raise UserError(f"confusion matrix has shape {cm.shape}; expected a square [K, K], K >= 1")
+  if not np.issubdtype(cm.dtype, np.number) or (cm < 0).any():
+    raise UserError(f"confusion matrix has dtype {cm.dtype}; expected non-negative counts")
+  k = cm.shape[0]
+  if len(class_names) != k:
+    raise UserError(f"class_names has {len(class_names)} entries; expected {k}")
+
+  if normalize:
+    totals = cm.sum(axis=1, keepdims=True).astype(np.float64)
+    values = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals != 0)
+    vmax, fmt = 1.0, "{:.2f}"
+  else:
+    values = cm
+    vmax = max(float(cm.max()), 1.0)
+    fmt = "{:d}" if np.issubdtype(cm.dtype, np.integer) else "{:.3g}"
+
+  side = min(max(4.0, 0.45 * k + 2.0), 24.0)
+  fig = _new_figure(side + 1.0, side)
+  ax = fig.subplots()
+  image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
+  fig.colorbar(image, ax=ax, shrink=0.8)
+  ticks = np.arange(k)
+  ax.set_xticks(ticks, [str(name) for name in class_names], rotation=45, ha="right")
+  ax.set_yticks(ticks, [str(name) for name in class_names])
+  ax.set(xlabel="predicted", ylabel="true",
+         title="Confusion matrix" + (" (row-normalised)" if normalize else ""))
+  if k <= _MAX_ANNOTATED_CLASSES:
+    fontsize = 10 if k <= 10 else 7
+    for i in range(k):
+      for j in range(k):
+        color = "white" if values[i, j] > 0.5 * vmax else "black"
+        ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", color=color,
+                fontsize=fontsize)
+  return _save(fig, path)
+
+
+def _as_float_images(images: Any) -> np.ndarray:
+  """``[N, H, W, C]`` uint8 or float in ``[0, 1]``, C in {1, 3} -> float64 in ``[0, 1]``."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3):
+    raise UserError(f"images have shape {images.shape}; expected [N, H, W, C], N >= 1, C 1 or 3")
+  if images.dtype == np.uint8:
+    return images.astype(np.float64) / 255.0
+  if not np.issubdtype(images.dtype, np.floating):
+    raise UserError(f"images have dtype {images.dtype}; expected uint8 or float in [0, 1]")
+  low, high = float(images.min()), float(images.max())
+  if not (0.0 <= low and high <= 1.0):  # also rejects NaN
+    raise UserError(f"float images span [{low:g}, {high:g}]; expected values in [0, 1]")
+  return images.astype(np.float64)
+
+
+def image_grid(images: Any, path: str | os.PathLike, titles: Sequence[str] | None = None,
+               mistakes: Any = None, ncols: int = 8) -> pathlib.Path:
+  """Images in a grid, optionally titled, wrong predictions framed and titled in red.
+
+  Args:
+    images: ``[N, H, W, C]``, uint8 or float in ``[0, 1]``, ``C`` 1 (grey) or 3 (RGB).
+    path: where to write the PNG.
+    titles: ``N`` strings, e.g. ``"true: cat / pred: dog"``.
+    mistakes: ``[N]`` bool, True for a wrong prediction.
+    ncols: images per row; the grid has ``ceil(N / ncols)`` rows.
+  Returns:
+    ``path``.
+  """
+  images = _as_float_images(images)
+  n = images.shape[0]
+  if titles is not None and len(titles) != n:
+    raise UserError(f"titles has {len(titles)} entries; expected {n}, one per image")
+  if mistakes is not None:
+    mistakes = np.asarray(mistakes)
+    if mistakes.shape != (n,) or mistakes.dtype != np.bool_:
+      raise UserError(
+          f"mistakes has shape {mistakes.shape} and dtype {mistakes.dtype}; expected bool [{n}]")
+  if isinstance(ncols, bool) or not isinstance(ncols, (int, np.integer)) or ncols < 1:
+    raise UserError(f"ncols={ncols!r}; expected a positive integer")
+
+  cols = min(int(ncols), n)
+  rows = math.ceil(n / cols)
+  cell = 1.6
+  fig = _new_figure(cols * cell, rows * (cell + (0.35 if titles is not None else 0.0)))
+  axes = np.asarray(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
+  for i, ax in enumerate(axes):
+    if i >= n:
+      ax.set_axis_off()
+      continue
+    if images.shape[-1] == 1:
+      ax.imshow(images[i, :, :, 0], cmap="gray", vmin=0.0, vmax=1.0)
+    else:
+      ax.imshow(images[i])
+    ax.set_xticks([])
+    ax.set_yticks([])
+    wrong = mistakes is not None and bool(mistakes[i])
+    for spine in ax.spines.values():
+      spine.set_visible(wrong)
+      spine.set_color(_MISTAKE_COLOR)
+      spine.set_linewidth(3)
+    if titles is not None:
+      ax.set_title(str(titles[i]), fontsize=7, color=_MISTAKE_COLOR if wrong else "black")
+  return _save(fig, path)

@@ -1,0 +1,40 @@
+"""Defaults every config starts from; a config file overrides what its study changes.
+
+Keys are locked: an override of a key that does not exist is an error, not a silent no-op.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict({"name": "seed_cnn", "num_classes": 10})
+
+  c.data = ml_collections.ConfigDict()
+  # A local .npz (x_train, y_train, x_test, y_test), a folder of idx files, or a TFDS name.
+  c.data.source = "cifar10"
+  c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default
+  c.data.val_size = 10_000.0  # examples split off the training set (a fraction if < 1)
+  c.data.limit = 0  # > 0: use only the first `limit` train and test examples (quick runs)
+  c.data.augment = ml_collections.ConfigDict({"crop_padding": 0, "horizontal_flip": False})
+
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.num_epochs = 3
+  c.label_smoothing = 0.0
+  c.test_with = "last"  # 'last' or 'best' (lowest validation loss) checkpoint for the test set
+
+  c.optimizer = ml_collections.ConfigDict({
+      "name": "adam", "lr": 1e-3, "weight_decay": 0.0,
+      "momentum": 0.0, "nesterov": False,  # sgd; rmsprop momentum
+      "rho": 0.9,  # rmsprop decay (Keras' rho; torch's alpha is 0.99)
+      "b1": 0.9, "b2": 0.999,  # adam(w)
+      "eps": 1e-7,  # Keras' default for rmsprop and adam
+  })
+  c.schedule = ml_collections.ConfigDict({
+      "name": "constant",  # constant | one_cycle | warmup_cosine
+      "anneal": "cos", "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4,  # one_cycle
+      "warmup_steps": 0, "end_lr": 0.0,  # warmup_cosine
+  })
+  c.log_every_steps = 10  # progress-bar refresh
+  return c

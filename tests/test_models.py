@@ -1,0 +1,123 @@
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.errors import UserError
+from cnnjax.models import MODELS, create_model
+from cnnjax.models.blocks import ConvBlock, pool
+
+SMALL_MODELS = ["seed_cnn", "bn_cnn", "lenet", "keras_convnet", "mlp"]
+
+
+def _init(model, shape):
+  return model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                    jnp.zeros(shape), train=False)
+
+
+def _count(tree) -> int:
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name", SMALL_MODELS)
+@pytest.mark.parametrize("image_shape", [(28, 28, 1), (32, 32, 3)])
+def test_logits_shape_for_two_batch_sizes(name, image_shape):
+  model = create_model(name, num_classes=7)
+  variables = _init(model, (1, *image_shape))
+  for batch in (1, 5):
+    x = jax.random.normal(jax.random.PRNGKey(batch), (batch, *image_shape))
+    logits, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)},
+                            mutable=["batch_stats"])
+    chex.assert_shape(logits, (batch, 7))
+    chex.assert_tree_all_finite(logits)
+    chex.assert_shape(model.apply(variables, x, train=False), (batch, 7))
+
+
+# Parameter counts of the PyTorch versions of these models (nn.Conv2d/nn.Linear with bias,
+# BatchNorm's affine weight+bias; running statistics are buffers, not parameters):
+#   seed_cnn 32x32x3: conv 3*8*9+8=224, conv 8*16*9+16=1168, fc 1024*16+16=16400, fc 16*10+10=170
+#   lenet 28x28x1: 156 + 2416 + 400*120+120 + 120*84+84 + 84*10+10 = 61706 (the classic LeNet-5)
+#   keras_convnet 28x28x1: 320 + 18496 + 36928 + 576*64+64 + 650 = 93322 (Keras' model summary)
+#   mlp 28x28x1: 784*128+128 + 128*10+10 = 101770
+#   bn_cnn 32x32x3: convs 896+9248+18496+36928+73856+147584+295168+590080, BN 2*(2*32+2*64+2*128+2*256),
+#     fc 1024*512+512, BN 1024, fc 512*1024+1024, BN 2048, fc 1024*10+10 = 2237610
+@pytest.mark.parametrize("name, image_shape, count", [
+    ("seed_cnn", (32, 32, 3), 17962),
+    ("lenet", (28, 28, 1), 61706),
+    ("keras_convnet", (28, 28, 1), 93322),
+    ("mlp", (28, 28, 1), 101770),
+    ("bn_cnn", (32, 32, 3), 2237610),
+])
+def test_parameter_counts_match_pytorch(name, image_shape, count):
+  assert _count(_init(create_model(name), (1, *image_shape))["params"]) == count
+
+
+def test_flatten_size_follows_input_shape():
+  model = create_model("seed_cnn")
+  feats = {}
+  for shape, size in [((32, 32, 3), 1024), ((28, 28, 1), 7 * 7 * 16)]:
+    _, state = model.apply(_init(model, (1, *shape)), jnp.zeros((2, *shape)),
+                           mutable=["intermediates"])
+    feats[shape] = state["intermediates"]["features"][0].shape
+    assert feats[shape] == (2, size)
+
+
+def test_bn_cnn_keeps_batch_stats_apart_and_updates_them_only_in_train_mode():
+  model = create_model("bn_cnn")
+  variables = _init(model, (1, 32, 32, 3))
+  assert set(variables) == {"params", "batch_stats"}
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3)) * 3 + 1
+  _, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
+                           mutable=["batch_stats"])
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), variables["batch_stats"], updates["batch_stats"])
+  assert all(jax.tree.leaves(changed))
+  a = model.apply(variables, x, train=False)
+  b = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(a, b)  # eval mode: no dropout, running statistics
+
+
+def test_dropout_is_active_only_in_train_mode():
+  model = create_model("seed_cnn")
+  variables = _init(model, (1, 32, 32, 3))
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 32, 32, 3))
+  train = [model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(i)}) for i in (1, 2)]
+  assert not np.allclose(train[0], train[1])
+  np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+
+
+@pytest.mark.parametrize("kind, reference", [("max", nn.max_pool), ("avg", nn.avg_pool)])
+@pytest.mark.parametrize("size", [8, 7])  # 8: reshape path; 7: flax fallback
+def test_pooling_equals_flax_values_and_gradients(kind, reference, size):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3))
+  expected = reference(x, (2, 2), strides=(2, 2))
+  np.testing.assert_allclose(pool(x, kind, 2), expected, rtol=1e-6)
+  g = jax.grad(lambda v: (pool(v, kind, 2) ** 2).sum())(x)
+  g_ref = jax.grad(lambda v: (reference(v, (2, 2), strides=(2, 2)) ** 2).sum())(x)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+
+
+def test_conv_block_options():
+  block = ConvBlock(features=5, kernel_size=5, activation="sigmoid", pooling="avg", pool_size=4)
+  x = jnp.ones((2, 16, 16, 3))
+  y = block.apply(block.init(jax.random.PRNGKey(0), x), x)
+  chex.assert_shape(y, (2, 4, 4, 5))
+  assert float(y.min()) > 0  # sigmoid then average: positive
+
+
+def test_lenet_1998_variant_uses_sigmoid_and_average_pooling():
+  modern, original = create_model("lenet"), create_model("lenet", activation="sigmoid", pooling="avg")
+  variables = _init(modern, (1, 28, 28, 1))
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
+  assert not np.allclose(modern.apply(variables, x), original.apply(variables, x))
+
+
+def test_unknown_model_and_option_errors_list_the_valid_ones():
+  with pytest.raises(UserError, match=r"unknown model 'resnet9'; expected one of \['bn_cnn'"):
+    create_model("resnet9")
+  with pytest.raises(UserError, match=r"model 'lenet' has no option\(s\) \['width'\]"):
+    create_model("lenet", width=3)
+  with pytest.raises(UserError, match="unknown activation 'swish'"):
+    _init(create_model("lenet", activation="swish"), (1, 28, 28, 1))
+  assert set(SMALL_MODELS) <= set(MODELS)

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from cnnjax.data import pipeline
+from cnnjax.errors import UserError
+from tests.conftest import make_images
+
+
+def test_split_is_seeded_disjoint_and_complete():
+  x, y = make_images(100)
+  x[:, 0, 0, 0] = np.arange(100)  # tag each image
+  (tx, ty), (vx, vy) = pipeline.split_validation(x, y, 30, seed=3)
+  assert len(tx) == 70 and len(vx) == 30
+  assert sorted(np.concatenate([tx[:, 0, 0, 0], vx[:, 0, 0, 0]])) == list(range(100))
+  (_, _), (vx2, _) = pipeline.split_validation(x, y, 0.3, seed=3)
+  np.testing.assert_array_equal(vx, vx2)
+  (_, _), (vx3, _) = pipeline.split_validation(x, y, 30, seed=4)
+  assert not np.array_equal(vx, vx3)
+  with pytest.raises(UserError, match="val_size=100 leaves no training data"):
+    pipeline.split_validation(x, y, 100, seed=0)
+
+
+def test_channel_stats_match_numpy():
+  x, _ = make_images(50)
+  mean, std = pipeline.channel_stats(x)
+  np.testing.assert_allclose(mean, x.reshape(-1, 3).mean(0), rtol=1e-5)
+  np.testing.assert_allclose(std, x.reshape(-1, 3).std(0), rtol=1e-5)
+
+
+def test_train_epoch_is_deterministic_reshuffled_and_drops_remainder():
+  x, y = make_images(100)
+  x[:, 0, 0, 0] = np.arange(100)
+  ds = pipeline.train_epoch((x, y), 32, seed=0, epoch=0)
+  assert len(ds) == 3
+  ids = np.concatenate([b["image"][:, 0, 0, 0] for b in ds])
+  assert len(set(ids)) == 96  # no repeats within an epoch
+  again = pipeline.train_epoch((x, y), 32, seed=0, epoch=0)
+  np.testing.assert_array_equal(ds[2]["image"], again[2]["image"])
+  other = pipeline.train_epoch((x, y), 32, seed=0, epoch=1)
+  assert not np.array_equal(ds[0]["image"], other[0]["image"])
+  for b in ds:
+    np.testing.assert_array_equal(b["label"], y[b["image"][:, 0, 0, 0]])
+
+
+def test_resuming_mid_epoch_gives_the_same_batches():
+  x, y = make_images(64)
+  flip = lambda images, rng: images[:, :, ::-1] if rng.random() < 0.5 else images
+  ds = pipeline.train_epoch((x, y), 8, seed=5, epoch=2, augment=flip)
+  full = [b["image"] for b in pipeline.prefetch(ds)]
+  resumed = [b["image"] for b in pipeline.prefetch(ds[3:])]
+  assert len(resumed) == 5
+  for a, b in zip(full[3:], resumed):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_process_shards_partition_each_global_batch():
+  x, y = make_images(64)
+  x[:, 0, 0, 0] = np.arange(64)
+  whole = pipeline.train_epoch((x, y), 16, seed=1, epoch=0)[1]["image"][:, 0, 0, 0]
+  parts = [pipeline.train_epoch((x, y), 16, seed=1, epoch=0, shard=(i, 2))[1]["image"][:, 0, 0, 0]
+           for i in range(2)]
+  assert sorted(np.concatenate(parts)) == sorted(whole)
+  with pytest.raises(UserError, match="batch_size=15 does not divide into 2 processes"):
+    pipeline.train_epoch((x, y), 15, seed=1, epoch=0, shard=(0, 2))
+
+
+def test_eval_batches_see_every_example_once_with_padding_masked():
+  x, y = make_images(70)
+  batches = list(pipeline.eval_batches((x, y), 32))
+  assert [len(b["label"]) for b in batches] == [32, 32, 32]
+  assert [int(b["mask"].sum()) for b in batches] == [32, 32, 6]
+  seen = np.concatenate([b["image"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(seen, x)
+  parts = [list(pipeline.eval_batches((x, y), 32, shard=(i, 2))) for i in range(2)]
+  seen = np.concatenate([b["label"][b["mask"]] for i in range(3) for b in (parts[0][i], parts[1][i])])
+  np.testing.assert_array_equal(seen, y)

@@ -1,0 +1,157 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cnnjax import train
+from cnnjax.errors import UserError
+from cnnjax.models import create_model
+from experiments.configs import default
+from tests.conftest import make_images
+
+IDENTITY = train.make_normalize(np.zeros(3), np.full(3, 255.0))
+
+
+def _state(name="bn_cnn", lr=1e-3, seed=0):
+  model = create_model(name)
+  return train.create_train_state(model, optax.adam(lr), (32, 32, 3), seed)
+
+
+def _batch(n=16, seed=0):
+  x, y = make_images(n, seed=seed)
+  return {"image": jnp.asarray(x), "label": jnp.asarray(y)}
+
+
+def test_train_step_lowers_the_loss_and_updates_batch_stats():
+  state = _state("bn_cnn")
+  runner = train.Runner.create(IDENTITY)
+  state = runner.put_state(state)
+  stats0 = jax.device_get(state.batch_stats)
+  batch = runner.to_global(jax.device_get(_batch(32)))
+  losses = []
+  for _ in range(8):
+    state, sums = runner.train_step(state, batch)
+    losses.append(float(sums["loss"]) / int(sums["count"]))
+  assert losses[-1] < losses[0]
+  assert int(state.step) == 8
+  moved = jax.tree.map(lambda a, b: not np.allclose(a, b), stats0, jax.device_get(state.batch_stats))
+  assert all(jax.tree.leaves(moved))
+
+
+def test_dropout_key_changes_every_step():
+  state = _state("seed_cnn", lr=0.0)  # lr 0: params fixed, only the dropout key moves
+  step = jax.jit(train.make_train_step(IDENTITY))
+  batch = _batch(16)
+  _, a = step(state, batch)
+  state = state.replace(step=state.step + 1)
+  _, b = step(state, batch)
+  assert float(a["loss"]) != float(b["loss"])
+
+
+def test_label_smoothing_raises_the_loss_of_a_confident_right_answer():
+  logits = jnp.array([[10.0, 0.0, 0.0]])
+  plain = train.cross_entropy(logits, jnp.array([0]))
+  smooth = train.cross_entropy(logits, jnp.array([0]), 0.1)
+  assert float(smooth[0]) > float(plain[0])
+
+
+def test_evaluate_masks_padding_exactly():
+  state = _state("bn_cnn")
+  runner = train.Runner.create(IDENTITY)
+  x, y = make_images(37, seed=3)
+  padded = runner.evaluate(state, (x, y), batch_size=16)  # 16 + 16 + 5 (11 padding rows)
+  whole = runner.evaluate(state, (x, y), batch_size=37)
+  assert padded["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+  assert padded["accuracy"] == whole["accuracy"]
+  assert padded["pred"].shape == (37,)
+  np.testing.assert_array_equal(padded["pred"], whole["pred"])
+
+
+def test_image_shape_that_does_not_fit_the_model_is_one_clear_error():
+  with pytest.raises(UserError, match=r"images of shape \(8, 8, 3\) do not fit model BNCNN"):
+    train.create_train_state(create_model("bn_cnn"), optax.adam(1e-3), (8, 8, 3), 0)
+
+
+def _config(npz_path, **kw):
+  c = default.get_config()
+  c.data.source = str(npz_path)
+  c.data.val_size = 64.0
+  c.batch_size = 32
+  c.eval_batch_size = 32
+  c.num_epochs = 2
+  c.data.augment.crop_padding = 2
+  c.data.augment.horizontal_flip = True
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_train_and_evaluate_writes_the_workdir_and_learns(npz_path, tmp_path):
+  config = _config(npz_path, num_epochs=4)
+  config.optimizer.lr = 3e-3
+  result = train.train_and_evaluate(config, tmp_path / "run")
+  files = {p.name for p in (tmp_path / "run").iterdir()}
+  assert {"config.json", "metrics.jsonl", "curves.png", "test_metrics.json", "confusion.png",
+          "checkpoints"} <= files
+  rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+  assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+  assert result["accuracy"] > 0.3  # chance is 0.1 on the synthetic bands
+  assert result["count"] == 64 and result["count_lossless"] == 16
+  assert np.array(result["confusion_matrix"]).sum() == 64
+  assert {"macro_precision", "macro_recall", "macro_f1", "accuracy_lossless"} <= set(result)
+
+
+def test_interrupted_run_resumes_to_the_same_result(npz_path, tmp_path, monkeypatch):
+  config = _config(npz_path)
+  straight = train.train_and_evaluate(config, tmp_path / "straight")
+
+  # Request a stop (as SIGTERM would) after the 3rd step of the first epoch.
+  calls = {"n": 0}
+  real_create = train.Runner.create
+
+  def create(*args, **kwargs):
+    runner = real_create(*args, **kwargs)
+    step = runner.train_step
+
+    def counting_step(state, batch):
+      calls["n"] += 1
+      if calls["n"] == 3:
+        import os, signal
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step(state, batch)
+    runner.train_step = counting_step
+    return runner
+
+  monkeypatch.setattr(train.Runner, "create", create)
+  stopped = train.train_and_evaluate(config, tmp_path / "resumed")
+  assert stopped == {"interrupted": True, "step": 3}
+  monkeypatch.setattr(train.Runner, "create", real_create)
+  resumed = train.train_and_evaluate(config, tmp_path / "resumed")
+  assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-5)
+  assert resumed["confusion_matrix"] == straight["confusion_matrix"]
+
+
+def test_workdir_of_a_different_model_is_refused(npz_path, tmp_path):
+  config = _config(npz_path, num_epochs=1)
+  train.train_and_evaluate(config, tmp_path / "run")
+  config.model.name = "lenet"
+  with pytest.raises(UserError, match="holds a run with a different config.model"):
+    train.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_labels_beyond_num_classes_are_refused(npz_path, tmp_path):
+  config = _config(npz_path)
+  config.model.num_classes = 5
+  with pytest.raises(UserError, match=r"data has label 9 but config.model.num_classes=5"):
+    train.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_epoch_line_format():
+  row = {"epoch": 3, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.6,
+         "val_accuracy": 0.75, "seconds": 41.23}
+  assert train.format_epoch(row, 10) == ("Epoch 3/10 | train_loss 0.5000 | train_acc 0.8000 | "
+                                         "val_loss 0.6000 | val_acc 0.7500 | 41.2s")
