@@ -4,7 +4,8 @@
 notebook API and the LR finder all build on the pieces below.
 
 A workdir holds: ``config.json``, ``metrics.jsonl`` (one line per epoch), ``curves.png``,
-``test_metrics.json``, ``confusion.png`` and ``checkpoints/`` (latest and best).
+``test_metrics.json``, ``confusion.png``, ``predictions.png`` and ``checkpoints/`` (latest
+and best).
 """
 import dataclasses
 import json
@@ -103,8 +104,8 @@ def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing
 def make_eval_step(normalize: Callable[[jax.Array], jax.Array]):
   """``eval_step(state, batch) -> out``: batch norm in inference mode, padding masked.
 
-  ``out`` holds ``loss``/``correct``/``count`` sums over real examples and ``pred``
-  ``[B]`` (argmax class; padding rows are ignored by the caller through the mask).
+  ``out`` holds ``loss``/``correct``/``count`` sums over real examples, ``pred`` ``[B]``
+  (argmax class) and ``mask`` ``[B]`` (False on padding rows).
   """
   def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     logits = state.apply_fn(_variables(state, state.params), normalize(batch["image"]), train=False)
@@ -112,7 +113,7 @@ def make_eval_step(normalize: Callable[[jax.Array], jax.Array]):
     loss = cross_entropy(logits, batch["label"])
     pred = logits.argmax(-1)
     return {"loss": jnp.where(mask, loss, 0.0).sum(), "correct": ((pred == batch["label"]) & mask).sum(),
-            "count": mask.sum(), "pred": pred}
+            "count": mask.sum(), "pred": pred, "mask": mask}
   return eval_step
 
 
@@ -140,7 +141,11 @@ class Runner:
     return parallel.to_global(batch, parallel.data_sharding(self.mesh))
 
   def evaluate(self, state: TrainState, data: pipeline.Arrays, batch_size: int) -> dict[str, Any]:
-    """Loss, accuracy and predictions ``[N]`` over every example of ``data`` once."""
+    """Loss, accuracy and predictions ``[N]`` over every example of ``data`` once.
+
+    Every process holds the whole ``data`` and reads its slice of each batch; the
+    predictions come back replicated, so each process gets all ``N`` of them.
+    """
     parallel.check_batch_size(batch_size, self.mesh, "eval_batch_size")
     totals = {"loss": 0.0, "correct": 0, "count": 0}
     preds = []
@@ -148,10 +153,10 @@ class Runner:
       out = jax.device_get(self.eval_step(state, self.to_global(batch)))
       for k in totals:
         totals[k] += out[k]
-      preds.append(out["pred"])
+      preds.append(out["pred"][out["mask"]])
     count = int(totals["count"])
     return {"loss": float(totals["loss"]) / count, "accuracy": int(totals["correct"]) / count,
-            "pred": np.concatenate(preds)[:len(data[1])] if jax.process_count() == 1 else None}
+            "pred": np.concatenate(preds)}
 
 
 class StopRequested:
@@ -201,14 +206,9 @@ def _write_jsonl(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
 
 
 def make_augment(cfg: ml_collections.ConfigDict) -> pipeline.BatchAugment | None:
-  """Random crop (zero padding ``crop_padding``) then horizontal flip, per the config."""
-  if not cfg.crop_padding and not cfg.horizontal_flip:
-    return None
-
-  def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    images = augment_lib.random_crop(images, rng, cfg.crop_padding)
-    return augment_lib.random_flip(images, rng) if cfg.horizontal_flip else images
-  return augment
+  """The configured Keras-style batch augmentation, or None when every option is off."""
+  augment = augment_lib.KerasAugment.from_config(cfg.to_dict())
+  return None if augment == augment_lib.KerasAugment() else augment
 
 
 def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -313,28 +313,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if config.test_with == "best" and checkpoints.best_step() != int(state.step):
     state = runner.put_state(checkpoints.restore(checkpoints.best_step(), state))
   checkpoints.close()
-  result = test_report(runner, state, data, config.eval_batch_size)
+  result, pred = test_report(runner, state, data, config.eval_batch_size, config.eval_rotation,
+                             config.seed)
   if is_main:
     (workdir / "test_metrics.json").write_text(json.dumps(result, indent=2))
-    plots.plot_confusion(np.array(result["confusion_matrix"]), data.class_names,
-                         workdir / "confusion.png")
+    write_test_pictures(workdir, data, result, pred)
     print(format_test(result), flush=True)
   return result
 
 
-def test_report(runner: Runner, state: TrainState, data: sources.Dataset,
-                batch_size: int) -> dict[str, Any]:
-  """Test loss, accuracy, macro precision/recall/F1, confusion matrix, and the accuracy
-  on each named test subset (e.g. CIFAR-10's 1,000 lossless images)."""
+def test_report(runner: Runner, state: TrainState, data: sources.Dataset, batch_size: int,
+                rotation: float = 0.0, seed: int = 0) -> tuple[dict[str, Any], np.ndarray]:
+  """Test metrics and predictions ``[N]``.
+
+  The metrics: loss, accuracy, per-class and macro precision/recall/F1, the confusion
+  matrix, the accuracy on each named test subset (e.g. CIFAR-10's 1,000 lossless
+  images) and, if ``rotation`` > 0, the accuracy on the test set rotated by seeded random
+  angles in ``[-rotation, rotation]`` degrees with fill 0 (robustness).
+  """
   out = runner.evaluate(state, data.test, batch_size)
-  labels = data.test[1]
+  images, labels = data.test
   cm = metrics_lib.confusion_matrix(labels, out["pred"], len(data.class_names))
   result = {"test_loss": out["loss"], **metrics_lib.classification_report(cm, data.class_names)}
   for name, mask in data.test_subsets.items():
     result[f"accuracy_{name}"] = float((out["pred"][mask] == labels[mask]).mean())
     result[f"count_{name}"] = int(mask.sum())
+  if rotation:
+    rotated = augment_lib.random_rotation(images, np.random.default_rng(seed), rotation, fill_value=0)
+    result["accuracy_rotated"] = runner.evaluate(state, (rotated, labels), batch_size)["accuracy"]
+    result["count_rotated"] = len(labels)
+    result["rotation_degrees"] = rotation
   result["count"] = len(labels)
-  return result
+  return result, out["pred"]
+
+
+def write_test_pictures(workdir: pathlib.Path, data: sources.Dataset, result: dict[str, Any],
+                        pred: np.ndarray, count: int = 32) -> None:
+  """``confusion.png`` and ``predictions.png``: the first ``count`` test images with their
+  true and predicted labels, mistakes marked."""
+  plots.plot_confusion(np.array(result["confusion_matrix"]), data.class_names, workdir / "confusion.png")
+  images, labels = data.test[0][:count], data.test[1][:count]
+  names = data.class_names
+  titles = [f"{names[t]} / {names[p]}" for t, p in zip(labels, pred[:count])]
+  plots.image_grid(images, workdir / "predictions.png", titles=titles, mistakes=labels != pred[:count])
 
 
 def format_epoch(row: dict[str, Any], num_epochs: int) -> str:

@@ -12,9 +12,11 @@ import flax.linen as nn
 from cnnjax.errors import UserError
 from cnnjax.models.bn_cnn import BNCNN
 from cnnjax.models.blocks import ConvBlock
+from cnnjax.models.efficientnet import EfficientNetLite
 from cnnjax.models.keras_convnet import KerasConvNet
 from cnnjax.models.lenet import LeNet
 from cnnjax.models.mlp import MLP
+from cnnjax.models.resnet import ResNet18, ResNet34
 from cnnjax.models.seed_cnn import SeedCNN
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -23,6 +25,9 @@ MODELS: dict[str, type[nn.Module]] = {
     "lenet": LeNet,
     "keras_convnet": KerasConvNet,
     "mlp": MLP,
+    "resnet18": ResNet18,
+    "resnet34": ResNet34,
+    "efficientnet_lite0": EfficientNetLite,
 }
 
 
@@ -39,4 +44,5 @@ def create_model(name: str, **kwargs) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["MODELS", "create_model", "ConvBlock", "SeedCNN", "BNCNN", "LeNet", "KerasConvNet", "MLP"]
+__all__ = ["MODELS", "create_model", "ConvBlock", "SeedCNN", "BNCNN", "LeNet", "KerasConvNet", "MLP",
+           "ResNet18", "ResNet34", "EfficientNetLite"]

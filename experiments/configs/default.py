@@ -16,12 +16,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default
   c.data.val_size = 10_000.0  # examples split off the training set (a fraction if < 1)
   c.data.limit = 0  # > 0: use only the first `limit` train and test examples (quick runs)
-  c.data.augment = ml_collections.ConfigDict({"crop_padding": 0, "horizontal_flip": False})
+  # Keras ImageDataGenerator-style ranges (cnnjax.data.augment.KerasAugment), then crop + flip.
+  c.data.augment = ml_collections.ConfigDict({
+      "rotation": 0.0, "width_shift": 0.0, "height_shift": 0.0, "shear": 0.0, "zoom": 0.0,
+      "fill_mode": "nearest", "fill_value": 0, "crop_padding": 0, "horizontal_flip": False})
 
   c.batch_size = 128
   c.eval_batch_size = 500
   c.num_epochs = 3
   c.label_smoothing = 0.0
+  c.eval_rotation = 0.0  # > 0: also report test accuracy under random rotations up to this (deg)
   c.test_with = "last"  # 'last' or 'best' (lowest validation loss) checkpoint for the test set
 
   c.optimizer = ml_collections.ConfigDict({

