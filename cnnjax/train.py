@@ -223,23 +223,29 @@ def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDi
                       f"({saved.get(key)}); use a new --workdir or the same config")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains ``config.model`` on ``config.data``, checkpointing to ``workdir`` every epoch.
+@dataclasses.dataclass
+class Setup:
+  """What a run builds from its config before the first step.
 
-  Rerunning with the same workdir resumes from the latest checkpoint with the exact next
-  batch. Returns the final test metrics (also written to ``workdir/test_metrics.json``),
-  or ``{'interrupted': True, 'step': ...}`` if a signal stopped the run.
+  Attributes:
+    data: the train and test splits as loaded.
+    train, val: the training split after the validation split was taken off.
+    runner: the compiled steps on the device mesh.
+    state: a freshly initialised train state (on the host).
+    schedule: the learning rate per step.
+    steps_per_epoch: training batches per epoch (the remainder is dropped).
   """
-  workdir = pathlib.Path(workdir)
-  is_main = jax.process_index() == 0
-  ckpt_dir = workdir / "checkpoints"
-  resuming = ckpt_dir.exists() and any(ckpt_dir.iterdir())
-  if resuming:
-    _check_workdir_config(workdir, config)
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json(indent=2))
+  data: sources.Dataset
+  train: pipeline.Arrays
+  val: pipeline.Arrays
+  runner: Runner
+  state: TrainState
+  schedule: optax.Schedule
+  steps_per_epoch: int
 
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Loads and splits the data, builds the model, optimizer, steps and initial state."""
   data = sources.load(config.data.source, config.data.tfds_data_dir)
   if config.data.limit:
     data = data.head(config.data.limit)
@@ -250,76 +256,139 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     f"expected labels in [0, {num_classes})")
   train_data, val_data = pipeline.split_validation(*data.train, config.data.val_size, config.seed)
   mean, std = pipeline.channel_stats(train_data[0])
-
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   steps_per_epoch = len(train_data[0]) // config.batch_size
-  total_steps = steps_per_epoch * config.num_epochs
-  schedule = optim.make_schedule(config.schedule, config.optimizer.lr, total_steps)
+  schedule = optim.make_schedule(config.schedule, config.optimizer.lr,
+                                 steps_per_epoch * config.num_epochs)
   tx = optim.make_optimizer(config.optimizer, schedule)
   model = create_model(**config.model)
   runner = Runner.create(make_normalize(mean, std), config.label_smoothing, mesh)
   state = create_train_state(model, tx, data.image_shape, config.seed)
+  return Setup(data, train_data, val_data, runner, state, schedule, steps_per_epoch)
 
+
+def fit(runner: Runner, state: TrainState, train_data: pipeline.Arrays, val_data: pipeline.Arrays, *,
+        num_epochs: int, batch_size: int, eval_batch_size: int, seed: int,
+        augment: pipeline.BatchAugment | None, schedule: optax.Schedule,
+        on_epoch_end: Callable[[TrainState, dict[str, Any]], None] = lambda state, row: None,
+        stop: "StopRequested | None" = None, log_every_steps: int = 10) -> TrainState:
+  """The epoch loop, from ``state.step`` (mid-epoch after a resume) to ``num_epochs``.
+
+  Each epoch trains on ``pipeline.train_epoch(train_data, ..., seed, epoch)``, evaluates
+  on ``val_data`` (if any) and calls ``on_epoch_end(state, row)`` with the epoch's
+  metrics row (``epoch, step, train_loss, train_accuracy, val_loss, val_accuracy, lr,
+  seconds``). Returns the final state, or the state at the step where ``stop`` was
+  requested (check ``stop.requested``).
+  """
+  steps_per_epoch = len(train_data[0]) // batch_size
+  shard = parallel.process_shard()
+  for epoch in range(int(state.step) // steps_per_epoch, num_epochs):
+    first = int(state.step) - epoch * steps_per_epoch
+    batches = pipeline.train_epoch(train_data, batch_size, seed, epoch, augment, shard)
+    bar = _progress(steps_per_epoch, first, f"Epoch {epoch + 1}/{num_epochs}")
+    sums = {"loss": 0.0, "correct": 0, "count": 0}
+    start = time.time()
+    for k, batch in enumerate(pipeline.prefetch(batches[first:]), start=first):
+      state, step_sums = runner.train_step(state, runner.to_global(batch))
+      sums = jax.tree.map(jnp.add, sums, step_sums)
+      if bar is not None and (k + 1) % log_every_steps == 0:
+        bar.set_postfix(loss=f"{float(sums['loss']) / int(sums['count']):.4f}")
+        bar.update(log_every_steps)
+      if stop is not None and stop.requested:
+        break
+    if bar is not None:
+      bar.close()
+    if stop is not None and stop.requested:
+      return state
+    sums = jax.device_get(sums)
+    row = {"epoch": epoch + 1, "step": int(state.step),
+           "train_loss": float(sums["loss"]) / int(sums["count"]),
+           "train_accuracy": int(sums["correct"]) / int(sums["count"]),
+           "lr": float(schedule(int(state.step) - 1))}
+    if len(val_data[1]):
+      val = runner.evaluate(state, val_data, eval_batch_size)
+      row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+    row["seconds"] = time.time() - start
+    on_epoch_end(state, row)
+  return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains ``config.model`` on ``config.data``, checkpointing to ``workdir`` every epoch.
+
+  Rerunning with the same workdir resumes from the latest checkpoint with the exact next
+  batch. Returns the final test metrics (also written to ``workdir/test_metrics.json``),
+  or ``{'interrupted': True, 'step': ...}`` if a signal stopped the run.
+  """
+  workdir = pathlib.Path(workdir)
+  is_main = jax.process_index() == 0
+  ckpt_dir = workdir / "checkpoints"
+  if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    _check_workdir_config(workdir, config)
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+
+  s = setup(config)
   checkpoints = Checkpoints(ckpt_dir)
+  state = s.state
   start_step = checkpoints.latest_step() or 0
   if start_step:
     state = checkpoints.restore(start_step, state)
-    print(f"Resumed from {ckpt_dir}/{start_step} (epoch {start_step // steps_per_epoch + 1}, "
-          f"batch {start_step % steps_per_epoch})", flush=True)
-  state = runner.put_state(state)
-  history = _read_history(workdir / "metrics.jsonl", start_step // steps_per_epoch)
-  augment = make_augment(config.data.augment)
-  shard = parallel.process_shard()
+    print(f"Resumed from {ckpt_dir}/{start_step} (epoch {start_step // s.steps_per_epoch + 1}, "
+          f"batch {start_step % s.steps_per_epoch})", flush=True)
+  history = _read_history(workdir / "metrics.jsonl", start_step // s.steps_per_epoch)
+
+  def on_epoch_end(state: TrainState, row: dict[str, Any]) -> None:
+    history.append(row)
+    checkpoints.save(row["step"], state, {"val_loss": row.get("val_loss", row["train_loss"])})
+    if is_main:
+      print(format_epoch(row, config.num_epochs), flush=True)
+      _write_jsonl(workdir / "metrics.jsonl", history)
+      plots.plot_curves(history, workdir / "curves.png")
 
   with StopRequested() as stop:
-    for epoch in range(start_step // steps_per_epoch, config.num_epochs):
-      first = int(state.step) - epoch * steps_per_epoch
-      batches = pipeline.train_epoch(train_data, config.batch_size, config.seed, epoch, augment, shard)
-      bar = _progress(steps_per_epoch, first, f"Epoch {epoch + 1}/{config.num_epochs}")
-      sums = {"loss": 0.0, "correct": 0, "count": 0}
-      start = time.time()
-      for k, batch in enumerate(pipeline.prefetch(batches[first:]), start=first):
-        state, step_sums = runner.train_step(state, runner.to_global(batch))
-        sums = jax.tree.map(jnp.add, sums, step_sums)
-        if bar is not None and (k + 1) % config.log_every_steps == 0:
-          bar.set_postfix(loss=f"{float(sums['loss']) / int(sums['count']):.4f}")
-          bar.update(config.log_every_steps)
-        if stop.requested:
-          break
-      if bar is not None:
-        bar.close()
-      if stop.requested:
-        checkpoints.save(int(state.step), state)
-        checkpoints.wait()
-        checkpoints.close()
-        return {"interrupted": True, "step": int(state.step)}
-      sums = jax.device_get(sums)
-      val = runner.evaluate(state, val_data, config.eval_batch_size) if len(val_data[1]) else None
-      row = {"epoch": epoch + 1, "step": int(state.step),
-             "train_loss": float(sums["loss"]) / int(sums["count"]),
-             "train_accuracy": int(sums["correct"]) / int(sums["count"]),
-             "lr": float(schedule(int(state.step) - 1)), "seconds": time.time() - start}
-      if val is not None:
-        row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-      history.append(row)
-      checkpoints.save(int(state.step), state, {"val_loss": row.get("val_loss", row["train_loss"])})
-      if is_main:
-        print(format_epoch(row, config.num_epochs), flush=True)
-        _write_jsonl(workdir / "metrics.jsonl", history)
-        plots.plot_curves(history, workdir / "curves.png")
+    state = fit(s.runner, s.runner.put_state(state), s.train, s.val, num_epochs=config.num_epochs,
+                batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+                seed=config.seed, augment=make_augment(config.data.augment), schedule=s.schedule,
+                on_epoch_end=on_epoch_end, stop=stop, log_every_steps=config.log_every_steps)
+  if stop.requested:
+    checkpoints.save(int(state.step), state)
+    checkpoints.wait()
+    checkpoints.close()
+    return {"interrupted": True, "step": int(state.step)}
 
   checkpoints.wait()
   if config.test_with == "best" and checkpoints.best_step() != int(state.step):
-    state = runner.put_state(checkpoints.restore(checkpoints.best_step(), state))
+    state = s.runner.put_state(checkpoints.restore(checkpoints.best_step(), state))
   checkpoints.close()
-  result, pred = test_report(runner, state, data, config.eval_batch_size, config.eval_rotation,
+  result, pred = test_report(s.runner, state, s.data, config.eval_batch_size, config.eval_rotation,
                              config.seed)
   if is_main:
     (workdir / "test_metrics.json").write_text(json.dumps(result, indent=2))
-    write_test_pictures(workdir, data, result, pred)
+    write_test_pictures(workdir, s.data, result, pred)
     print(format_test(result), flush=True)
   return result
+
+
+def restore_run(workdir: str | pathlib.Path, which: str = "best") -> tuple[ml_collections.ConfigDict, Setup]:
+  """The config and setup of a finished (or interrupted) run, with ``setup.state`` restored
+  from its ``'best'`` (lowest validation loss) or ``'latest'`` checkpoint, on the mesh."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  if not path.exists():
+    raise UserError(f"{workdir} is not a run directory: no config.json; expected the --workdir "
+                    "of a finished experiment")
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  s = setup(config)
+  checkpoints = Checkpoints(workdir / "checkpoints")
+  step = checkpoints.best_step() if which == "best" else checkpoints.latest_step()
+  if step is None:
+    raise UserError(f"{workdir}/checkpoints holds no checkpoint to restore")
+  s.state = s.runner.put_state(checkpoints.restore(step, s.state))
+  checkpoints.close()
+  return config, s
 
 
 def test_report(runner: Runner, state: TrainState, data: sources.Dataset, batch_size: int,

@@ -155,3 +155,14 @@ def test_epoch_line_format():
          "val_accuracy": 0.75, "seconds": 41.23}
   assert train.format_epoch(row, 10) == ("Epoch 3/10 | train_loss 0.5000 | train_acc 0.8000 | "
                                          "val_loss 0.6000 | val_acc 0.7500 | 41.2s")
+
+
+def test_restore_run_gives_the_trained_state(npz_path, tmp_path):
+  config = _config(npz_path, num_epochs=1)
+  result = train.train_and_evaluate(config, tmp_path / "run")
+  restored_config, s = train.restore_run(tmp_path / "run", "latest")
+  assert restored_config.model.name == config.model.name and int(s.state.step) == 4
+  out = s.runner.evaluate(s.state, s.data.test, 32)
+  assert out["loss"] == pytest.approx(result["test_loss"], rel=1e-5)
+  with pytest.raises(UserError, match="is not a run directory"):
+    train.restore_run(tmp_path / "nothing")

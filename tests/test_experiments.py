@@ -1,0 +1,57 @@
+"""The experiment commands end to end: a one-step CIFAR run on TFDS mock data, and the
+one-line errors of the command line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+from cnnjax import train
+from experiments import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("config_file", ["cifar_seed", "cifar_bn"])
+def test_cifar_config_runs_one_step_on_tfds_mock_data(tmp_path, config_file):
+  config = main._load_config_file(os.path.join(ROOT, f"experiments/configs/{config_file}.py"))
+  assert config.data.source == "cifar10"
+  config.num_epochs = 1
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.data.val_size = 16.0
+  with tfds.testing.mock_data(num_examples=32):
+    result = train.train_and_evaluate(config, tmp_path)
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert rows[0]["step"] == 1  # 16 training examples, batch 16
+  assert result["count"] == 32 and 0.0 <= result["accuracy"] <= 1.0
+  assert (tmp_path / "predictions.png").stat().st_size > 0
+
+
+def _run(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, "-m", "experiments.cifar", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_line_error(proc, pattern):
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
+
+
+def test_cli_errors_are_one_line(tmp_path, npz_path):
+  base = ["--config", "experiments/configs/runlocal.py", "--workdir", str(tmp_path / "w")]
+  _assert_one_line_error(_run(*base, "--config.optimizer.lrr=3"),
+                         r"unknown config key 'optimizer.lrr'; keys in optimizer: \[.*'lr'")
+  _assert_one_line_error(_run(*base, "--config.batch_size=abc"), r"bad value 'abc' for --config.batch_size")
+  _assert_one_line_error(_run("--config", "experiments/configs/nope.py", "--workdir", "w"),
+                         r"config file experiments/configs/nope.py not found")
+  _assert_one_line_error(_run(*base, f"--config.data.source={tmp_path}/missing.npz"),
+                         r"data file .*missing.npz not found; .*point --config.data.source at local data")
+  _assert_one_line_error(_run(*base, f"--config.data.source={npz_path}", "--config.model.name=resnet9"),
+                         r"unknown model 'resnet9'; expected one of \[")
+  _assert_one_line_error(_run(*base, f"--config.data.source={npz_path}", "--config.optimizer.name=adagrad"),
+                         r"unknown optimizer 'adagrad'")
