@@ -24,5 +24,14 @@ _set_default_xla_flags()
 
 from cnnjax.errors import UserError  # noqa: E402
 
+
+def __getattr__(name: str):
+  """``cnnjax.Learner`` without importing JAX and flax at ``import cnnjax`` time."""
+  if name in ("Learner", "History"):
+    from cnnjax import learner
+    return getattr(learner, name)
+  raise AttributeError(f"module 'cnnjax' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
-__all__ = ["UserError", "__version__"]
+__all__ = ["Learner", "History", "UserError", "__version__"]

@@ -1,13 +1,40 @@
-"""Optimizers and learning-rate schedules from a config, by name, through optax."""
-from typing import Any
+"""Optimizers and learning-rate schedules from a config, by name, through optax; freezing
+and per-group learning rates from rules over parameter paths (``optax.partition`` labels)."""
+import re
+from typing import Any, Sequence
 
 import jax
+import ml_collections
 import optax
+from flax import traverse_util
 
 from cnnjax.errors import UserError
 
 SCHEDULES = ("constant", "one_cycle", "warmup_cosine")
 OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw")
+
+
+def default_optimizer_config() -> ml_collections.ConfigDict:
+  """Every option ``make_optimizer`` reads, at Keras' defaults."""
+  return ml_collections.ConfigDict({
+      "name": "adam", "lr": 1e-3, "weight_decay": 0.0,
+      "momentum": 0.0, "nesterov": False,  # sgd; rmsprop momentum
+      "rho": 0.9,  # rmsprop decay (Keras' rho; torch's alpha is 0.99)
+      "b1": 0.9, "b2": 0.999,  # adam(w)
+      "eps": 1e-7,  # Keras' default for rmsprop and adam
+      # Rules 'regex:frozen' or 'regex:<lr multiplier>' over parameter paths
+      # ('backbone/layer4_1/conv2/kernel'); each parameter must match exactly one (see GROUPS).
+      "groups": (),
+  })
+
+
+def default_schedule_config() -> ml_collections.ConfigDict:
+  """Every option ``make_schedule`` reads (one-cycle's factors as torch's OneCycleLR)."""
+  return ml_collections.ConfigDict({
+      "name": "constant",  # constant | one_cycle | warmup_cosine
+      "anneal": "cos", "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4,  # one_cycle
+      "warmup_steps": 0, "end_lr": 0.0,  # warmup_cosine
+  })
 
 
 def make_schedule(cfg: Any, lr: float, total_steps: int) -> optax.Schedule:
@@ -39,13 +66,109 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+FROZEN = "frozen"
+_LISTED = 8  # parameter paths named in an error message
+
+
+def _parse_rule(rule: str) -> tuple[re.Pattern, str, float]:
+  """``'backbone/.*:0.1'`` -> (compiled regex, group label, lr multiplier; 0 if frozen)."""
+  pattern, sep, value = str(rule).rpartition(":")
+  expected = ("expected 'regex:frozen' or 'regex:<lr multiplier>', e.g. 'backbone/.*:frozen' "
+              "or 'head/.*:1.0'")
+  if not sep or not pattern:
+    raise UserError(f"optimizer.groups rule {rule!r} has no 'regex:value' form; {expected}")
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise UserError(f"optimizer.groups rule {rule!r} has a bad regex ({e}); {expected}") from None
+  if value == FROZEN:
+    return regex, FROZEN, 0.0
+  try:
+    scale = float(value)
+  except ValueError:
+    scale = -1.0
+  if not scale > 0:
+    raise UserError(f"optimizer.groups rule {rule!r} has value {value!r}; {expected} (> 0)")
+  return regex, f"lr*{scale:g}", scale
+
+
+def _listed(paths: Sequence[str]) -> str:
+  more = f", ... and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
+  return ", ".join(paths[:_LISTED]) + more
+
+
+def group_labels(params: Any, groups: Sequence[str]) -> Any:
+  """Each parameter's group label (``'frozen'`` or ``'lr*<multiplier>'``), a tree like ``params``.
+
+  Args:
+    params: the model's parameters (nested dicts).
+    groups: rules ``'regex:frozen'`` or ``'regex:<lr multiplier>'``; a regex must match a
+      whole parameter path (``'backbone/layer4_1/conv2/kernel'``).
+  Raises:
+    UserError: a rule is malformed or matches no parameter, or a parameter matches no rule
+      or several (all of them listed).
+  """
+  rules = [(rule, *_parse_rule(rule)) for rule in groups]
+  flat = traverse_util.flatten_dict(params, sep="/")
+  labels, unmatched, ambiguous = {}, [], []
+  used = set()
+  for path in flat:
+    hits = [(rule, label) for rule, regex, label, _ in rules if regex.fullmatch(path)]
+    used.update(rule for rule, _ in hits)
+    if len(hits) == 1:
+      labels[path] = hits[0][1]
+    elif hits:
+      ambiguous.append(f"{path} ({' and '.join(repr(rule) for rule, _ in hits)})")
+    else:
+      unmatched.append(path)
+  if unmatched or ambiguous:
+    problems = [f"{len(unmatched)} match no rule: {_listed(unmatched)}"] if unmatched else []
+    problems += [f"{len(ambiguous)} match several: {_listed(ambiguous)}"] if ambiguous else []
+    raise UserError(f"optimizer.groups {tuple(groups)}: of the {len(flat)} parameters, "
+                    f"{'; '.join(problems)}; expected each to match exactly one rule")
+  for rule, *_ in rules:
+    if rule not in used:
+      raise UserError(f"optimizer.groups rule {rule!r} matches no parameter; expected a regex "
+                      f"over whole parameter paths such as {next(iter(flat))!r}")
+  return traverse_util.unflatten_dict(labels, sep="/")
+
+
+def frozen_modules(params: Any, groups: Sequence[str]) -> frozenset[tuple[str, ...]]:
+  """Paths of the modules, at any depth, whose parameters the rules all freeze
+  (``('backbone',)``, ``('backbone', 'layer1_0', 'bn1')``, ...); empty without rules."""
+  if not groups:
+    return frozenset()
+  frozen, trained = set(), set()
+  for path, label in traverse_util.flatten_dict(group_labels(params, groups)).items():
+    prefixes = {path[:i] for i in range(1, len(path))}
+    (frozen if label == FROZEN else trained).update(prefixes)
+  return frozenset(frozen - trained)
+
+
 def make_optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
   """The optimizer named ``cfg.name`` (one of OPTIMIZERS) driven by ``schedule``.
 
   ``cfg.weight_decay`` is decoupled for 'adamw' and added to the gradient (L2, as
   ``torch.optim`` does) for the others; either way it is masked off biases and batch
   norm parameters. RMSprop keeps eps outside the square root as Keras and PyTorch do.
+
+  With rules in ``cfg.groups`` (see ``group_labels``) the parameters are partitioned
+  (``optax.partition``): a frozen group gets zero updates and keeps no optimizer state
+  (``optax.set_to_zero``); any other group its own optimizer at ``multiplier * schedule``.
   """
+  groups = tuple(cfg.groups)
+  if not groups:
+    return _optimizer(cfg, schedule)
+  transforms = {FROZEN: optax.set_to_zero()}
+  for rule in groups:
+    _, label, scale = _parse_rule(rule)
+    if label != FROZEN:
+      transforms[label] = _optimizer(cfg, lambda step, scale=scale: scale * schedule(step))
+  return optax.partition(transforms, lambda params: group_labels(params, groups))
+
+
+def _optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """``make_optimizer`` for a single group of parameters."""
   if cfg.name not in OPTIMIZERS:
     raise UserError(f"unknown optimizer {cfg.name!r}; expected one of {list(OPTIMIZERS)}")
   if cfg.name == "adamw":

@@ -48,15 +48,20 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
 
 def plot_curves(history: Sequence[Mapping[str, Any]],
                 path: str | os.PathLike) -> pathlib.Path:
+  """Writes ``curves_figure(history)`` as a PNG to ``path`` and returns ``path``."""
+  return _save(curves_figure(history), path)
+
+
+def curves_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
   """Loss and accuracy per epoch, train vs validation, plus the learning rate if logged.
 
   Args:
     history: one dict per epoch with ``epoch``, ``train_loss``, ``train_accuracy`` and
       optionally ``val_loss``, ``val_accuracy`` and ``lr``; an optional key is drawn at
       the epochs that hold it (e.g. validation every few epochs).
-    path: where to write the PNG.
   Returns:
-    ``path``. The figure has 2 panels (loss, accuracy), or 3 when some epoch has ``lr``.
+    The figure (a notebook displays it): 2 panels (loss, accuracy), or 3 when some
+    epoch has ``lr``.
   """
   if isinstance(history, Mapping) or not isinstance(history, Sequence) or not history:
     raise UserError(f"history={history!r:.80}; expected a non-empty list of per-epoch dicts")
@@ -90,7 +95,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]],
     axes[2].grid(alpha=0.3)
   for ax in axes:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  return _save(fig, path)
+  return fig
 
 
 def plot_confusion(cm: Any, class_names: Sequence[str], path: str | os.PathLike,
@@ -206,4 +211,49 @@ def image_grid(images: Any, path: str | os.PathLike, titles: Sequence[str] | Non
       spine.set_linewidth(3)
     if titles is not None:
       ax.set_title(str(titles[i]), fontsize=7, color=_MISTAKE_COLOR if wrong else "black")
+  return _save(fig, path)
+
+
+def plot_lr_find(lrs: Any, losses: Any, smoothed: Any, suggestions: Mapping[str, float],
+                 path: str | os.PathLike) -> pathlib.Path:
+  """The learning-rate finder's curve: loss against lr on a log axis, suggestions marked.
+
+  Args:
+    lrs: ``[T]`` positive learning rates, increasing.
+    losses: ``[T]`` raw loss per step (drawn faintly; NaN/inf points are skipped).
+    smoothed: ``[T]`` smoothed loss; the y-axis stops at its largest finite value, so a
+      diverging raw loss does not flatten the curve.
+    suggestions: label -> lr, each drawn as a vertical line and a dot on the smoothed curve.
+    path: where to write the PNG.
+  Returns:
+    ``path``.
+  """
+  lrs, losses, smoothed = (np.asarray(a, np.float64) for a in (lrs, losses, smoothed))
+  if lrs.ndim != 1 or len(lrs) < 2 or not (lrs > 0).all():
+    raise UserError(f"lrs has shape {lrs.shape}; expected [T] positive learning rates, T >= 2")
+  if losses.shape != lrs.shape or smoothed.shape != lrs.shape:
+    raise UserError(f"losses {losses.shape} and smoothed {smoothed.shape}; expected {lrs.shape} "
+                    "like lrs")
+  finite = np.isfinite(smoothed)
+  if not finite.any():
+    raise UserError("smoothed losses are all NaN/inf; expected some finite values")
+
+  fig = _new_figure(6.0, 4.0)
+  ax = fig.subplots()
+  ax.plot(lrs, losses, color="tab:blue", alpha=0.3, label="loss")
+  ax.plot(lrs, smoothed, color="tab:blue", label="smoothed loss")
+  colors = ("tab:red", "tab:green", "tab:orange", "tab:purple")
+  for i, (label, lr) in enumerate(suggestions.items()):
+    color = colors[i % len(colors)]
+    ax.axvline(lr, color=color, linestyle="--", linewidth=1)
+    ax.plot([lr], [np.interp(np.log(lr), np.log(lrs[finite]), smoothed[finite])], "o",
+            color=color, label=f"{label}: {lr:.2g}")
+  low = min(smoothed[finite].min(), losses[np.isfinite(losses)].min(initial=np.inf))
+  high = smoothed[finite].max()
+  margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+  ax.set_ylim(low - margin, high + margin)
+  ax.set_xscale("log")
+  ax.set(title="Learning-rate finder", xlabel="learning rate (log scale)", ylabel="training loss")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend()
   return _save(fig, path)

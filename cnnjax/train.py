@@ -186,8 +186,8 @@ class StopRequested:
 
 
 def _progress(total: int, initial: int, desc: str):
-  """A tqdm bar inside the epoch when attached to a terminal (or a notebook); else nothing."""
-  if not sys.stdout.isatty() or jax.process_index() != 0:
+  """A tqdm bar inside the epoch in a terminal or a Jupyter notebook; else (logs) nothing."""
+  if not (sys.stdout.isatty() or "ipykernel" in sys.modules) or jax.process_index() != 0:
     return None
   from tqdm.auto import tqdm
   return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)

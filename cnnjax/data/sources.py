@@ -1,8 +1,10 @@
-"""Where the arrays come from: a local ``.npz``, a folder of idx files, or TFDS by name.
+"""Where the arrays come from: a local ``.npz``, a folder of idx files, an image folder, or
+TFDS by name.
 
 Every source yields the same ``Dataset``: uint8 images ``[N, H, W, C]`` and int64
 labels ``[N]`` for ``train`` and ``test``, in memory (CIFAR-10 is 180 MB), plus class
-names and optional named subsets of the test set to report apart.
+names, optional named subsets of the test set to report apart and, if the source has one,
+a validation split.
 """
 import dataclasses
 import os
@@ -21,27 +23,34 @@ class Dataset:
   """A train and a test split in memory.
 
   Attributes:
-    train, test: ``(images [N, H, W, C] uint8, labels [N] int64)``.
+    train, test: ``(images [N, H, W, C] uint8, labels [N] int64)``; ``test`` may be empty
+      (an image folder of class folders only), and is then the validation split.
     class_names: ``[K]`` names in label order.
     test_subsets: name -> bool mask ``[N_test]`` of test examples also reported apart
       (``lossless`` for ../shared/data/cifar10.npz, whose other 9k images went through JPEG).
+    val: the source's own validation split (an image folder's ``val/``), or None: then
+      ``data.val_size`` examples are split off ``train``.
   """
   train: Arrays
   test: Arrays
   class_names: list[str]
   test_subsets: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  val: Arrays | None = None
 
   def head(self, n: int) -> "Dataset":
-    """The first ``n`` train and test examples (for quick runs)."""
-    return Dataset((self.train[0][:n], self.train[1][:n]), (self.test[0][:n], self.test[1][:n]),
-                   self.class_names, {k: v[:n] for k, v in self.test_subsets.items()})
+    """The first ``n`` train, validation and test examples (for quick runs)."""
+    first = lambda split: None if split is None else (split[0][:n], split[1][:n])
+    return Dataset(first(self.train), first(self.test), self.class_names,
+                   {k: v[:n] for k, v in self.test_subsets.items()}, first(self.val))
 
   @property
   def image_shape(self) -> tuple[int, ...]:
     return tuple(self.train[0].shape[1:])
 
 
-def _checked(name: str, images: np.ndarray, labels: np.ndarray) -> Arrays:
+def checked_arrays(name: str, images: np.ndarray, labels: np.ndarray) -> Arrays:
+  """``(images [N, H, W, C] uint8, labels [N] int64)``, or a UserError naming ``name``;
+  greyscale ``[N, H, W]`` images gain a channel axis."""
   images, labels = np.asarray(images), np.asarray(labels).astype(np.int64).reshape(-1)
   if images.ndim == 3:  # [N, H, W] grey images
     images = images[..., None]
@@ -60,8 +69,8 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     missing = [k for k in NPZ_KEYS if k not in f]
     if missing:
       raise UserError(f"{path} has no array(s) {missing}; expected {list(NPZ_KEYS)}")
-    train = _checked(f"{path}:train", f["x_train"], f["y_train"])
-    test = _checked(f"{path}:test", f["x_test"], f["y_test"])
+    train = checked_arrays(f"{path}:train", f["x_train"], f["y_train"])
+    test = checked_arrays(f"{path}:test", f["x_test"], f["y_test"])
     num_classes = int(max(train[1].max(), test[1].max())) + 1
     names = [str(n) for n in f["class_names"]] if "class_names" in f else [str(i) for i in range(num_classes)]
     subsets = {"lossless": f["test_is_lossless"].astype(bool)} if "test_is_lossless" in f else {}
@@ -72,7 +81,7 @@ def load_idx(folder: str | os.PathLike) -> Dataset:
   """The four official MNIST/Fashion-MNIST idx files in ``folder`` (gzipped or not)."""
   from cnnjax.data import idx
   splits = idx.load_idx_folder(folder)
-  train, test = (_checked(f"{folder}:{s}", *splits[s]) for s in ("train", "test"))
+  train, test = (checked_arrays(f"{folder}:{s}", *splits[s]) for s in ("train", "test"))
   return Dataset(train, test, [str(i) for i in range(int(train[1].max()) + 1)])
 
 
@@ -80,12 +89,41 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
   """A TFDS dataset prepared as array_record, read TensorFlow-free (``tfds.data_source``)."""
   from cnnjax.data import tfds_data
   arrays = tfds_data.load_arrays(name, data_dir=data_dir)
-  train, test = (_checked(f"tfds:{name}:{s}", *arrays[s]) for s in ("train", "test"))
+  train, test = (checked_arrays(f"tfds:{name}:{s}", *arrays[s]) for s in ("train", "test"))
   return Dataset(train, test, list(arrays["class_names"]))
 
 
-def load(source: str, data_dir: str | None = None) -> Dataset:
-  """Dispatches on ``source``: an ``.npz`` file, a folder of idx files, or a TFDS name.
+def load_image_folders(root: str | os.PathLike, image_size: int) -> Dataset:
+  """An image folder, decoded into memory at ``image_size`` (short side resized, center crop).
+
+  ``root`` holds either ``train/`` and ``val/`` (or ``validation/``) and/or ``test/``, each
+  of class folders, or the class folders alone. ``val/`` is the validation split and
+  ``test/`` the test split; without ``test/``, ``val/`` is both (as in PyTorch's transfer
+  learning tutorial), and without either the test split is left empty, so the validation
+  split taken off the training images (``data.val_size``) is also the test split (Keras'
+  ``validation_split``).
+  """
+  from cnnjax.data import folders
+  if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+    raise UserError(f"image folder {root} needs data.image_size > 0 (the side the images are "
+                    f"resized and cropped to); got {image_size!r}")
+  roots = folders.split_roots(root) or {"train": pathlib.Path(root)}
+  splits, names = {}, None
+  for split, folder in roots.items():
+    images, labels, classes = folders.load_image_folder(folder, image_size)
+    if names is not None and classes != names:
+      raise UserError(f"{folder} has classes {classes}; expected those of {roots['train']}: "
+                      f"{names}")
+    splits[split], names = (images, labels), classes
+  empty = (np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros(0, np.int64))
+  test = splits.get("test", splits.get("val", empty))
+  return Dataset(splits["train"], test, names, val=splits.get("val"))
+
+
+def load(source: str, data_dir: str | None = None, image_size: int | None = None) -> Dataset:
+  """Dispatches on ``source``: an ``.npz`` file, a folder of idx files, an image folder
+  (a folder with sub-folders; see ``load_image_folders``, which uses ``image_size``), or a
+  TFDS name.
 
   Anything that looks like a path (has a separator or a file suffix) must exist; any
   other string is taken as a TFDS dataset name.
@@ -93,9 +131,12 @@ def load(source: str, data_dir: str | None = None) -> Dataset:
   path = pathlib.Path(os.path.expanduser(source))
   if path.is_file():
     return load_npz(path)
+  if path.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+    return load_image_folders(path, image_size)
   if path.is_dir():
     return load_idx(path)
   if os.sep in source or path.suffix:
-    raise UserError(f"data file {path.absolute()} not found; expected an .npz with {list(NPZ_KEYS)} "
-                    "or a folder of idx files (offline, point --config.data.source at local data)")
+    raise UserError(f"data file {path.absolute()} not found; expected an .npz with {list(NPZ_KEYS)}, "
+                    "a folder of idx files or an image folder (offline, point "
+                    "--config.data.source at local data)")
   return load_tfds(source, data_dir)

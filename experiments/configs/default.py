@@ -4,6 +4,8 @@ Keys are locked: an override of a key that does not exist is an error, not a sil
 """
 import ml_collections
 
+from cnnjax import optim
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -28,17 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_rotation = 0.0  # > 0: also report test accuracy under random rotations up to this (deg)
   c.test_with = "last"  # 'last' or 'best' (lowest validation loss) checkpoint for the test set
 
-  c.optimizer = ml_collections.ConfigDict({
-      "name": "adam", "lr": 1e-3, "weight_decay": 0.0,
-      "momentum": 0.0, "nesterov": False,  # sgd; rmsprop momentum
-      "rho": 0.9,  # rmsprop decay (Keras' rho; torch's alpha is 0.99)
-      "b1": 0.9, "b2": 0.999,  # adam(w)
-      "eps": 1e-7,  # Keras' default for rmsprop and adam
-  })
-  c.schedule = ml_collections.ConfigDict({
-      "name": "constant",  # constant | one_cycle | warmup_cosine
-      "anneal": "cos", "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4,  # one_cycle
-      "warmup_steps": 0, "end_lr": 0.0,  # warmup_cosine
-  })
+  c.optimizer = optim.default_optimizer_config()
+  c.schedule = optim.default_schedule_config()
   c.log_every_steps = 10  # progress-bar refresh
   return c

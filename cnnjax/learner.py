@@ -1,0 +1,254 @@
+"""A notebook API on top of the experiments' own training loop (``cnnjax.train.fit``).
+
+    learner = cnnjax.Learner("seed_cnn", "cifar10", optimizer="rmsprop", lr=1e-3)
+    history = learner.fit(epochs=3)
+    learner.evaluate()
+
+Names follow Keras and fastai: ``fit``, ``fit_one_cycle``, ``evaluate``, ``predict``,
+``save``/``Learner.load``; ``history.plot()``.
+"""
+import csv
+import dataclasses
+import json
+import pathlib
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from cnnjax import optim, plots, train
+from cnnjax.data import pipeline, sources
+from cnnjax.errors import UserError
+from cnnjax.models import create_model
+
+DataLike = Any  # see Learner's docstring
+
+
+@dataclasses.dataclass
+class History:
+  """Per-epoch metrics of a learner's fits: ``rows`` as written to ``metrics.jsonl``."""
+  rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+  def to_dict(self) -> dict[str, list[Any]]:
+    """Column -> per-epoch values (a pandas-free table; ``pandas.DataFrame(h.to_dict())``)."""
+    keys = list(dict.fromkeys(k for row in self.rows for k in row))
+    return {k: [row.get(k) for row in self.rows] for k in keys}
+
+  def to_csv(self, path: str | pathlib.Path) -> pathlib.Path:
+    path = pathlib.Path(path)
+    table = self.to_dict()
+    with path.open("w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(table)
+      writer.writerows(zip(*table.values()))
+    return path
+
+  def plot(self, path: str | pathlib.Path | None = None):
+    """Loss, accuracy and learning-rate curves: the figure (shown by a notebook), or
+    written as a PNG to ``path``."""
+    return plots.curves_figure(self.rows) if path is None else plots.plot_curves(self.rows, path)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __repr__(self) -> str:
+    return "\n".join(train.format_epoch(row, self.rows[-1]["epoch"]) for row in self.rows)
+
+
+def as_dataset(data: DataLike, image_size: int | None = None) -> sources.Dataset:
+  """Any of the accepted data forms as an in-memory ``sources.Dataset``."""
+  if isinstance(data, sources.Dataset):
+    return data
+  if isinstance(data, (str, pathlib.Path)):
+    return sources.load(str(data)) if image_size is None else sources.load(str(data), image_size=image_size)
+  if isinstance(data, dict) and "train" in data:
+    test = data.get("test", (np.zeros((0, *np.shape(data["train"][0])[1:]), np.uint8), np.zeros(0, np.int64)))
+    train_split = sources.checked_arrays("train", *data["train"])
+    test_split = sources.checked_arrays("test", *test)
+    num_classes = int(max(train_split[1].max(), test_split[1].max(initial=0))) + 1
+    return sources.Dataset(train_split, test_split, data.get("class_names", [str(i) for i in range(num_classes)]))
+  if isinstance(data, (tuple, list)) and len(data) == 2:
+    return as_dataset({"train": tuple(data)})
+  if hasattr(data, "__getitem__") and hasattr(data, "__len__"):  # grain MapDataset / random-access source
+    records = [data[i] for i in range(len(data))]
+    return as_dataset({"train": (np.stack([r["image"] for r in records]), np.array([r["label"] for r in records]))})
+  raise UserError(f"data of type {type(data).__name__} is not supported; expected (images, labels) arrays, "
+                  "{'train': ..., 'test': ...}, an .npz path, a TFDS name, an image folder or a grain dataset")
+
+
+class Learner:
+  """A model, its data and optimizer, trained by the same loop as the experiments.
+
+  Args:
+    model: a registered model name (``cnnjax.models.MODELS``) or a ``flax.linen`` module
+      called as ``model(x, train=...)`` returning logits ``[B, K]``.
+    data: ``(images [N, H, W, C] uint8, labels [N])``; ``{'train': (x, y), 'test': (x, y)}``;
+      an ``.npz`` path; a TFDS name; an image folder (needs ``image_size``); a grain
+      dataset of ``{'image', 'label'}`` records; or a ``sources.Dataset``.
+    optimizer: one of ``optim.OPTIMIZERS``; its other options (momentum, weight_decay,
+      ...) as keyword arguments in ``optimizer_options``.
+    lr: the learning rate.
+    loss: 'cross_entropy' (softmax, integer labels).
+    batch_size, eval_batch_size, val_size (examples, or a fraction if < 1), seed,
+    label_smoothing, augment (``KerasAugment`` options, e.g. ``{'crop_padding': 4,
+    'horizontal_flip': True}``), normalize (per-channel stats of the training split; else
+    pixels / 255): as the config keys of the same names.
+    num_classes: the model's outputs when ``model`` is a name (default: from the labels).
+  """
+
+  def __init__(self, model: str | nn.Module, data: DataLike, optimizer: str = "adam", lr: float = 1e-3,
+               loss: str = "cross_entropy", *, batch_size: int = 128, eval_batch_size: int = 500,
+               val_size: float = 0.2, seed: int = 0, label_smoothing: float = 0.0,
+               augment: dict[str, Any] | None = None, normalize: bool = True,
+               num_classes: int | None = None, image_size: int | None = None,
+               optimizer_options: dict[str, Any] | None = None):
+    if loss != "cross_entropy":
+      raise UserError(f"unknown loss {loss!r}; expected 'cross_entropy'")
+    self.data = as_dataset(data, image_size)
+    self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
+    self.train_data, self.val_data = pipeline.split_validation(*self.data.train, val_size, seed)
+    if batch_size > len(self.train_data[1]):
+      raise UserError(f"batch_size={batch_size} is larger than the {len(self.train_data[1])} "
+                      "training examples; expected a smaller batch_size or more data")
+    labels_max = int(self.data.train[1].max())
+    self.num_classes = num_classes or max(len(self.data.class_names), labels_max + 1)
+    if labels_max >= self.num_classes or int(self.data.train[1].min()) < 0:
+      raise UserError(f"labels must be in [0, {self.num_classes}); found {labels_max}")
+    self.model_spec = {"name": model, "num_classes": self.num_classes} if isinstance(model, str) else None
+    self.model = create_model(**self.model_spec) if isinstance(model, str) else model
+    self.optimizer_config = optim.default_optimizer_config()
+    self.optimizer_config.update({"name": optimizer, "lr": lr, **(optimizer_options or {})})
+    if normalize:
+      self.mean, self.std = pipeline.channel_stats(self.train_data[0])
+    else:
+      channels = self.data.image_shape[-1]
+      self.mean, self.std = np.zeros(channels, np.float32), np.full(channels, 255.0, np.float32)
+    self.runner = train.Runner.create(train.make_normalize(self.mean, self.std), label_smoothing)
+    self.augment = train.make_augment(ml_collections.ConfigDict(augment or {}))
+    self.history = History()
+    self._schedule = optax.constant_schedule(lr)
+    tx = optim.make_optimizer(self.optimizer_config, self._schedule)
+    self.state = self.runner.put_state(
+        train.create_train_state(self.model, tx, self.data.image_shape, seed))
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return len(self.train_data[0]) // self.batch_size
+
+  @property
+  def epoch(self) -> int:
+    """Epochs trained so far (over all calls to ``fit``)."""
+    return int(self.state.step) // self.steps_per_epoch
+
+  def fit(self, epochs: int, lr: float | None = None) -> History:
+    """Trains ``epochs`` more epochs at a constant ``lr`` (default: the learner's);
+    returns the whole history."""
+    self._set_schedule(optax.constant_schedule(lr or self.optimizer_config.lr))
+    return self._run(epochs)
+
+  def _run(self, epochs: int) -> History:
+    self._target_epoch = self.epoch + epochs
+    self.state = train.fit(self.runner, self.state, self.train_data, self.val_data,
+                           num_epochs=self.epoch + epochs, batch_size=self.batch_size,
+                           eval_batch_size=self.eval_batch_size, seed=self.seed, augment=self.augment,
+                           schedule=self._schedule, on_epoch_end=self._log)
+    return self.history
+
+  def fit_one_cycle(self, epochs: int, max_lr: float, pct_start: float = 0.25) -> History:
+    """``epochs`` more epochs of a one-cycle (cosine) schedule peaking at ``max_lr``; the
+    optimizer keeps its moments (as fastai's ``fit_one_cycle``)."""
+    start = int(self.state.step)
+    cfg = optim.default_schedule_config()
+    cfg.update({"name": "one_cycle", "pct_start": pct_start})
+    cycle = optim.make_schedule(cfg, max_lr, epochs * self.steps_per_epoch)
+    self._set_schedule(lambda step: cycle(step - start))
+    return self._run(epochs)
+
+  def _set_schedule(self, schedule: optax.Schedule) -> None:
+    """Swaps the learning-rate schedule; the optimizer state's structure does not depend
+    on it, so the moments carry over."""
+    self._schedule = schedule
+    self.state = self.state.replace(tx=optim.make_optimizer(self.optimizer_config, schedule))
+
+  def _log(self, state: train.TrainState, row: dict[str, Any]) -> None:
+    del state
+    self.history.rows.append(row)
+    print(train.format_epoch(row, self._target_epoch), flush=True)
+
+  def evaluate(self, data: DataLike | None = None) -> dict[str, Any]:
+    """Test metrics (as ``test_metrics.json``) on the learner's test split, on
+    ``(images, labels)``, or on the test split of any other accepted data form."""
+    if data is None:
+      dataset = self.data
+    elif isinstance(data, (tuple, list)):
+      dataset = dataclasses.replace(self.data, test=sources.checked_arrays("data", *data), test_subsets={})
+    else:
+      dataset = dataclasses.replace(as_dataset(data), class_names=self.data.class_names)
+    if not len(dataset.test[1]):
+      raise UserError("no test data: pass (images, labels) to evaluate() or data with a test split")
+    result, _ = train.test_report(self.runner, self.state, dataset, self.eval_batch_size)
+    return result
+
+  def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """Class probabilities ``[N, K]`` for uint8 images ``[N, H, W, C]``."""
+    images = sources.checked_arrays("images", images, np.zeros(len(images), np.int64))[0]
+    if images.shape[1:] != self.data.image_shape:
+      raise UserError(f"images have shape {images.shape[1:]}; expected {self.data.image_shape} as trained")
+    normalize = train.make_normalize(self.mean, self.std)
+    variables = {"params": self.state.params, **({"batch_stats": self.state.batch_stats}
+                                                  if self.state.batch_stats else {})}
+    apply = jax.jit(lambda x: jax.nn.softmax(self.state.apply_fn(variables, normalize(x), train=False)))
+    size = batch_size or self.eval_batch_size
+    return np.concatenate([np.asarray(apply(images[i:i + size])) for i in range(0, len(images), size)])
+
+  def save(self, path: str | pathlib.Path) -> pathlib.Path:
+    """Writes the train state (orbax) and what ``Learner.load`` needs to rebuild it."""
+    path = pathlib.Path(path).absolute()
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(path / "state", self.state, force=True)
+    meta = {"model": self.model_spec, "optimizer": self.optimizer_config.to_dict(),
+            "mean": self.mean.tolist(), "std": self.std.tolist(), "class_names": self.data.class_names,
+            "image_shape": list(self.data.image_shape), "history": self.history.rows}
+    (path / "learner.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+  @classmethod
+  def load(cls, path: str | pathlib.Path, data: DataLike | None = None,
+           model: nn.Module | None = None, **kwargs) -> "Learner":
+    """A learner saved by ``save``: the same model, optimizer state and history.
+
+    ``data`` defaults to a placeholder of the saved image shape (enough for ``predict``);
+    ``model`` is needed when the learner was built from a module rather than a name.
+    """
+    path = pathlib.Path(path).absolute()
+    if not (path / "learner.json").exists():
+      raise UserError(f"{path} holds no saved learner (no learner.json); expected a path given to save()")
+    meta = json.loads((path / "learner.json").read_text())
+    if model is None and meta["model"] is None:
+      raise UserError(f"{path} was saved from a custom module: pass it as Learner.load(path, model=...)")
+    if data is None:  # enough placeholder images for one batch of every class
+      k = len(meta["class_names"])
+      n = max(2 * k, kwargs.setdefault("batch_size", 128))
+      data = {"train": (np.zeros((n, *meta["image_shape"]), np.uint8), np.arange(n) % k),
+              "class_names": meta["class_names"]}
+    opt = meta["optimizer"]
+    kwargs.setdefault("val_size", 0)
+    learner = cls(model or meta["model"]["name"], data, opt.pop("name"), opt.pop("lr"),
+                  optimizer_options=opt, num_classes=len(meta["class_names"]), **kwargs)
+    learner.mean, learner.std = np.array(meta["mean"], np.float32), np.array(meta["std"], np.float32)
+    learner.runner = train.Runner.create(train.make_normalize(learner.mean, learner.std))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, learner.state)
+    try:
+      with ocp.StandardCheckpointer() as ckpt:
+        learner.state = ckpt.restore(path / "state", abstract)
+    except (ValueError, KeyError, TypeError) as e:
+      raise UserError(f"{path} does not match this model ({str(e).splitlines()[0][:200]})") from e
+    learner.history = History(meta["history"])
+    return learner
+
+
+__all__ = ["Learner", "History", "as_dataset"]

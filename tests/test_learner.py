@@ -1,0 +1,82 @@
+import os
+import runpy
+import sys
+
+import numpy as np
+import pytest
+
+import cnnjax
+from cnnjax import train
+from cnnjax.errors import UserError
+from experiments.configs import cifar_seed
+from tests.conftest import make_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_learner_matches_the_experiment_config_for_the_same_seed(npz_path, tmp_path):
+  config = cifar_seed.get_config()
+  config.data.source = str(npz_path)
+  config.data.val_size = 64.0
+  config.batch_size = 32
+  config.num_epochs = 2
+  expected = train.train_and_evaluate(config, tmp_path / "run")
+  learner = cnnjax.Learner("seed_cnn", npz_path, optimizer="rmsprop", lr=1e-3, batch_size=32, val_size=64)
+  history = learner.fit(epochs=2)
+  assert len(history) == 2 and learner.epoch == 2
+  result = learner.evaluate()
+  assert result["test_loss"] == pytest.approx(expected["test_loss"], rel=1e-5)
+  assert result["confusion_matrix"] == expected["confusion_matrix"]
+
+
+def test_fit_predict_history_save_load(tmp_path):
+  x, y = make_images(96, seed=4)
+  learner = cnnjax.Learner("seed_cnn", (x, y), optimizer="adam", lr=3e-3, batch_size=16, val_size=32)
+  history = learner.fit_one_cycle(2, max_lr=3e-3)
+  history = learner.fit(1)
+  table = history.to_dict()
+  assert table["epoch"] == [1, 2, 3] and len(table["val_loss"]) == 3
+  assert table["lr"][0] < table["lr"][1] or table["lr"][0] > table["lr"][1]  # one-cycle moved it
+  assert table["lr"][2] == pytest.approx(3e-3)
+  assert history.to_csv(tmp_path / "h.csv").read_text().splitlines()[0].startswith("epoch,step")
+  assert (history.plot(tmp_path / "curves.png")).stat().st_size > 0
+  assert type(history.plot()).__name__ == "Figure"
+  probs = learner.predict(x[:10])
+  assert probs.shape == (10, 10)
+  np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+  learner.save(tmp_path / "saved")
+  restored = cnnjax.Learner.load(tmp_path / "saved")
+  np.testing.assert_allclose(restored.predict(x[:10]), probs, rtol=1e-5, atol=1e-6)
+  assert len(restored.history) == 3
+  again = cnnjax.Learner.load(tmp_path / "saved", data=(x, y), batch_size=16, val_size=32)
+  again.fit(1)  # training continues from the restored step and optimizer state
+  assert again.epoch == 4 and len(again.history) == 4
+
+
+def test_bad_calls_are_one_clear_error():
+  x, y = make_images(40)
+  with pytest.raises(UserError, match=r"unknown optimizer 'adagrad'"):
+    cnnjax.Learner("seed_cnn", (x, y), optimizer="adagrad", batch_size=8)
+  with pytest.raises(UserError, match=r"images have shape \(40, 32, 32, 3\) and dtype float32; expected uint8"):
+    cnnjax.Learner("seed_cnn", (x.astype(np.float32), y), batch_size=8)
+  with pytest.raises(UserError, match=r"batch_size=128 is larger than the 32 training examples"):
+    cnnjax.Learner("seed_cnn", (x, y), val_size=8)
+  with pytest.raises(UserError, match=r"labels must be in \[0, 5\); found 9"):
+    cnnjax.Learner("seed_cnn", (x, y), num_classes=5, batch_size=8)
+  with pytest.raises(UserError, match=r"has 40 images but 39 labels"):
+    cnnjax.Learner("seed_cnn", (x, y[:-1]), batch_size=8)
+  learner = cnnjax.Learner("seed_cnn", (x, y), batch_size=8, val_size=8)
+  with pytest.raises(UserError, match=r"images have shape \(28, 28, 3\); expected \(32, 32, 3\)"):
+    learner.predict(x[:, :28, :28])
+  with pytest.raises(UserError, match="no test data"):
+    learner.evaluate()
+
+
+def test_example_script_runs_end_to_end(npz_path, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(sys, "argv", ["cifar_seed.py", str(npz_path)])
+  source = open(os.path.join(ROOT, "examples/cifar_seed.py")).read()
+  code_lines = [line for line in source.split('"""')[2].splitlines() if line.strip()]
+  assert len(code_lines) < 15
+  runpy.run_path(os.path.join(ROOT, "examples/cifar_seed.py"), run_name="__main__")
+  assert (tmp_path / "cifar_seed_curves.png").stat().st_size > 0
