@@ -7,7 +7,6 @@
 Names follow Keras and fastai: ``fit``, ``fit_one_cycle``, ``evaluate``, ``predict``,
 ``save``/``Learner.load``; ``history.plot()``.
 """
-import csv
 import dataclasses
 import json
 import pathlib
@@ -20,7 +19,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from cnnjax import optim, plots, train
+from cnnjax import logs, optim, plots, train
 from cnnjax.data import pipeline, sources
 from cnnjax.errors import UserError
 from cnnjax.models import create_model
@@ -35,17 +34,10 @@ class History:
 
   def to_dict(self) -> dict[str, list[Any]]:
     """Column -> per-epoch values (a pandas-free table; ``pandas.DataFrame(h.to_dict())``)."""
-    keys = list(dict.fromkeys(k for row in self.rows for k in row))
-    return {k: [row.get(k) for row in self.rows] for k in keys}
+    return logs.columns(self.rows)
 
   def to_csv(self, path: str | pathlib.Path) -> pathlib.Path:
-    path = pathlib.Path(path)
-    table = self.to_dict()
-    with path.open("w", newline="") as f:
-      writer = csv.writer(f)
-      writer.writerow(table)
-      writer.writerows(zip(*table.values()))
-    return path
+    return logs.write_csv(self.rows, path)
 
   def plot(self, path: str | pathlib.Path | None = None):
     """Loss, accuracy and learning-rate curves: the figure (shown by a notebook), or

@@ -3,7 +3,8 @@
 ``train_and_evaluate(config, workdir)`` runs a whole experiment; the experiments, the
 notebook API and the LR finder all build on the pieces below.
 
-A workdir holds: ``config.json``, ``metrics.jsonl`` (one line per epoch), ``curves.png``,
+A workdir holds: ``config.json``, ``run_info.json`` (machine, versions, devices),
+``metrics.jsonl`` and ``metrics.csv`` (one row per epoch), ``curves.png``,
 ``test_metrics.json``, ``confusion.png``, ``predictions.png`` and ``checkpoints/`` (latest
 and best).
 """
@@ -24,8 +25,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from cnnjax import logs
 from cnnjax import metrics as metrics_lib
-from cnnjax import optim, parallel, plots
+from cnnjax import optim, parallel, plots, transfer
 from cnnjax.checkpoint import Checkpoints
 from cnnjax.data import augment as augment_lib
 from cnnjax.data import pipeline, sources
@@ -64,22 +66,53 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def make_normalize(mean: np.ndarray, std: np.ndarray) -> Callable[[jax.Array], jax.Array]:
-  """uint8 images ``[B, H, W, C]`` -> float32 ``(x - mean) / std`` (stats in pixel units ``[C]``)."""
+LOSSES = ("cross_entropy", "binary_cross_entropy")
+
+
+def loss_and_prediction(logits: jax.Array, labels: jax.Array, loss: str = "cross_entropy",
+                        label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Per-example loss ``[B]`` and predicted class ``[B]`` for integer ``labels`` ``[B]``.
+
+  'cross_entropy': softmax over logits ``[B, K]``, the argmax predicted. 'binary_cross_entropy':
+  one sigmoid logit ``[B, 1]`` per example for labels 0/1, class 1 predicted when its
+  probability is > 0.5 (targets smoothed towards 1/2 by ``label_smoothing``).
+  """
+  if loss == "binary_cross_entropy":
+    targets = labels * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    return (optax.sigmoid_binary_cross_entropy(logits[:, 0], targets),
+            (logits[:, 0] > 0).astype(labels.dtype))
+  return cross_entropy(logits, labels, label_smoothing), logits.argmax(-1)
+
+
+def make_normalize(mean: np.ndarray, std: np.ndarray,
+                   size: int = 0) -> Callable[[jax.Array], jax.Array]:
+  """uint8 images ``[B, H, W, C]`` -> float32 ``(x - mean) / std`` (stats in pixel units
+  ``[C]``), resized to ``[B, size, size, C]`` first if ``size`` > 0 (bilinear, antialiased
+  when shrinking, as ``augment.resize``; e.g. CIFAR's 32x32 up to a backbone's 224x224)."""
   mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-  return lambda images: (images.astype(jnp.float32) - mean) / std
+
+  def normalize(images: jax.Array) -> jax.Array:
+    x = images.astype(jnp.float32)
+    if size:
+      x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "linear")
+    return (x - mean) / std
+  return normalize
 
 
 def _variables(state: TrainState, params: Any) -> dict[str, Any]:
   return {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
 
 
-def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing: float = 0.0):
+def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing: float = 0.0,
+                    loss: str = "cross_entropy",
+                    frozen: frozenset[tuple[str, ...]] = frozenset()):
   """``train_step(state, batch) -> (state, sums)``: one optimizer step on a batch.
 
   ``sums`` holds ``loss`` (summed over the batch), ``correct`` and ``count``, so epochs
   accumulate exact means. Dropout uses ``fold_in(state.rng, state.step)``; batch norm
-  runs in train mode and its new statistics replace the old.
+  runs in train mode and its new statistics replace the old, except in the ``frozen``
+  modules (``optim.frozen_modules``), which run in inference mode and keep theirs
+  (``transfer.frozen_inference``). ``loss``: one of LOSSES.
   """
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     images, labels = normalize(batch["image"]), batch["label"]
@@ -87,32 +120,33 @@ def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      logits, updates = state.apply_fn(_variables(state, params), images, train=True,
-                                       rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-      loss = cross_entropy(logits, labels, label_smoothing)
-      return loss.mean(), (loss, logits, updates)
+      with transfer.frozen_inference(frozen):
+        logits, updates = state.apply_fn(_variables(state, params), images, train=True,
+                                         rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+      losses, pred = loss_and_prediction(logits, labels, loss, label_smoothing)
+      return losses.mean(), (losses, pred, updates)
 
-    grads, (loss, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (losses, pred, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads,
                                   batch_stats=updates.get("batch_stats", state.batch_stats))
-    sums = {"loss": loss.sum(), "correct": (logits.argmax(-1) == labels).sum(),
+    sums = {"loss": losses.sum(), "correct": (pred == labels).sum(),
             "count": jnp.asarray(labels.shape[0])}
     return state, sums
   return train_step
 
 
-def make_eval_step(normalize: Callable[[jax.Array], jax.Array]):
+def make_eval_step(normalize: Callable[[jax.Array], jax.Array], loss: str = "cross_entropy"):
   """``eval_step(state, batch) -> out``: batch norm in inference mode, padding masked.
 
   ``out`` holds ``loss``/``correct``/``count`` sums over real examples, ``pred`` ``[B]``
-  (argmax class) and ``mask`` ``[B]`` (False on padding rows).
+  (predicted class, see ``loss_and_prediction``) and ``mask`` ``[B]`` (False on padding rows).
   """
   def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     logits = state.apply_fn(_variables(state, state.params), normalize(batch["image"]), train=False)
     mask = batch["mask"]
-    loss = cross_entropy(logits, batch["label"])
-    pred = logits.argmax(-1)
-    return {"loss": jnp.where(mask, loss, 0.0).sum(), "correct": ((pred == batch["label"]) & mask).sum(),
+    losses, pred = loss_and_prediction(logits, batch["label"], loss)
+    return {"loss": jnp.where(mask, losses, 0.0).sum(),
+            "correct": ((pred == batch["label"]) & mask).sum(),
             "count": mask.sum(), "pred": pred, "mask": mask}
   return eval_step
 
@@ -126,12 +160,17 @@ class Runner:
 
   @classmethod
   def create(cls, normalize: Callable[[jax.Array], jax.Array], label_smoothing: float = 0.0,
-             mesh: jax.sharding.Mesh | None = None) -> "Runner":
+             mesh: jax.sharding.Mesh | None = None, loss: str = "cross_entropy",
+             frozen: frozenset[tuple[str, ...]] = frozenset()) -> "Runner":
+    """Compiles the steps of ``make_train_step``/``make_eval_step`` for ``mesh``."""
+    if loss not in LOSSES:
+      raise UserError(f"unknown loss {loss!r}; expected one of {list(LOSSES)}")
     mesh = mesh or parallel.make_mesh()
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    train_step = jax.jit(make_train_step(normalize, label_smoothing), in_shardings=(rep, data),
-                         out_shardings=(rep, rep), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(normalize), in_shardings=(rep, data), out_shardings=rep)
+    train_step = jax.jit(make_train_step(normalize, label_smoothing, loss, frozen),
+                         in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(normalize, loss), in_shardings=(rep, data),
+                        out_shardings=rep)
     return cls(train_step, eval_step, mesh)
 
   def put_state(self, state: TrainState) -> TrainState:
@@ -184,6 +223,13 @@ class StopRequested:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop, the same answer on all (a collective with
+    several processes: SIGTERM reaches each at a different step, and a process that
+    stopped alone would leave the others waiting in the next step's all-reduce)."""
+    self.requested = parallel.any_process(self.requested)
+    return self.requested
+
 
 def _progress(total: int, initial: int, desc: str):
   """A tqdm bar inside the epoch in a terminal or a Jupyter notebook; else (logs) nothing."""
@@ -191,18 +237,6 @@ def _progress(total: int, initial: int, desc: str):
     return None
   from tqdm.auto import tqdm
   return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _read_history(path: pathlib.Path, up_to_epoch: int) -> list[dict[str, Any]]:
-  """Per-epoch rows already logged, for epochs ``<= up_to_epoch`` (the checkpointed ones)."""
-  if not path.exists():
-    return []
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  return [r for r in rows if r["epoch"] <= up_to_epoch]
-
-
-def _write_jsonl(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
-  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def make_augment(cfg: ml_collections.ConfigDict) -> pipeline.BatchAugment | None:
@@ -228,12 +262,16 @@ class Setup:
   """What a run builds from its config before the first step.
 
   Attributes:
-    data: the train and test splits as loaded.
-    train, val: the training split after the validation split was taken off.
+    data: the data the steps see: as loaded (a source without a test split is tested on
+      its validation split), or the backbone's features after feature extraction.
+    train, val: the training split after the validation split was taken off (or the
+      source's own validation split).
     runner: the compiled steps on the device mesh.
-    state: a freshly initialised train state (on the host).
+    state: the initial train state (on the host): fresh, pretrained or another run's.
     schedule: the learning rate per step.
     steps_per_epoch: training batches per epoch (the remainder is dropped).
+    images: the data as images, for pictures (``data`` unless features were extracted).
+    normalize: what the steps do to a batch of ``data`` first (resize, normalisation).
   """
   data: sources.Dataset
   train: pipeline.Arrays
@@ -242,30 +280,82 @@ class Setup:
   state: TrainState
   schedule: optax.Schedule
   steps_per_epoch: int
+  images: sources.Dataset
+  normalize: Callable[[jax.Array], jax.Array]
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Loads and splits the data, builds the model, optimizer, steps and initial state."""
-  data = sources.load(config.data.source, config.data.tfds_data_dir)
-  if config.data.limit:
-    data = data.head(config.data.limit)
-  num_classes = config.model.num_classes
-  labels_max = int(max(data.train[1].max(), data.test[1].max()))
-  if labels_max >= num_classes:
+def _check_labels(data: sources.Dataset, num_classes: int, loss: str) -> None:
+  splits = [data.train, data.test] + ([data.val] if data.val is not None else [])
+  labels_max = max(int(labels.max()) for _, labels in splits if len(labels))
+  if loss == "binary_cross_entropy":
+    if num_classes != 1 or labels_max > 1:
+      raise UserError(f"config.loss='binary_cross_entropy' has config.model.num_classes="
+                      f"{num_classes} and labels up to {labels_max}; expected num_classes=1 "
+                      "(one sigmoid output) and labels 0/1")
+  elif labels_max >= num_classes:
     raise UserError(f"data has label {labels_max} but config.model.num_classes={num_classes}; "
                     f"expected labels in [0, {num_classes})")
-  train_data, val_data = pipeline.split_validation(*data.train, config.data.val_size, config.seed)
-  mean, std = pipeline.channel_stats(train_data[0])
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None) -> Setup:
+  """Loads and splits the data, builds the model, optimizer, steps and initial state.
+
+  Transfer learning (``cnnjax.transfer``): ``config.model.pretrained`` loads weights into
+  the initial state, ``config.init_from`` another run's latest instead; the rules in
+  ``config.optimizer.groups`` freeze parameters and put the modules they freeze whole in
+  inference mode. With ``config.extract_features`` the backbone of a 'transfer' model
+  runs once over the data (cached in ``workdir/features.npz`` if a ``workdir`` is given)
+  and only its head is trained, on the features.
+  """
+  data = sources.load(config.data.source, config.data.tfds_data_dir, config.data.image_size)
+  if config.data.limit:
+    data = data.head(config.data.limit)
+  _check_labels(data, config.model.num_classes, config.loss)
+  if data.val is None:
+    train_data, val_data = pipeline.split_validation(*data.train, config.data.val_size, config.seed)
+  else:
+    train_data, val_data = data.train, data.val
+  if not len(data.test[1]):
+    data = dataclasses.replace(data, test=val_data)
+  images = data
+  stats = pipeline.normalization_stats(config.data.normalization, train_data[0])
+  normalize = make_normalize(*stats, config.data.input_size)
+  size = config.data.input_size
+  image_shape = (size, size, data.image_shape[-1]) if size else data.image_shape
+  model_config = config.model.to_dict()
+  pretrained = model_config.pop("pretrained")
+  model = create_model(**model_config)
+  if config.extract_features:
+    if (make_augment(config.data.augment) is not None or config.eval_rotation
+        or config.optimizer.groups or config.init_from):
+      raise UserError("config.extract_features runs the backbone once and trains the head "
+                      "alone; expected data.augment off, eval_rotation=0, optimizer.groups=() "
+                      "and no init_from")
+    cache = pathlib.Path(workdir) / "features.npz" if workdir is not None else None
+    fingerprint = json.dumps([config.model.to_dict(), config.data.to_dict(), config.seed],
+                             sort_keys=True)
+    model, (train_data, val_data, test) = transfer.feature_extraction(
+        model, pretrained, normalize, [train_data, val_data, data.test], image_shape=image_shape,
+        seed=config.seed, batch_size=config.eval_batch_size, cache=cache, fingerprint=fingerprint)
+    data = dataclasses.replace(data, train=train_data, val=val_data, test=test)
+    normalize, pretrained, image_shape = make_normalize(0.0, 1.0), None, data.image_shape
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   steps_per_epoch = len(train_data[0]) // config.batch_size
   schedule = optim.make_schedule(config.schedule, config.optimizer.lr,
                                  steps_per_epoch * config.num_epochs)
   tx = optim.make_optimizer(config.optimizer, schedule)
-  model = create_model(**config.model)
-  runner = Runner.create(make_normalize(mean, std), config.label_smoothing, mesh)
-  state = create_train_state(model, tx, data.image_shape, config.seed)
-  return Setup(data, train_data, val_data, runner, state, schedule, steps_per_epoch)
+  state = create_train_state(model, tx, image_shape, config.seed)
+  if config.init_from:
+    state = transfer.init_from_run(state, config.init_from)
+  elif pretrained:
+    variables = transfer.pretrained_variables(model, config.model.name, pretrained, image_shape,
+                                              config.seed)
+    state = transfer.with_variables(state, variables, f"weights {pretrained!r}")
+  frozen = optim.frozen_modules(state.params, config.optimizer.groups)
+  runner = Runner.create(normalize, config.label_smoothing, mesh, config.loss, frozen)
+  return Setup(data, train_data, val_data, runner, state, schedule, steps_per_epoch, images,
+               normalize)
 
 
 def fit(runner: Runner, state: TrainState, train_data: pipeline.Arrays, val_data: pipeline.Arrays, *,
@@ -289,17 +379,19 @@ def fit(runner: Runner, state: TrainState, train_data: pipeline.Arrays, val_data
     bar = _progress(steps_per_epoch, first, f"Epoch {epoch + 1}/{num_epochs}")
     sums = {"loss": 0.0, "correct": 0, "count": 0}
     start = time.time()
+    stopped = False
     for k, batch in enumerate(pipeline.prefetch(batches[first:]), start=first):
       state, step_sums = runner.train_step(state, runner.to_global(batch))
       sums = jax.tree.map(jnp.add, sums, step_sums)
       if bar is not None and (k + 1) % log_every_steps == 0:
         bar.set_postfix(loss=f"{float(sums['loss']) / int(sums['count']):.4f}")
         bar.update(log_every_steps)
-      if stop is not None and stop.requested:
+      stopped = stop is not None and stop.agreed()
+      if stopped:
         break
     if bar is not None:
       bar.close()
-    if stop is not None and stop.requested:
+    if stopped:
       return state
     sums = jax.device_get(sums)
     row = {"epoch": epoch + 1, "step": int(state.step),
@@ -328,9 +420,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     _check_workdir_config(workdir, config)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json(indent=2))
+    (workdir / "config.json.tmp").write_text(config.to_json(indent=2))
+    (workdir / "config.json.tmp").replace(workdir / "config.json")  # others may be reading it
+    (workdir / "run_info.json").write_text(json.dumps(logs.run_info(), indent=2))
 
-  s = setup(config)
+  s = setup(config, workdir)
   checkpoints = Checkpoints(ckpt_dir)
   state = s.state
   start_step = checkpoints.latest_step() or 0
@@ -338,14 +432,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state = checkpoints.restore(start_step, state)
     print(f"Resumed from {ckpt_dir}/{start_step} (epoch {start_step // s.steps_per_epoch + 1}, "
           f"batch {start_step % s.steps_per_epoch})", flush=True)
-  history = _read_history(workdir / "metrics.jsonl", start_step // s.steps_per_epoch)
+  history = logs.read_history(workdir, start_step // s.steps_per_epoch)
 
   def on_epoch_end(state: TrainState, row: dict[str, Any]) -> None:
     history.append(row)
     checkpoints.save(row["step"], state, {"val_loss": row.get("val_loss", row["train_loss"])})
     if is_main:
       print(format_epoch(row, config.num_epochs), flush=True)
-      _write_jsonl(workdir / "metrics.jsonl", history)
+      logs.write_history(history, workdir)
       plots.plot_curves(history, workdir / "curves.png")
 
   with StopRequested() as stop:
@@ -353,7 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                 seed=config.seed, augment=make_augment(config.data.augment), schedule=s.schedule,
                 on_epoch_end=on_epoch_end, stop=stop, log_every_steps=config.log_every_steps)
-  if stop.requested:
+  if stop.agreed():
     checkpoints.save(int(state.step), state)
     checkpoints.wait()
     checkpoints.close()
@@ -367,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                              config.seed)
   if is_main:
     (workdir / "test_metrics.json").write_text(json.dumps(result, indent=2))
-    write_test_pictures(workdir, s.data, result, pred)
+    write_test_pictures(workdir, s.images, result, pred)
     print(format_test(result), flush=True)
   return result
 
@@ -381,7 +475,7 @@ def restore_run(workdir: str | pathlib.Path, which: str = "best") -> tuple[ml_co
     raise UserError(f"{workdir} is not a run directory: no config.json; expected the --workdir "
                     "of a finished experiment")
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  s = setup(config)
+  s = setup(config, workdir)
   checkpoints = Checkpoints(workdir / "checkpoints")
   step = checkpoints.best_step() if which == "best" else checkpoints.latest_step()
   if step is None:

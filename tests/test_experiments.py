@@ -55,3 +55,23 @@ def test_cli_errors_are_one_line(tmp_path, npz_path):
                          r"unknown model 'resnet9'; expected one of \[")
   _assert_one_line_error(_run(*base, f"--config.data.source={npz_path}", "--config.optimizer.name=adagrad"),
                          r"unknown optimizer 'adagrad'")
+
+
+def test_mnist_config_runs_from_a_folder_of_idx_files(tmp_path):
+  """Fashion-MNIST is distributed as idx files, like MNIST: a folder of them is a source."""
+  from cnnjax.data import idx
+  from tests.conftest import make_images
+  folder = tmp_path / "fashion_mnist"
+  folder.mkdir()
+  for prefix, n, seed in (("train", 80, 1), ("t10k", 20, 2)):
+    images, labels = make_images(n, shape=(28, 28, 1), seed=seed)
+    idx.write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images[..., 0])
+    idx.write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+  config = main._load_config_file(os.path.join(ROOT, "experiments/configs/lenet.py"))
+  config.data.source = str(folder)
+  config.num_epochs = 1
+  config.batch_size = 16
+  config.eval_batch_size = 20
+  result = train.train_and_evaluate(config, tmp_path / "run")
+  assert result["count"] == 20 and result["count_rotated"] == 20
+  assert 0.0 <= result["accuracy_rotated"] <= 1.0

@@ -94,8 +94,12 @@ def test_train_and_evaluate_writes_the_workdir_and_learns(npz_path, tmp_path):
   config.optimizer.lr = 3e-3
   result = train.train_and_evaluate(config, tmp_path / "run")
   files = {p.name for p in (tmp_path / "run").iterdir()}
-  assert {"config.json", "metrics.jsonl", "curves.png", "test_metrics.json", "confusion.png",
-          "checkpoints"} <= files
+  assert {"config.json", "run_info.json", "metrics.jsonl", "metrics.csv", "curves.png",
+          "test_metrics.json", "confusion.png", "predictions.png", "checkpoints"} <= files
+  info = json.loads((tmp_path / "run/run_info.json").read_text())
+  assert info["packages"]["jax"] and info["devices"] and info["cpu_count"]
+  csv_lines = (tmp_path / "run/metrics.csv").read_text().splitlines()
+  assert csv_lines[0].startswith("epoch,step,train_loss") and len(csv_lines) == 5
   rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
   assert rows[-1]["train_loss"] < rows[0]["train_loss"]

@@ -1,4 +1,4 @@
-r"""The Keras book's MNIST convnet: 3 convs (32, 64, 64), dense 64, RMSprop 1e-3, 5 epochs, batch 64.
+r"""The Keras book's MNIST convnet: 3 convs (32, 64, 64), dense 64, RMSprop (one-cycle to 1e-3), 5 epochs, batch 64.
 
   python -m experiments.mnist --config experiments/configs/keras_convnet.py --workdir runs/keras_convnet
   (offline: --config.data.source=../shared/data/mnist.npz)
@@ -14,6 +14,7 @@ def get_config():
   c.optimizer.name = "rmsprop"
   c.optimizer.lr = 1e-3
   c.batch_size = 64
+  c.schedule.name = "one_cycle"  # the course's Adam/RMSprop at a one-cycle schedule peaking at lr
   c.num_epochs = 5
   c.eval_rotation = 25.0
   return c
