@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from cnnjax import logs, optim, plots, train
+from cnnjax import inference, logs, optim, plots, train
 from cnnjax.data import pipeline, sources
 from cnnjax.errors import UserError
 from cnnjax.models import create_model
@@ -190,12 +190,8 @@ class Learner:
     images = sources.checked_arrays("images", images, np.zeros(len(images), np.int64))[0]
     if images.shape[1:] != self.data.image_shape:
       raise UserError(f"images have shape {images.shape[1:]}; expected {self.data.image_shape} as trained")
-    normalize = train.make_normalize(self.mean, self.std)
-    variables = {"params": self.state.params, **({"batch_stats": self.state.batch_stats}
-                                                  if self.state.batch_stats else {})}
-    apply = jax.jit(lambda x: jax.nn.softmax(self.state.apply_fn(variables, normalize(x), train=False)))
-    size = batch_size or self.eval_batch_size
-    return np.concatenate([np.asarray(apply(images[i:i + size])) for i in range(0, len(images), size)])
+    return inference.predict_proba(self.state, train.make_normalize(self.mean, self.std), images,
+                                   batch_size or self.eval_batch_size)
 
   def save(self, path: str | pathlib.Path) -> pathlib.Path:
     """Writes the train state (orbax) and what ``Learner.load`` needs to rebuild it."""

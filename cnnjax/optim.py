@@ -23,7 +23,7 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
       "b1": 0.9, "b2": 0.999,  # adam(w)
       "eps": 1e-7,  # Keras' default for rmsprop and adam
       # Rules 'regex:frozen' or 'regex:<lr multiplier>' over parameter paths
-      # ('backbone/layer4_1/conv2/kernel'); each parameter must match exactly one (see GROUPS).
+      # ('backbone/layer4_1/conv2/kernel'); each parameter must match exactly one (group_labels).
       "groups": (),
   })
 
@@ -34,6 +34,9 @@ def default_schedule_config() -> ml_collections.ConfigDict:
       "name": "constant",  # constant | one_cycle | warmup_cosine
       "anneal": "cos", "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4,  # one_cycle
       "warmup_steps": 0, "end_lr": 0.0,  # warmup_cosine
+      # None: the peak (or constant) rate is optimizer.lr; 'auto': the LR finder's
+      # suggestion (cnnjax.lr_finder.suggest_lr), found on the run's initial state.
+      "peak_lr": ml_collections.config_dict.placeholder(str),
   })
 
 

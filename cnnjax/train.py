@@ -354,8 +354,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
     state = transfer.with_variables(state, variables, f"weights {pretrained!r}")
   frozen = optim.frozen_modules(state.params, config.optimizer.groups)
   runner = Runner.create(normalize, config.label_smoothing, mesh, config.loss, frozen)
-  return Setup(data, train_data, val_data, runner, state, schedule, steps_per_epoch, images,
-               normalize)
+  s = Setup(data, train_data, val_data, runner, state, schedule, steps_per_epoch, images, normalize)
+  if config.schedule.peak_lr is not None:
+    _use_lr_finder(config, s)
+  return s
+
+
+def _use_lr_finder(config: ml_collections.ConfigDict, s: Setup) -> None:
+  """Replaces the schedule's peak rate in ``s`` by the LR finder's suggestion
+  (``config.schedule.peak_lr='auto'``), found from ``s.state`` (left untouched)."""
+  if config.schedule.peak_lr != "auto":
+    raise UserError(f"config.schedule.peak_lr={config.schedule.peak_lr!r}; expected 'auto' "
+                    "(a fixed rate is config.optimizer.lr)")
+  from cnnjax import lr_finder  # it builds on this module
+  lr = lr_finder.suggest_lr(config, s)
+  if jax.process_index() == 0:
+    print(f"LR finder: peak learning rate {lr:.3g}", flush=True)
+  s.schedule = optim.make_schedule(config.schedule, lr, s.steps_per_epoch * config.num_epochs)
+  tx = optim.make_optimizer(config.optimizer, s.schedule)
+  s.state = s.state.replace(tx=tx, opt_state=tx.init(s.state.params))
 
 
 def fit(runner: Runner, state: TrainState, train_data: pipeline.Arrays, val_data: pipeline.Arrays, *,
@@ -429,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   state = s.state
   start_step = checkpoints.latest_step() or 0
   if start_step:
-    state = checkpoints.restore(start_step, state)
+    state = checkpoints.restore(start_step, state, parallel.replicated(s.runner.mesh))
     print(f"Resumed from {ckpt_dir}/{start_step} (epoch {start_step // s.steps_per_epoch + 1}, "
           f"batch {start_step % s.steps_per_epoch})", flush=True)
   history = logs.read_history(workdir, start_step // s.steps_per_epoch)
@@ -469,6 +486,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 def restore_run(workdir: str | pathlib.Path, which: str = "best") -> tuple[ml_collections.ConfigDict, Setup]:
   """The config and setup of a finished (or interrupted) run, with ``setup.state`` restored
   from its ``'best'`` (lowest validation loss) or ``'latest'`` checkpoint, on the mesh."""
+  if which not in ("best", "latest"):
+    raise UserError(f"checkpoint {which!r}; expected one of ['best', 'latest']")
   workdir = pathlib.Path(workdir)
   path = workdir / "config.json"
   if not path.exists():
@@ -480,7 +499,7 @@ def restore_run(workdir: str | pathlib.Path, which: str = "best") -> tuple[ml_co
   step = checkpoints.best_step() if which == "best" else checkpoints.latest_step()
   if step is None:
     raise UserError(f"{workdir}/checkpoints holds no checkpoint to restore")
-  s.state = s.runner.put_state(checkpoints.restore(step, s.state))
+  s.state = checkpoints.restore(step, s.state, parallel.replicated(s.runner.mesh))
   checkpoints.close()
   return config, s
 

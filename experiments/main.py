@@ -2,7 +2,13 @@
 
 ``--config`` names a config file (``experiments/configs/*.py``); ``--config.a.b=value``
 overrides a key. Bad flags, unknown keys and bad input end with one ``error:`` line and
-exit status 2 instead of a traceback.
+exit status 2 instead of a traceback; a run stopped by SIGTERM or Ctrl-C exits with 130
+after saving a checkpoint.
+
+Training uses every local device with no flag. On several machines, every process runs the
+same command; ``--coordinator_address``, ``--num_processes`` and ``--process_id`` connect
+them, or nothing under SLURM (``srun``), Open MPI (``mpirun``) or on a TPU slice, whose
+environment JAX reads (``--distributed`` forces it on a Cloud TPU VM pod slice).
 """
 import importlib.util
 import pathlib
@@ -16,6 +22,18 @@ from cnnjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+# Multi-host runs (see the README's "Several machines"); a single process needs none of these.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 in a multi-process run (or set "
+    "JAX_COORDINATOR_ADDRESS); not needed under SLURM, Open MPI or on a TPU slice.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.",
+                                      lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes - 1.",
+                                   lower_bound=0)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None, "--distributed: always call jax.distributed.initialize() (Cloud TPU VM pod "
+    "slices); --nodistributed: never. Unset: only with the flags above or under a multi-process "
+    "launcher (SLURM, Open MPI, TPU slice, JAX_COORDINATOR_ADDRESS).")
 
 
 def _first_line(e: BaseException) -> str:
@@ -74,8 +92,12 @@ def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from cnnjax import train
+  from cnnjax import parallel
   try:
+    # Before anything else touches JAX (train is imported after it for that reason).
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    _DISTRIBUTED.value)
+    from cnnjax import train
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

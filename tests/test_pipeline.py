@@ -1,7 +1,13 @@
+import multiprocessing
+import time
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from cnnjax.data import pipeline
+from cnnjax.data.augment import KerasAugment
+from cnnjax.data.folders import ImageFolder
 from cnnjax.errors import UserError
 from tests.conftest import make_images
 
@@ -74,3 +80,78 @@ def test_eval_batches_see_every_example_once_with_padding_masked():
   parts = [list(pipeline.eval_batches((x, y), 32, shard=(i, 2))) for i in range(2)]
   seen = np.concatenate([b["label"][b["mask"]] for i in range(3) for b in (parts[0][i], parts[1][i])])
   np.testing.assert_array_equal(seen, y)
+
+
+def _make_folder(root, n_per_class: int = 6):
+  """Two classes of random-noise PNGs of varied sizes; returns the ImageFolder."""
+  rng = np.random.default_rng(0)
+  for c in ("ants", "bees"):
+    (root / c).mkdir(parents=True)
+    for i in range(n_per_class):
+      size = (int(rng.integers(20, 40)), int(rng.integers(20, 40)), 3)
+      Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / c / f"{i}.png")
+  return ImageFolder(root)
+
+
+def test_folder_epoch_is_deterministic_resumable_and_reshuffled(tmp_path):
+  folder = _make_folder(tmp_path)
+  ds = pipeline.folder_epoch(folder, 4, seed=0, epoch=1, image_size=16,
+                             augment=KerasAugment(horizontal_flip=True))
+  assert len(ds) == 3
+  batches = list(pipeline.prefetch(ds))
+  assert batches[0]["image"].shape == (4, 16, 16, 3) and batches[0]["image"].dtype == np.uint8
+  assert batches[0]["label"].dtype == np.int64
+  labels = np.concatenate([b["label"] for b in batches])
+  assert sorted(labels) == sorted(folder.labels)  # 12 examples, 3 full batches
+  again = pipeline.folder_epoch(folder, 4, seed=0, epoch=1, image_size=16,
+                                augment=KerasAugment(horizontal_flip=True))
+  for a, b in zip(batches[1:], pipeline.prefetch(again[1:])):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  other = pipeline.folder_epoch(folder, 4, seed=0, epoch=2, image_size=16)
+  assert not np.array_equal(other[0]["image"], batches[0]["image"])
+
+
+def test_folder_epoch_process_shards_split_each_global_batch(tmp_path):
+  folder = _make_folder(tmp_path)
+  whole = pipeline.folder_epoch(folder, 4, seed=3, epoch=0, image_size=8)[2]["label"]
+  parts = [pipeline.folder_epoch(folder, 4, seed=3, epoch=0, image_size=8, shard=(i, 2))[2]
+           for i in range(2)]
+  assert [len(p["label"]) for p in parts] == [2, 2]
+  assert sorted(np.concatenate([p["label"] for p in parts])) == sorted(whole)
+
+
+def test_workers_give_the_in_process_batches_and_stop_when_left_early():
+  x, y = make_images(80)
+  augment = KerasAugment(crop_padding=4, horizontal_flip=True)
+  ds = pipeline.train_epoch((x, y), 8, seed=1, epoch=0, augment=augment)[2:]
+  in_process = list(pipeline.prefetch(ds))
+  assert len(in_process) == 8
+  for k, batch in enumerate(pipeline.prefetch(ds, workers=2)):
+    np.testing.assert_array_equal(batch["image"], in_process[k]["image"])
+    np.testing.assert_array_equal(batch["label"], in_process[k]["label"])
+    if k == 4:
+      assert multiprocessing.active_children()  # the workers that made these batches
+      break
+  deadline = time.monotonic() + 30
+  while multiprocessing.active_children() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert not multiprocessing.active_children()
+
+
+def test_folder_epoch_with_workers_gives_the_in_process_batches(tmp_path):
+  ds = pipeline.folder_epoch(_make_folder(tmp_path), 4, seed=0, epoch=0, image_size=8)
+  with_workers = list(pipeline.prefetch(ds, workers=2))
+  assert len(with_workers) == 3
+  for a, b in zip(pipeline.prefetch(ds), with_workers):
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"workers": -1}, r"data.workers=-1; expected 0 \(in-process\)"),
+    ({"buffer": 0}, r"prefetch buffer=0; expected a positive number"),
+])
+def test_prefetch_rejects_bad_arguments(kwargs, message):
+  x, y = make_images(16)
+  with pytest.raises(UserError, match=message):
+    pipeline.prefetch(pipeline.train_epoch((x, y), 8, seed=0, epoch=0), **kwargs)

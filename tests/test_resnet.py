@@ -1,7 +1,8 @@
-"""ResNet-18/34 and EfficientNet-Lite0 flax models: shapes, parameter counts, BN, dropout.
+"""ResNet-18/34/50 and EfficientNet-Lite0 flax models: shapes, parameter counts, BN, dropout.
 
 The parameter counts are those of the reference models (torchvision ``resnet18`` /
-``resnet34``; ``efficientnet_lite_pytorch.EfficientNet.from_name('efficientnet-lite0')``),
+``resnet34`` / ``resnet50``;
+``efficientnet_lite_pytorch.EfficientNet.from_name('efficientnet-lite0')``),
 so no torch is needed here; tests/test_parity_torch.py compares the outputs.
 """
 import functools
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 
 from cnnjax.errors import UserError
-from cnnjax.models.efficientnet import EfficientNetLite, MBConv, round_filters
-from cnnjax.models.resnet import BasicBlock, ResNet, ResNet18, ResNet34
+from cnnjax.models.efficientnet import DepthwiseConv, EfficientNetLite, MBConv, round_filters
+from cnnjax.models.resnet import (BasicBlock, ResNet, ResNet18, ResNet34, ResNet50,
+                                  conv_kernel_init)
 
 KEY = jax.random.key(0)
 
@@ -42,6 +44,8 @@ def _num_params(model) -> int:
     (ResNet18(), 11_689_512),
     (ResNet34(), 21_797_672),
     (ResNet18(num_classes=0), 11_689_512 - 512 * 1000 - 1000),
+    (ResNet50(), 25_557_032),
+    (ResNet50(num_classes=0), 25_557_032 - 2048 * 1000 - 1000),
     (EfficientNetLite(), 4_652_008),
     (EfficientNetLite(num_classes=0), 4_652_008 - 1280 * 1000 - 1000),
 ])
@@ -56,6 +60,14 @@ def test_resnet_shapes_imagenet_stem(cls):
   assert inter == {"stem": (2, 24, 24, 64), "stage1": (2, 24, 24, 64),
                    "stage2": (2, 12, 12, 128), "stage3": (2, 6, 6, 256),
                    "stage4": (2, 3, 3, 512), "features": (2, 512)}
+
+
+def test_resnet50_bottleneck_shapes():
+  logits, inter = _shapes(ResNet50(num_classes=7), (2, 64, 64, 3), train=True)
+  chex.assert_shape(logits, (2, 7))
+  assert inter == {"stem": (2, 16, 16, 64), "stage1": (2, 16, 16, 256),
+                   "stage2": (2, 8, 8, 512), "stage3": (2, 4, 4, 1024),
+                   "stage4": (2, 2, 2, 2048), "features": (2, 2048)}
 
 
 def test_resnet_cifar_stem_keeps_32x32_and_feature_mode_returns_pooled():
@@ -121,6 +133,24 @@ def test_resnet_batchnorm_momentum_is_torch_0_1_and_eval_uses_running_stats():
                          variables["batch_stats"]["layer1_0"]["bn2"]["var"])
   chex.assert_shape(logits_after, (4, 3))
   assert not np.allclose(logits_before, logits_after)  # eval reads the running stats
+
+
+@pytest.mark.parametrize("height, width, kernel, strides", [
+    (16, 16, 3, 2), (15, 17, 5, 2), (7, 7, 5, 1)])
+def test_depthwise_conv_equals_flax_grouped_conv(height, width, kernel, strides):
+  x = jax.random.normal(KEY, (2, height, width, 6))
+  grouped = nn.Conv(6, (kernel, kernel), strides=(strides, strides), feature_group_count=6,
+                    padding="SAME", use_bias=False, kernel_init=conv_kernel_init)
+  ours = DepthwiseConv(kernel, strides)
+
+  @jax.jit
+  def run(x):
+    variables = grouped.init(KEY, x)
+    return variables, ours.init(KEY, x), grouped.apply(variables, x), ours.apply(variables, x)
+
+  ref_vars, our_vars, expected, got = run(x)
+  np.testing.assert_array_equal(our_vars["params"]["kernel"], ref_vars["params"]["kernel"])
+  np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_mbconv_drop_connect_drops_whole_residual_branches_while_training():

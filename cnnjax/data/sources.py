@@ -136,7 +136,7 @@ def load(source: str, data_dir: str | None = None, image_size: int | None = None
   if path.is_dir():
     return load_idx(path)
   if os.sep in source or path.suffix:
-    raise UserError(f"data file {path.absolute()} not found; expected an .npz with {list(NPZ_KEYS)}, "
-                    "a folder of idx files or an image folder (offline, point "
-                    "--config.data.source at local data)")
+    raise UserError(f"data file {path.absolute()} not found; expected an .npz with "
+                    f"{list(NPZ_KEYS)}, a folder of idx files or an image folder (offline, "
+                    "point --config.data.source at local data)")
   return load_tfds(source, data_dir)

@@ -16,8 +16,10 @@ from cnnjax.models.efficientnet import EfficientNetLite
 from cnnjax.models.keras_convnet import KerasConvNet
 from cnnjax.models.lenet import LeNet
 from cnnjax.models.mlp import MLP
-from cnnjax.models.resnet import ResNet18, ResNet34
+from cnnjax.models.resnet import ResNet18, ResNet34, ResNet50
 from cnnjax.models.seed_cnn import SeedCNN
+from cnnjax.models.transfer_net import Head, TransferNet
+from cnnjax.models.vgg import VGG, VGG16BN
 
 MODELS: dict[str, type[nn.Module]] = {
     "seed_cnn": SeedCNN,
@@ -27,8 +29,14 @@ MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "resnet18": ResNet18,
     "resnet34": ResNet34,
+    "resnet50": ResNet50,
+    "vgg16": VGG,
+    "vgg16_bn": VGG16BN,
     "efficientnet_lite0": EfficientNetLite,
+    "transfer": TransferNet,
 }
+# The ImageNet architectures: with num_classes=0 they return features, for TransferNet.
+BACKBONES = ("resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn", "efficientnet_lite0")
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -44,5 +52,6 @@ def create_model(name: str, **kwargs) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["MODELS", "create_model", "ConvBlock", "SeedCNN", "BNCNN", "LeNet", "KerasConvNet", "MLP",
-           "ResNet18", "ResNet34", "EfficientNetLite"]
+__all__ = ["MODELS", "BACKBONES", "create_model", "ConvBlock", "SeedCNN", "BNCNN", "LeNet",
+           "KerasConvNet", "MLP", "ResNet18", "ResNet34", "ResNet50", "VGG", "VGG16BN",
+           "EfficientNetLite", "Head", "TransferNet"]

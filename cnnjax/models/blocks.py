@@ -1,9 +1,10 @@
-"""Building blocks shared by the small CNNs: pooling and the course's ConvBlock."""
+"""Building blocks shared by the models: pooling (fixed and adaptive) and the course's ConvBlock."""
 from typing import Callable, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cnnjax.errors import UserError
 
@@ -66,3 +67,24 @@ class ConvBlock(nn.Module):
     x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), padding="SAME")(x)
     x = activation(self.activation)(x)
     return pool(x, self.pooling, self.pool_size)
+
+
+def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """``[n_out, n_in]`` averaging weights: output ``i`` averages inputs
+  ``floor(i * n_in / n_out)`` .. ``ceil((i + 1) * n_in / n_out) - 1`` (torch's bins)."""
+  matrix = np.zeros((n_out, n_in), np.float32)
+  for i in range(n_out):
+    start, end = (i * n_in) // n_out, -(-(i + 1) * n_in // n_out)
+    matrix[i, start:end] = 1.0 / (end - start)
+  return matrix
+
+
+def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
+  """torch's ``AdaptiveAvgPool2d((size, size))``: ``[B, H, W, C]`` -> ``[B, size, size, C]``.
+
+  Bins may overlap (H = 2, size = 7) or repeat one input (H = 1); for H = size it is the
+  identity. Computed as two small matrix products with the bins' averaging weights.
+  """
+  rows = _adaptive_pool_matrix(x.shape[1], size)
+  cols = _adaptive_pool_matrix(x.shape[2], size)
+  return jnp.einsum("yh,bhwc,xw->byxc", rows, x, cols)

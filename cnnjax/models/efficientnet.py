@@ -12,6 +12,9 @@ scaled with width/depth. BatchNorm epsilon is 1e-3. Every convolution uses Tenso
 an even-sized input pads 0 before / 1 after (3x3) or 1 / 2 (5x5), not torch's symmetric
 ``k // 2``. The package fixes its padding for 224x224 inputs; flax's ``'SAME'`` computes
 the same padding for every input whose side is a multiple of 32.
+
+Depthwise convolutions are computed as a sum of shifted inputs times per-channel weights
+(``DepthwiseConv``): XLA:CPU runs grouped convolutions about 9x slower than that.
 """
 import functools
 import math
@@ -58,6 +61,43 @@ def round_filters(filters: int, width_coefficient: float, divisor: int = 8) -> i
   return int(rounded)
 
 
+def same_padding(size: int, kernel_size: int, strides: int) -> tuple[int, int]:
+  """TensorFlow's 'SAME' padding (before, after) of one axis: output ``ceil(size / strides)``,
+  the odd pixel of padding after."""
+  total = max((-(-size // strides) - 1) * strides + kernel_size - size, 0)
+  return total // 2, total - total // 2
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise ``k x k`` convolution, 'SAME' padding, no bias: ``[B, H, W, C]`` ->
+  ``[B, ceil(H / strides), ceil(W / strides), C]``.
+
+  The kernel ``[k, k, 1, C]`` and its initialisation are those of ``nn.Conv(C, (k, k),
+  feature_group_count=C, padding='SAME', use_bias=False)``, and so is the result (to float
+  rounding); it is computed as the sum over the ``k * k`` kernel taps of the padded input,
+  shifted and strided, times the tap's per-channel weights, which XLA:CPU runs (forward
+  and backward) several times faster than its grouped convolution (9x on a 3x3 layer of
+  Lite0 at 224x224).
+  """
+  kernel_size: int
+  strides: int
+  kernel_init: nn.initializers.Initializer = conv_kernel_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s = self.kernel_size, self.strides
+    kernel = self.param("kernel", self.kernel_init, (k, k, 1, x.shape[-1]))
+    _, height, width, _ = x.shape
+    x = jnp.pad(x, ((0, 0), same_padding(height, k, s), same_padding(width, k, s), (0, 0)))
+    out_h, out_w = -(-height // s), -(-width // s)
+    out = 0.0
+    for i in range(k):
+      for j in range(k):
+        tap = x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s]
+        out = out + tap * kernel[i, j, 0]
+    return out
+
+
 class MBConv(nn.Module):
   """Inverted residual block without squeeze-excite (Lite).
 
@@ -82,9 +122,7 @@ class MBConv(nn.Module):
     if self.expand_ratio != 1:
       x = self.conv(channels, (1, 1), name="expand_conv")(x)
       x = nn.relu6(self.norm(name="bn0")(x))
-    x = self.conv(channels, (self.kernel_size, self.kernel_size),
-                  strides=(self.strides, self.strides), feature_group_count=channels,
-                  name="depthwise_conv")(x)
+    x = DepthwiseConv(self.kernel_size, self.strides, name="depthwise_conv")(x)
     x = nn.relu6(self.norm(name="bn1")(x))
     x = self.conv(self.features, (1, 1), name="project_conv")(x)
     x = self.norm(name="bn2")(x)

@@ -1,9 +1,10 @@
-"""ResNet-18/34 in torchvision's layout, so its ImageNet weights convert one to one.
+"""ResNet-18/34/50 in torchvision's layout, so its ImageNet weights convert one to one.
 
-Layout (torchvision ``resnet18``/``resnet34``): a 7x7/2 conv stem (padding 3) with BN and
-ReLU, a 3x3/2 max pool (padding 1, padded with -inf), four stages of residual blocks with
+Layout (torchvision ``resnet18``/``resnet34``/``resnet50``): a 7x7/2 conv stem (padding 3)
+with BN and ReLU, a 3x3/2 max pool (padding 1, padded with -inf), four stages of residual blocks with
 64/128/256/512 base widths (stages 2-4 start with stride 2 and a 1x1/2 conv + BN projection
-shortcut), global average pooling and a dense classifier. Convolutions have no bias; 3x3
+shortcut; ResNet-50's bottleneck blocks widen 4x, so its first block projects too), global
+average pooling and a dense classifier. Convolutions have no bias; 3x3
 convolutions use explicit ``((1, 1), (1, 1))`` padding, which matches torch's ``padding=1``
 also when strided (flax's ``'SAME'`` would pad only after). BatchNorm uses epsilon 1e-5 and
 flax momentum 0.9 (= torch momentum 0.1).
@@ -12,8 +13,8 @@ Submodule names mirror torchvision's state_dict (``layer2.0.downsample.0`` is
 ``layer2_0/downsample_0``), so ``cnnjax.weights`` converts keys mechanically.
 
 A new depth needs only a block class with an ``expansion`` class attribute and the
-``(features, strides, conv, norm)`` fields, e.g. a torchvision ``Bottleneck`` (expansion
-4) for ResNet-50: ``ResNet(stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)``.
+``(features, strides, conv, norm)`` fields: ResNet-50 is ``ResNet(stage_sizes=(3, 4, 6, 3),
+block_cls=Bottleneck)``.
 """
 import functools
 from collections.abc import Sequence
@@ -68,12 +69,41 @@ class BasicBlock(nn.Module):
     return nn.relu(y + residual)
 
 
+class Bottleneck(nn.Module):
+  """1x1 reduce, 3x3, 1x1 expand (x4) convs with a residual connection (torchvision
+  ``Bottleneck``, "ResNet v1.5": the stride sits on the 3x3 conv, not the first 1x1).
+
+  Maps ``[B, H, W, C]`` to ``[B, H/strides, W/strides, 4 * features]``; the shortcut is a
+  projection when the stride or the channel count changes, else the identity.
+  """
+  features: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  expansion: ClassVar[int] = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    residual = x
+    y = self.conv(self.features, (1, 1), padding="VALID", name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.features, (3, 3), strides=(self.strides, self.strides),
+                  padding=_PAD1, name="conv2")(y)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.conv(self.features * self.expansion, (1, 1), padding="VALID", name="conv3")(y)
+    y = self.norm(name="bn3")(y)
+    if self.strides != 1 or x.shape[-1] != self.features * self.expansion:
+      residual = projection_shortcut(x, self.features * self.expansion, self.strides,
+                                     self.conv, self.norm)
+    return nn.relu(y + residual)
+
+
 class ResNet(nn.Module):
   """A torchvision-layout ResNet.
 
   Attributes:
     stage_sizes: number of blocks in each of the stages (``layer1``, ``layer2``, ...).
-    block_cls: the residual block class (e.g. ``BasicBlock``).
+    block_cls: the residual block class (``BasicBlock`` or ``Bottleneck``).
     num_classes: size of the classifier; 0 drops the classifier and returns the pooled
       features ``[B, 512 * expansion]`` instead of logits (feature extraction).
     cifar_stem: replace the 7x7/2 conv + max pool stem by one 3x3/1 conv (no pooling),
@@ -134,3 +164,9 @@ class ResNet34(ResNet):
   """torchvision ``resnet34``: BasicBlock, stages (3, 4, 6, 3); 21,797,672 params."""
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   block_cls: ModuleDef = BasicBlock
+
+
+class ResNet50(ResNet):
+  """torchvision ``resnet50`` (v1.5): Bottleneck, stages (3, 4, 6, 3); 25,557,032 params."""
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  block_cls: ModuleDef = Bottleneck

@@ -1,0 +1,74 @@
+"""The transfer configs: every backbone's rules fit its parameters, and the course's VGG16
+feature extraction runs end to end from the command line (random weights, tiny images)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import traverse_util
+from PIL import Image
+
+from cnnjax import optim
+from cnnjax.models import create_model
+from experiments import main
+from experiments.configs import transfer_base
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name, arg=None):
+  path = os.path.join(ROOT, f"experiments/configs/{name}.py")
+  spec = main.importlib.util.spec_from_file_location("_config", path)
+  module = main.importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+@pytest.mark.parametrize("backbone", sorted(transfer_base.BACKBONES))
+@pytest.mark.parametrize("workflow", ["frozen", "finetune"])
+def test_rules_give_every_parameter_one_group(backbone, workflow):
+  config = _config("cifar_transfer", f"{backbone},{workflow}")
+  model_config = config.model.to_dict()
+  del model_config["pretrained"]
+  model = create_model(**model_config)
+  dummy = jnp.zeros((1, 64, 64, 3))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"]
+  labels = traverse_util.flatten_dict(optim.group_labels(params, config.optimizer.groups),
+                                      sep="/")
+  frozen = [path for path, label in labels.items() if label == optim.FROZEN]
+  assert frozen and all(path.startswith("backbone/") for path in frozen)
+  assert all(label == "lr*1" for path, label in labels.items() if path.startswith("head/"))
+  if workflow == "finetune":  # the last stage's convolutions at a tenth, its batch norms frozen
+    slow = [path for path, label in labels.items() if label == "lr*0.1"]
+    assert slow and len(frozen) > len(slow)
+    assert not any("bn" in path or "downsample_1" in path for path in slow)
+
+
+def test_config_argument_is_checked():
+  with pytest.raises(ValueError, match=r"config argument 'vgg19,frozen'; expected "
+                     r"'<backbone>,<workflow>'"):
+    _config("hymenoptera", "vgg19,frozen")
+  assert _config("resnet50_cifar").model.dropout_rate == 0.2
+
+
+def test_vgg16_feature_extraction_runs_from_the_command_line(tmp_path):
+  for split in ("train", "val"):
+    for label, level in (("ants", 40), ("bees", 200)):
+      (tmp_path / "data" / split / label).mkdir(parents=True)
+      for i in range(4):
+        Image.new("RGB", (40, 36), (level + 5 * i,) * 3).save(
+            tmp_path / "data" / split / label / f"{i}.png")
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.transfer", "--config",
+       "experiments/configs/vgg16_features.py", "--workdir", str(tmp_path / "run"),
+       f"--config.data.source={tmp_path / 'data'}", "--config.model.pretrained=",
+       "--config.data.image_size=32", "--config.num_epochs=2", "--config.batch_size=4"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+  assert result["count"] == 8 and len(result["confusion_matrix"]) == 2
+  assert (tmp_path / "run" / "features.npz").is_file()
+  assert (tmp_path / "run" / "predictions.png").stat().st_size > 0
