@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from cnnjax import config as config_lib
 from cnnjax import logs
 from cnnjax import metrics as metrics_lib
 from cnnjax import optim, parallel, plots, transfer
@@ -379,14 +380,16 @@ def fit(runner: Runner, state: TrainState, train_data: pipeline.Arrays, val_data
         num_epochs: int, batch_size: int, eval_batch_size: int, seed: int,
         augment: pipeline.BatchAugment | None, schedule: optax.Schedule,
         on_epoch_end: Callable[[TrainState, dict[str, Any]], None] = lambda state, row: None,
-        stop: "StopRequested | None" = None, log_every_steps: int = 10) -> TrainState:
+        stop: "StopRequested | None" = None, log_every_steps: int = 10,
+        workers: int = 0) -> TrainState:
   """The epoch loop, from ``state.step`` (mid-epoch after a resume) to ``num_epochs``.
 
   Each epoch trains on ``pipeline.train_epoch(train_data, ..., seed, epoch)``, evaluates
   on ``val_data`` (if any) and calls ``on_epoch_end(state, row)`` with the epoch's
   metrics row (``epoch, step, train_loss, train_accuracy, val_loss, val_accuracy, lr,
   seconds``). Returns the final state, or the state at the step where ``stop`` was
-  requested (check ``stop.requested``).
+  requested (check ``stop.requested``). ``workers`` > 0 prepares batches in that many
+  grain worker processes (``pipeline.prefetch``) instead of a background thread.
   """
   steps_per_epoch = len(train_data[0]) // batch_size
   shard = parallel.process_shard()
@@ -397,7 +400,7 @@ def fit(runner: Runner, state: TrainState, train_data: pipeline.Arrays, val_data
     sums = {"loss": 0.0, "correct": 0, "count": 0}
     start = time.time()
     stopped = False
-    for k, batch in enumerate(pipeline.prefetch(batches[first:]), start=first):
+    for k, batch in enumerate(pipeline.prefetch(batches[first:], workers=workers), start=first):
       state, step_sums = runner.train_step(state, runner.to_global(batch))
       sums = jax.tree.map(jnp.add, sums, step_sums)
       if bar is not None and (k + 1) % log_every_steps == 0:
@@ -463,7 +466,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state = fit(s.runner, s.runner.put_state(state), s.train, s.val, num_epochs=config.num_epochs,
                 batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                 seed=config.seed, augment=make_augment(config.data.augment), schedule=s.schedule,
-                on_epoch_end=on_epoch_end, stop=stop, log_every_steps=config.log_every_steps)
+                on_epoch_end=on_epoch_end, stop=stop, log_every_steps=config.log_every_steps,
+                workers=config.data.workers)
   if stop.agreed():
     checkpoints.save(int(state.step), state)
     checkpoints.wait()
@@ -493,7 +497,7 @@ def restore_run(workdir: str | pathlib.Path, which: str = "best") -> tuple[ml_co
   if not path.exists():
     raise UserError(f"{workdir} is not a run directory: no config.json; expected the --workdir "
                     "of a finished experiment")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = config_lib.merged(json.loads(path.read_text()))
   s = setup(config, workdir)
   checkpoints = Checkpoints(workdir / "checkpoints")
   step = checkpoints.best_step() if which == "best" else checkpoints.latest_step()

@@ -166,3 +166,25 @@ def test_command_errors_are_one_line(tmp_path, npz_path):
        "--end_lr=0.5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and proc.stderr.strip() == (
       "error: start_lr=1.0, end_lr=0.5; expected 0 < start_lr < end_lr"), proc.stderr
+
+
+def test_peak_lr_auto_trains_at_the_finders_suggestion(npz_path):
+  from experiments.configs import default
+  config = default.get_config()
+  config.data.source = str(npz_path)
+  config.data.val_size = 64.0
+  config.batch_size = 32
+  config.schedule.peak_lr = "auto"
+  s = train.setup(config)
+  expected = lr_finder.suggest_lr(config, train.setup(default_with(config, peak_lr=None)))
+  assert float(s.schedule(0)) == pytest.approx(expected, rel=1e-6)
+  assert float(s.schedule(0)) != config.optimizer.lr
+  config.schedule.peak_lr = "fast"
+  with pytest.raises(UserError, match="config.schedule.peak_lr='fast'; expected 'auto'"):
+    train.setup(config)
+
+
+def default_with(config, peak_lr):
+  copy = config.copy_and_resolve_references()
+  copy.schedule.peak_lr = peak_lr
+  return copy
