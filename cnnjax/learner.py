@@ -8,6 +8,8 @@ Names follow Keras and fastai: ``fit``, ``fit_one_cycle``, ``evaluate``, ``predi
 ``save``/``Learner.load``; ``history.plot()``.
 """
 import dataclasses
+import functools
+import re
 import json
 import pathlib
 from typing import Any, Sequence
@@ -19,7 +21,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from cnnjax import inference, logs, optim, plots, train
+from cnnjax import inference, logs, lr_finder, optim, plots, train
 from cnnjax.data import pipeline, sources
 from cnnjax.errors import UserError
 from cnnjax.models import create_model
@@ -119,6 +121,7 @@ class Learner:
     else:
       channels = self.data.image_shape[-1]
       self.mean, self.std = np.zeros(channels, np.float32), np.full(channels, 255.0, np.float32)
+    self.label_smoothing = label_smoothing
     self.runner = train.Runner.create(train.make_normalize(self.mean, self.std), label_smoothing)
     self.augment = train.make_augment(ml_collections.ConfigDict(augment or {}))
     self.history = History()
@@ -159,6 +162,36 @@ class Learner:
     cycle = optim.make_schedule(cfg, max_lr, epochs * self.steps_per_epoch)
     self._set_schedule(lambda step: cycle(step - start))
     return self._run(epochs)
+
+  def freeze(self, groups: Sequence[str] | None = None) -> None:
+    """Freezes parameters for transfer learning: by ``optim.group_labels`` rules
+    (``'regex:frozen'`` / ``'regex:<lr multiplier>'`` over paths such as
+    ``'backbone/layer4_1/conv2/kernel'``), by default everything but the last top-level
+    module (the head). Frozen parameters get no update and no optimizer state, and the
+    modules frozen whole run batch norm in inference mode. The optimizer state restarts."""
+    if groups is None:
+      head = re.escape(list(self.state.params)[-1])
+      groups = (f"(?!{head}/).*:frozen", f"{head}/.*:1.0")
+    self._set_groups(tuple(groups))
+
+  def unfreeze(self) -> None:
+    """Trains every parameter again (the optimizer state restarts)."""
+    self._set_groups(())
+
+  def _set_groups(self, groups: tuple[str, ...]) -> None:
+    frozen = optim.frozen_modules(self.state.params, groups)
+    self.optimizer_config.groups = groups
+    self.runner = train.Runner.create(train.make_normalize(self.mean, self.std), self.label_smoothing,
+                                      frozen=frozen)
+    tx = optim.make_optimizer(self.optimizer_config, self._schedule)
+    self.state = self.runner.put_state(self.state.replace(tx=tx, opt_state=tx.init(self.state.params)))
+
+  def lr_find(self, sweep: lr_finder.Sweep = lr_finder.Sweep()) -> lr_finder.LRCurve:
+    """The learning-rate range test from the current weights (left untouched); the curve
+    has ``.lr_steepest``, ``.lr_min_div10`` and ``.write(dir)`` (plot + JSON)."""
+    batches = lr_finder.sweep_batches(self.train_data, self.batch_size, self.seed, self.augment)
+    return lr_finder.lr_sweep(self.runner, self.state, batches,
+                              functools.partial(optim.make_optimizer, self.optimizer_config), sweep)
 
   def _set_schedule(self, schedule: optax.Schedule) -> None:
     """Swaps the learning-rate schedule; the optimizer state's structure does not depend

@@ -201,12 +201,11 @@ def lr_sweep(runner: train.Runner, state: train.TrainState, batches: Iterable[di
   return LRCurve(lrs, losses, smoothed, diverged, lr_steepest, lr_min_div10)
 
 
-def sweep_batches(data: pipeline.Arrays,
-                  config: ml_collections.ConfigDict) -> Iterator[dict[str, np.ndarray]]:
-  """The run's training batches (shuffled, augmented as configured), epoch after epoch."""
-  augment = train.make_augment(config.data.augment)
+def sweep_batches(data: pipeline.Arrays, batch_size: int, seed: int,
+                  augment: pipeline.BatchAugment | None) -> Iterator[dict[str, np.ndarray]]:
+  """A run's training batches (shuffled, augmented), epoch after epoch."""
   for epoch in itertools.count():
-    batches = pipeline.train_epoch(data, config.batch_size, config.seed, epoch, augment)
+    batches = pipeline.train_epoch(data, batch_size, seed, epoch, augment)
     yield from (batches[k] for k in range(len(batches)))
 
 
@@ -223,7 +222,9 @@ def find_lr(config: ml_collections.ConfigDict, s: train.Setup | None = None,
     The curve; reproducible for ``config.seed``.
   """
   s = s if s is not None else train.setup(config)
-  return lr_sweep(s.runner, s.state, sweep_batches(s.train, config),
+  batches = sweep_batches(s.train, config.batch_size, config.seed,
+                          train.make_augment(config.data.augment))
+  return lr_sweep(s.runner, s.state, batches,
                   functools.partial(optim.make_optimizer, config.optimizer), sweep)
 
 

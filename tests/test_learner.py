@@ -2,11 +2,12 @@ import os
 import runpy
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 import cnnjax
-from cnnjax import train
+from cnnjax import lr_finder, train
 from cnnjax.errors import UserError
 from experiments.configs import cifar_seed
 from tests.conftest import make_images
@@ -41,6 +42,9 @@ def test_fit_predict_history_save_load(tmp_path):
   assert history.to_csv(tmp_path / "h.csv").read_text().splitlines()[0].startswith("epoch,step")
   assert (history.plot(tmp_path / "curves.png")).stat().st_size > 0
   assert type(history.plot()).__name__ == "Figure"
+  step = int(learner.state.step)
+  curve = learner.lr_find(lr_finder.Sweep(num_steps=20))
+  assert len(curve.lrs) <= 20 and curve.lr_min_div10 > 0 and int(learner.state.step) == step
   probs = learner.predict(x[:10])
   assert probs.shape == (10, 10)
   np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
@@ -80,3 +84,22 @@ def test_example_script_runs_end_to_end(npz_path, tmp_path, monkeypatch):
   assert len(code_lines) < 15
   runpy.run_path(os.path.join(ROOT, "examples/cifar_seed.py"), run_name="__main__")
   assert (tmp_path / "cifar_seed_curves.png").stat().st_size > 0
+
+
+def test_freeze_trains_only_the_head_and_unfreeze_everything():
+  x, y = make_images(64, seed=5)
+  learner = cnnjax.Learner("bn_cnn", (x, y), batch_size=16, val_size=16)
+  learner.freeze()  # all but the last top-level module: the final Dense
+  before = jax.device_get(learner.state)
+  learner.fit(1)
+  after = jax.device_get(learner.state)
+  head = list(before.params)[-1]
+  for name in before.params:
+    same = jax.tree.leaves(jax.tree.map(np.array_equal, before.params[name], after.params[name]))
+    assert all(same) == (name != head), name
+  stats_same = jax.tree.leaves(jax.tree.map(np.array_equal, before.batch_stats, after.batch_stats))
+  assert all(stats_same)  # frozen BN layers run in inference mode
+  learner.unfreeze()
+  learner.fit(1)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), after.params, jax.device_get(learner.state).params)
+  assert all(jax.tree.leaves(moved))
