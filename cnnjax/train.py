@@ -319,9 +319,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
   if not len(data.test[1]):
     data = dataclasses.replace(data, test=val_data)
   images = data
+  size = config.data.input_size  # > 0: the steps resize each batch to size x size
   stats = pipeline.normalization_stats(config.data.normalization, train_data[0])
-  normalize = make_normalize(*stats, config.data.input_size)
-  size = config.data.input_size
+  normalize = make_normalize(*stats, size)
   image_shape = (size, size, data.image_shape[-1]) if size else data.image_shape
   model_config = config.model.to_dict()
   pretrained = model_config.pop("pretrained")

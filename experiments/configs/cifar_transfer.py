@@ -9,7 +9,11 @@ Each batch is resized in the compiled step (data.input_size), so memory holds CI
 32x32 images (180 MB), not 224x224 ones (7.5 GB). Running the backbone over 60k images at
 224 takes ~40 min on 2 CPU cores (Lite0); --config.data.input_size=160 halves it, and
 --config.data.limit=20000 uses 15k/5k train/validation images (the whole test set).
-Results on this machine: see the README's results table.
+
+Result on this machine (Lite0 features, input_size=160, limit=20000: 30k images through the
+backbone in 5 min, the head in 30 s; 5.6 min wall, 1.4 GB peak memory): validation 88.6%,
+test 89.3% on the 1,000 lossless images, 79.1% on 10k (9k JPEG): the JPEG artefacts of the
+32x32 images, blown up 5x, cost ImageNet features ~11 points.
 """
 from experiments.configs import transfer_base
 

@@ -15,7 +15,11 @@ train / 153 val images), from an ImageNet backbone. Argument: '<backbone>,<workf
 val/ is both the validation and the test split, as in the tutorial. ResNet-18 needs
 torchvision's weights: online they are downloaded; offline put resnet18-f37072fd.pth in
 ~/.cache/torch/hub/checkpoints or pass --config.model.pretrained=/path/to/file.
-Results on this machine: see the README's results table.
+
+Results on this machine (EfficientNet-Lite0, real ImageNet weights; val accuracy of the last
+epoch, 153 images): features 93.5% (extraction 17 s, head 30 epochs in seconds), frozen
+94.1% (15 epochs, ~15 s each), finetune from the frozen run 94.1% (10 epochs, ~15 s each).
+For comparison, the ImageNet classifier itself, ant vs bee logit: 96.7% (zero_shot.py).
 """
 from experiments.configs import transfer_base
 

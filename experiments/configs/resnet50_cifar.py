@@ -13,9 +13,7 @@ from experiments.configs import cifar_transfer
 
 
 def get_config():
-  c = cifar_transfer.get_config("resnet50,frozen")
-  c.model.hidden = ()
-  c.model.dropout_rate = 0.2
+  c = cifar_transfer.get_config("resnet50,frozen")  # head: dropout 0.2 + dense
   c.num_epochs = 5
   c.optimizer.lr = 1e-3
   return c

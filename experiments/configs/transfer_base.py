@@ -2,9 +2,11 @@
 
 ``transfer_config(backbone, workflow)``, workflow one of:
   features  the backbone runs once over the (unaugmented) images, cached in the workdir;
-            the head is trained on the features (Keras' "feature extraction").
+            a head dense 256 + ReLU, dropout 0.5 is trained on the features (the Keras
+            book's feature extraction).
   frozen    the backbone frozen (no updates, no optimizer state, batch norm in inference
-            mode), the head trained end to end on augmented images.
+            mode); a head dropout 0.2 + dense (the ImageNet models' own classifier, as in
+            Keras' EfficientNet fine-tuning guide) trained end to end on augmented images.
   finetune  as frozen, but the convolutions of the backbone's last stage train too, at 1/10
             of the learning rate; its batch norms stay frozen, so in inference mode (Keras'
             advice: batch statistics of small batches would upset the pretrained ones).
@@ -36,19 +38,19 @@ def parse(arg: str) -> tuple[str, str]:
 
 
 def transfer_config(backbone: str, workflow: str) -> ml_collections.ConfigDict:
-  """The default config with model 'transfer' (head: dense 256 + ReLU, dropout 0.5) and the
-  workflow's settings; the study sets the data, classes and recipe."""
+  """The default config with model 'transfer' and the workflow's settings; the study sets
+  the data, classes and recipe."""
   pretrained, normalization, last_convs = BACKBONES[backbone]
   c = default.get_config()
   c.model.name = "transfer"
   c.model.backbone = backbone
   c.model.pretrained = pretrained
-  c.model.hidden = (256,)
-  c.model.dropout_rate = 0.5
   c.data.normalization = normalization
   if workflow == "features":
+    c.model.hidden, c.model.dropout_rate = (256,), 0.5
     c.extract_features = True
     return c
+  c.model.hidden, c.model.dropout_rate = (), 0.2
   c.data.augment.horizontal_flip = True
   c.data.augment.rotation = 10.0
   c.data.augment.zoom = 0.1
