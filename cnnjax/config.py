@@ -19,6 +19,10 @@ def default_config() -> ml_collections.ConfigDict:
   # EfficientNet-Lite0's) or a .pth/.safetensors/.npz state_dict; a 'transfer' model's
   # backbone gets them (cnnjax.weights.load_pretrained).
   c.model.pretrained = ml_collections.config_dict.placeholder(str)
+  # A 'transfer' model whose dataset's classes are classes of the pretraining set: their
+  # rows of the pretrained classifier initialise the new head (cnnjax.transfer.classifier_head),
+  # e.g. (310, 309) for ImageNet's ant and bee; () a fresh head.
+  c.model.head_classes = ()
 
   c.data = ml_collections.ConfigDict()
   # A local .npz (x_train, y_train, x_test, y_test), a folder of idx files, an image folder
@@ -48,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   # computed once (workdir/features.npz); or start from another run's latest weights.
   c.extract_features = False
   c.init_from = ml_collections.config_dict.placeholder(str)  # the --workdir of that run
+  c.eval_flip = False  # True: validation and test logits averaged over image and mirror image
   c.eval_rotation = 0.0  # > 0: also report test accuracy under random rotations up to this (deg)
   c.test_with = "last"  # 'last' or 'best' (lowest validation loss) checkpoint for the test set
 

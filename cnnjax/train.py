@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 from flax.training import train_state
 
 from cnnjax import config as config_lib
@@ -33,7 +34,7 @@ from cnnjax.checkpoint import Checkpoints
 from cnnjax.data import augment as augment_lib
 from cnnjax.data import pipeline, sources
 from cnnjax.errors import UserError
-from cnnjax.models import create_model
+from cnnjax.models import TransferNet, create_model
 
 Batch = dict[str, jax.Array]
 
@@ -136,14 +137,21 @@ def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing
   return train_step
 
 
-def make_eval_step(normalize: Callable[[jax.Array], jax.Array], loss: str = "cross_entropy"):
+def make_eval_step(normalize: Callable[[jax.Array], jax.Array], loss: str = "cross_entropy",
+                   flip: bool = False):
   """``eval_step(state, batch) -> out``: batch norm in inference mode, padding masked.
 
   ``out`` holds ``loss``/``correct``/``count`` sums over real examples, ``pred`` ``[B]``
   (predicted class, see ``loss_and_prediction``) and ``mask`` ``[B]`` (False on padding rows).
+  ``flip``: test-time augmentation, the logits are the mean over each ``[H, W, C]`` image and
+  its horizontal mirror.
   """
   def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    logits = state.apply_fn(_variables(state, state.params), normalize(batch["image"]), train=False)
+    def logits_of(images: jax.Array) -> jax.Array:
+      return state.apply_fn(_variables(state, state.params), normalize(images), train=False)
+    logits = logits_of(batch["image"])
+    if flip:
+      logits = (logits + logits_of(batch["image"][:, :, ::-1])) / 2
     mask = batch["mask"]
     losses, pred = loss_and_prediction(logits, batch["label"], loss)
     return {"loss": jnp.where(mask, losses, 0.0).sum(),
@@ -162,15 +170,17 @@ class Runner:
   @classmethod
   def create(cls, normalize: Callable[[jax.Array], jax.Array], label_smoothing: float = 0.0,
              mesh: jax.sharding.Mesh | None = None, loss: str = "cross_entropy",
-             frozen: frozenset[tuple[str, ...]] = frozenset()) -> "Runner":
-    """Compiles the steps of ``make_train_step``/``make_eval_step`` for ``mesh``."""
+             frozen: frozenset[tuple[str, ...]] = frozenset(),
+             eval_flip: bool = False) -> "Runner":
+    """Compiles the steps of ``make_train_step``/``make_eval_step`` (``flip=eval_flip``)
+    for ``mesh``."""
     if loss not in LOSSES:
       raise UserError(f"unknown loss {loss!r}; expected one of {list(LOSSES)}")
     mesh = mesh or parallel.make_mesh()
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
     train_step = jax.jit(make_train_step(normalize, label_smoothing, loss, frozen),
                          in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(normalize, loss), in_shardings=(rep, data),
+    eval_step = jax.jit(make_eval_step(normalize, loss, eval_flip), in_shardings=(rep, data),
                         out_shardings=rep)
     return cls(train_step, eval_step, mesh)
 
@@ -246,16 +256,30 @@ def make_augment(cfg: ml_collections.ConfigDict) -> pipeline.BatchAugment | None
   return None if augment == augment_lib.KerasAugment() else augment
 
 
+def model_from_config(cfg: ml_collections.ConfigDict) -> nn.Module:
+  """The model of a ``model`` config: its keys but those that choose initial weights
+  (``pretrained``, ``head_classes``) go to ``create_model``."""
+  return create_model(**{k: v for k, v in cfg.to_dict().items()
+                         if k not in ("pretrained", "head_classes")})
+
+
 def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """A workdir with checkpoints of a different model or data shape cannot be resumed."""
+  """A workdir with checkpoints of a different model or data shape cannot be resumed.
+
+  The saved config is read through ``config.merged``, so keys added to the schema since the
+  run was written take their defaults instead of counting as differences."""
   path = workdir / "config.json"
   if not path.exists():
     return
-  saved = json.loads(path.read_text())
+  saved = config_lib.merged(json.loads(path.read_text()))
   for key in ("model", "data"):
-    if saved.get(key) != json.loads(config[key].to_json()):
-      raise UserError(f"workdir {workdir} holds a run with a different config.{key} "
-                      f"({saved.get(key)}); use a new --workdir or the same config")
+    was = traverse_util.flatten_dict(saved[key].to_dict(), sep=".")
+    now = traverse_util.flatten_dict(config[key].to_dict(), sep=".")
+    changed = [f"{key}.{k}: {was.get(k)!r} -> {now.get(k)!r}"
+               for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
+    if changed:
+      raise UserError(f"workdir {workdir} holds a run with a different config "
+                      f"({'; '.join(changed)}); use a new --workdir or the same config")
 
 
 @dataclasses.dataclass
@@ -323,15 +347,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
   stats = pipeline.normalization_stats(config.data.normalization, train_data[0])
   normalize = make_normalize(*stats, size)
   image_shape = (size, size, data.image_shape[-1]) if size else data.image_shape
-  model_config = config.model.to_dict()
-  pretrained = model_config.pop("pretrained")
-  model = create_model(**model_config)
+  pretrained, head_classes = config.model.pretrained, config.model.head_classes
+  model = model_from_config(config.model)
   if config.extract_features:
     if (make_augment(config.data.augment) is not None or config.eval_rotation
-        or config.optimizer.groups or config.init_from):
+        or config.eval_flip or config.optimizer.groups or config.init_from):
       raise UserError("config.extract_features runs the backbone once and trains the head "
-                      "alone; expected data.augment off, eval_rotation=0, optimizer.groups=() "
-                      "and no init_from")
+                      "alone; expected data.augment off, eval_rotation=0, eval_flip=False, "
+                      "optimizer.groups=() and no init_from")
     cache = pathlib.Path(workdir) / "features.npz" if workdir is not None else None
     fingerprint = json.dumps([config.model.to_dict(), config.data.to_dict(), config.seed],
                              sort_keys=True)
@@ -353,8 +376,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
     variables = transfer.pretrained_variables(model, config.model.name, pretrained, image_shape,
                                               config.seed)
     state = transfer.with_variables(state, variables, f"weights {pretrained!r}")
+  if head_classes and not config.init_from:
+    if not (pretrained and isinstance(model, TransferNet)):
+      raise UserError(f"config.model.head_classes={tuple(head_classes)} needs a 'transfer' "
+                      "model with pretrained weights and no extract_features")
+    state = transfer.with_variables(
+        state, transfer.classifier_head(model, pretrained, head_classes, image_shape),
+        f"the classifier rows {tuple(head_classes)} of {pretrained!r}")
   frozen = optim.frozen_modules(state.params, config.optimizer.groups)
-  runner = Runner.create(normalize, config.label_smoothing, mesh, config.loss, frozen)
+  runner = Runner.create(normalize, config.label_smoothing, mesh, config.loss, frozen,
+                         config.eval_flip)
   s = Setup(data, train_data, val_data, runner, state, schedule, steps_per_epoch, images, normalize)
   if config.schedule.peak_lr is not None:
     _use_lr_finder(config, s)

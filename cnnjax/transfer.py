@@ -23,7 +23,7 @@ from cnnjax import weights
 from cnnjax.checkpoint import Checkpoints
 from cnnjax.data import pipeline
 from cnnjax.errors import UserError
-from cnnjax.models import TransferNet
+from cnnjax.models import MODELS, TransferNet
 
 
 def frozen_inference(frozen: frozenset[tuple[str, ...]]) -> contextlib.AbstractContextManager:
@@ -94,6 +94,36 @@ def pretrained_variables(model: nn.Module, model_name: str, spec: str,
     return {col: {"backbone": tree} for col, tree in loaded.items() if tree}
   return weights.load_pretrained(model_name, spec, model, rng=jax.random.PRNGKey(seed),
                                  input_shape=input_shape)
+
+
+def classifier_head(model: TransferNet, spec: str, classes: Sequence[int],
+                    image_shape: Sequence[int]) -> dict[str, Any]:
+  """``{'params': {'head': {'output': {kernel, bias}}}}``: the rows ``classes`` of the
+  classifier in the pretrained weights ``spec`` of ``model``'s backbone, as its new head's
+  output layer (``[D, len(classes)]``, ``[len(classes)]``), in the order of ``classes``.
+
+  The head must be that classifier's shape: no hidden layers, ``len(classes)`` outputs. For
+  a dataset whose classes are classes of the pretraining set (ImageNet's ant 310 and bee
+  309 for hymenoptera), training starts from the pretrained classifier's decision.
+  """
+  if model.hidden or model.num_classes != len(classes):
+    raise UserError(f"config.model.head_classes={tuple(classes)} initialises a head of "
+                    f"{len(classes)} outputs without hidden layers; the model has "
+                    f"num_classes={model.num_classes}, hidden={tuple(model.hidden)}")
+  full = MODELS[model.backbone]()  # with its pretraining classifier
+  loaded = weights.load_pretrained(model.backbone, spec, full, input_shape=(1, *image_shape))
+  ours = traverse_util.flatten_dict(loaded["params"], sep="/")
+  without = traverse_util.flatten_dict(jax.eval_shape(
+      model.backbone_model().init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"],
+      sep="/")
+  (last,) = [k for k in ours if k not in without and k.endswith("/kernel")
+              and ours[k].shape[-1] == full.num_classes]  # the output layer
+  kernel, bias = ours[last], ours[last[:-len("kernel")] + "bias"]
+  if max(classes) >= kernel.shape[-1] or min(classes) < 0:
+    raise UserError(f"config.model.head_classes={tuple(classes)}; the classifier of "
+                    f"{spec!r} has classes 0..{kernel.shape[-1] - 1}")
+  index = np.asarray(classes)
+  return {"params": {"head": {"output": {"kernel": kernel[:, index], "bias": bias[index]}}}}
 
 
 def init_from_run(state: train_state.TrainState,

@@ -41,11 +41,12 @@ def _first_line(e: BaseException) -> str:
   return lines[-1] if lines else type(e).__name__
 
 
-def _load_config_file(path: str):
+def _load_config_file(path: str, arg: str | None = None):
+  """``get_config()`` of the file at ``path``, or ``get_config(arg)`` (``file.py:arg``)."""
   spec = importlib.util.spec_from_file_location("_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 def explain_flag_error(argv: list[str], error: BaseException) -> str:
@@ -56,12 +57,15 @@ def explain_flag_error(argv: list[str], error: BaseException) -> str:
       values.update([arg[2:].split("=", 1)])
     elif arg.startswith("--") and i + 1 < len(argv):  # --flag value
       values[arg[2:]] = argv[i + 1]
-  path = values.get("config")
-  if path is None:
+  if values.get("config") is None:
     return _first_line(error)
+  path, colon, arg = values["config"].partition(":")
   if not pathlib.Path(path).is_file():
     return f"config file {path} not found; expected a file such as experiments/configs/cifar_bn.py"
-  config = _load_config_file(path)
+  try:
+    config = _load_config_file(path, arg if colon else None)
+  except Exception as e:  # the file's own check of its argument, e.g. an unknown backbone
+    return f"config file {values['config']}: {_first_line(e)}"
   for flag, value in values.items():
     if not flag.startswith("config."):
       continue

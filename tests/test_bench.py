@@ -1,5 +1,9 @@
-"""Smoke test of ``python -m experiments.bench --input`` on generated data, tiny windows."""
+"""Smoke tests of ``python -m experiments.bench --input`` (generated data), ``--models``
+(small models) and ``--convs`` (tiny shapes), with tiny windows."""
+import re
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from experiments import bench
@@ -29,3 +33,66 @@ def test_input_mode_prints_and_appends_a_table(tmp_path, npz_path, capsys):
   assert rows[4].startswith("| mlp train step (synthetic) | 8 | - | ")
   assert "- batch 8: CIFAR-10 crop + flip pipeline / mlp train step (synthetic) = " in text
   assert "appended to" in capsys.readouterr().out
+
+
+def _table_rows(text: str) -> list[str]:
+  """The markdown table rows of ``text`` after the header."""
+  return [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+
+
+def test_models_mode_without_torch_reports_a_failed_row_and_measures_the_others(
+    tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(bench.MODEL_ROWS, "broken",
+                      bench.ModelSpec("Broken", "train", "no_such_model", (8, 8, 3), 2))
+  out = tmp_path / "BENCH.md"
+  bench.main(["--models", "--no_torch", "--only", "broken,lenet", "--model_batches", "lenet=8",
+              "--windows", "1", "--window_seconds", "0.05", "--warmup_seconds", "0",
+              "--out", str(out)])
+  text = out.read_text()
+  assert text.startswith("## Train steps: cnnjax (JAX) vs PyTorch: ")
+  assert "torch" not in text.split("- Versions: ")[1].splitlines()[0]
+  (row,) = _table_rows(text)
+  assert row.startswith("| LeNet | 8 | 61,706 | ")
+  assert re.search(r" \| - \| - \| - \| - \| [01]/1 \|$", row)  # no torch columns
+  assert "- broken: not measured (UserError: unknown model 'no_such_model'" in text
+  assert "broken: not measured" in capsys.readouterr().out
+
+
+def test_models_mode_compares_jax_with_torch_peers(tmp_path):
+  pytest.importorskip("torch")
+  out = tmp_path / "BENCH.md"
+  bench.main(["--models", "--only", "seed_cnn,lenet", "--model_batches", "seed_cnn=16,lenet=16",
+              "--windows", "1", "--window_seconds", "0.2", "--warmup_seconds", "0",
+              "--out", str(out)])
+  text = out.read_text()
+  assert "torch 2." in text.split("- Versions: ")[1].splitlines()[0]
+  seed, lenet = _table_rows(text)
+  for row, title, params in [(seed, "SeedCNN", "17,962"), (lenet, "LeNet", "61,706")]:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == [title, "16", params]  # parameter counts checked equal
+    assert re.search(r"\((NCHW|channels_last)", cells[5])
+    assert all(re.fullmatch(r"\d+\.\d\dx", c) for c in cells[7:9])
+    assert re.fullmatch(r"\d/4", cells[9])  # JAX + 3 torch variants, 1 window each
+    assert f"- {title}: torch img/s f32 NCHW " in text
+  assert "not measured" not in text
+
+
+def test_convs_mode_times_both_lowerings_of_each_shape(tmp_path, monkeypatch):
+  monkeypatch.setattr(bench, "CONV_SHAPES", (
+      bench.ConvSpec("tiny 1x1", (2, 6, 6, 8), (1, 1, 8, 4), (2, 2), "SAME"),
+      bench.ConvSpec("tiny 3x3", (2, 8, 8, 32), (3, 3, 32, 8), (1, 1), bench.PAD1)))
+  out = tmp_path / "BENCH.md"
+  bench.main(["--convs", "--windows", "1", "--window_seconds", "0.1", "--warmup_seconds", "0",
+              "--out", str(out)])
+  text = out.read_text()
+  assert text.startswith("## Convolution lowering: lax vs cnnjax.models.conv: ")
+  im2col, xla = _table_rows(text)
+  assert im2col.startswith("| tiny 1x1 | 2x6x6x8 -> 3x3x4, 1x1/2 | im2col | ")
+  assert xla.startswith("| tiny 3x3 | 2x8x8x32 -> 8x8x8, 3x3/1 | XLA | ")
+  for row in (im2col, xla):
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert all(re.fullmatch(r"\d+\.\d\d( \(busy\))?", c) for c in cells[3:5])
+    assert all(re.fullmatch(r"\d+\.\d", c) for c in cells[5:7])
+    assert re.fullmatch(r"\d+\.\d\dx", cells[7])
+    assert re.fullmatch(r"[012]/2", cells[8])
+  assert "- Each row times a jitted `jax.value_and_grad`" in text

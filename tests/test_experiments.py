@@ -30,6 +30,16 @@ def test_cifar_config_runs_one_step_on_tfds_mock_data(tmp_path, config_file):
   assert (tmp_path / "predictions.png").stat().st_size > 0
 
 
+CONFIGS = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "experiments/configs"))
+                 if name.endswith(".py") and name not in ("__init__.py", "transfer_base.py"))
+
+
+@pytest.mark.parametrize("config_file", CONFIGS)
+def test_every_config_loads_and_names_a_model_that_builds(config_file):
+  config = main._load_config_file(os.path.join(ROOT, f"experiments/configs/{config_file}.py"))
+  assert train.model_from_config(config.model) is not None
+
+
 def _run(*args, cwd=ROOT):
   return subprocess.run([sys.executable, "-m", "experiments.cifar", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=300)
@@ -49,6 +59,13 @@ def test_cli_errors_are_one_line(tmp_path, npz_path):
   _assert_one_line_error(_run(*base, "--config.batch_size=abc"), r"bad value 'abc' for --config.batch_size")
   _assert_one_line_error(_run("--config", "experiments/configs/nope.py", "--workdir", "w"),
                          r"config file experiments/configs/nope.py not found")
+  hymenoptera = ["--config", "experiments/configs/hymenoptera.py:efficientnet_lite0,frozen"]
+  _assert_one_line_error(_run(*hymenoptera, "--workdir", "w", "--config.optimizer.lrr=3"),
+                         r"unknown config key 'optimizer.lrr'")
+  _assert_one_line_error(_run("--config", "experiments/configs/hymenoptera.py:vgg19,frozen",
+                              "--workdir", "w"),
+                         r"config file experiments/configs/hymenoptera.py:vgg19,frozen: "
+                         r"config argument 'vgg19,frozen'; expected")
   _assert_one_line_error(_run(*base, f"--config.data.source={tmp_path}/missing.npz"),
                          r"data file .*missing.npz not found; .*point --config.data.source at local data")
   _assert_one_line_error(_run(*base, f"--config.data.source={npz_path}", "--config.model.name=resnet9"),

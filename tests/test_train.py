@@ -70,6 +70,18 @@ def test_evaluate_masks_padding_exactly():
   np.testing.assert_array_equal(padded["pred"], whole["pred"])
 
 
+def test_eval_flip_averages_the_logits_of_image_and_mirror():
+  state = _state("seed_cnn")
+  batch = dict(_batch(8), mask=jnp.ones(8, bool))
+  logits = lambda x: state.apply_fn({"params": state.params}, IDENTITY(x), train=False)
+  mean = (logits(batch["image"]) + logits(batch["image"][:, :, ::-1])) / 2
+  assert not np.allclose(mean, logits(batch["image"]), atol=1e-4)  # the mirror matters here
+  flipped = train.make_eval_step(IDENTITY, flip=True)(state, batch)
+  losses, pred = train.loss_and_prediction(mean, batch["label"], "cross_entropy")
+  assert float(flipped["loss"]) == pytest.approx(float(losses.sum()), rel=1e-5)
+  np.testing.assert_array_equal(flipped["pred"], pred)
+
+
 def test_image_shape_that_does_not_fit_the_model_is_one_clear_error():
   with pytest.raises(UserError, match=r"images of shape \(8, 8, 3\) do not fit model BNCNN"):
     train.create_train_state(create_model("bn_cnn"), optax.adam(1e-3), (8, 8, 3), 0)
@@ -143,8 +155,18 @@ def test_workdir_of_a_different_model_is_refused(npz_path, tmp_path):
   config = _config(npz_path, num_epochs=1)
   train.train_and_evaluate(config, tmp_path / "run")
   config.model.name = "lenet"
-  with pytest.raises(UserError, match="holds a run with a different config.model"):
+  with pytest.raises(UserError, match="different config \\(model.name: 'seed_cnn' -> 'lenet'\\)"):
     train.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_workdir_written_before_a_config_key_existed_resumes(npz_path, tmp_path):
+  config = _config(npz_path, num_epochs=1)
+  train.train_and_evaluate(config, tmp_path / "run")
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  del saved["data"]["workers"]  # as written by a version without data.workers
+  (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+  config.num_epochs = 2
+  assert train.train_and_evaluate(config, tmp_path / "run")["count"] > 0
 
 
 def test_labels_beyond_num_classes_are_refused(npz_path, tmp_path):

@@ -164,6 +164,27 @@ def test_pretrained_weights_go_to_the_backbone_of_a_transfer_net(tmp_path):
     np.testing.assert_array_equal(_flat(loaded)[(key[0], "backbone", *key[1:])], value)
 
 
+def test_head_classes_take_their_rows_of_the_pretrained_classifier(tmp_path, npz_path):
+  variables = _random_variables(ResNet18())  # with ImageNet's 1000-way fc
+  path = tmp_path / "resnet18.npz"
+  np.savez(path, **_state_dict(variables))
+  fc = variables["params"]["fc"]
+  classes = (310, 309, 0, 1, 2, 3, 4, 5, 6, 999)  # one per class of the data, in its order
+  config = _transfer_config(npz_path, "resnet18", model__pretrained=str(path),
+                            model__head_classes=classes)
+  config.model.hidden = ()
+  head = train.setup(config).state.params["head"]["output"]
+  np.testing.assert_array_equal(head["kernel"], fc["kernel"][:, classes])
+  np.testing.assert_array_equal(head["bias"], fc["bias"][list(classes)])
+  config.model.hidden = (8,)
+  with pytest.raises(UserError, match=r"initialises a head of 10 outputs without hidden "
+                     r"layers; the model has num_classes=10, hidden=\(8,\)"):
+    train.setup(config)
+  config.model.hidden, config.model.head_classes = (), classes[:-1] + (1000,)
+  with pytest.raises(UserError, match=r"has classes 0..999"):
+    train.setup(config)
+
+
 class _TinyBackbone(_Backbone):
   """A registered backbone takes num_classes=0."""
   num_classes: int = 0
@@ -205,14 +226,16 @@ def test_feature_extraction_refuses_augmentation(npz_path):
 
 def test_init_from_another_run_takes_its_latest_weights(npz_path, tmp_path):
   config = _config(npz_path, model__name="seed_cnn")
-  train.train_and_evaluate(config, tmp_path / "first")
+  first = train.setup(config).state
+  first = first.replace(params=jax.tree.map(lambda p: p + 1.0, first.params), step=7)
   checkpoints = Checkpoints(tmp_path / "first" / "checkpoints")
-  saved = _flat(checkpoints.restore_saved(checkpoints.latest_step())["params"])
+  checkpoints.save(7, first)
+  checkpoints.wait()
   checkpoints.close()
   config.init_from = str(tmp_path / "first")
   config.optimizer.groups = ("ConvBlock_0/.*:frozen", "(?!ConvBlock_0/).*:0.1")
   s = train.setup(config)
-  started = _flat(s.state.params)
+  saved, started = _flat(first.params), _flat(s.state.params)
   assert saved.keys() == started.keys()
   for key in saved:
     np.testing.assert_array_equal(started[key], saved[key])

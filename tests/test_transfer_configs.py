@@ -1,9 +1,6 @@
 """The transfer configs: every backbone's rules fit its parameters, and the course's VGG16
-feature extraction runs end to end from the command line (random weights, tiny images)."""
-import json
+feature extraction runs end to end (random weights, tiny images)."""
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +8,7 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from cnnjax import optim
-from cnnjax.models import create_model
+from cnnjax import optim, train
 from experiments import main
 from experiments.configs import transfer_base
 
@@ -31,9 +27,7 @@ def _config(name, arg=None):
 @pytest.mark.parametrize("workflow", ["frozen", "finetune"])
 def test_rules_give_every_parameter_one_group(backbone, workflow):
   config = _config("cifar_transfer", f"{backbone},{workflow}")
-  model_config = config.model.to_dict()
-  del model_config["pretrained"]
-  model = create_model(**model_config)
+  model = train.model_from_config(config.model)
   dummy = jnp.zeros((1, 64, 64, 3))
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"]
   labels = traverse_util.flatten_dict(optim.group_labels(params, config.optimizer.groups),
@@ -54,21 +48,18 @@ def test_config_argument_is_checked():
   assert _config("resnet50_cifar").model.dropout_rate == 0.2
 
 
-def test_vgg16_feature_extraction_runs_from_the_command_line(tmp_path):
+def test_vgg16_feature_extraction_runs_end_to_end(tmp_path):
   for split in ("train", "val"):
     for label, level in (("ants", 40), ("bees", 200)):
       (tmp_path / "data" / split / label).mkdir(parents=True)
       for i in range(4):
         Image.new("RGB", (40, 36), (level + 5 * i,) * 3).save(
             tmp_path / "data" / split / label / f"{i}.png")
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.transfer", "--config",
-       "experiments/configs/vgg16_features.py", "--workdir", str(tmp_path / "run"),
-       f"--config.data.source={tmp_path / 'data'}", "--config.model.pretrained=",
-       "--config.data.image_size=32", "--config.num_epochs=2", "--config.batch_size=4"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  result = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+  config = _config("vgg16_features")
+  config.data.source = str(tmp_path / "data")
+  config.model.pretrained = None  # random weights, offline
+  config.data.image_size, config.num_epochs, config.batch_size = 32, 2, 4
+  result = train.train_and_evaluate(config, tmp_path / "run")
   assert result["count"] == 8 and len(result["confusion_matrix"]) == 2
   assert (tmp_path / "run" / "features.npz").is_file()
   assert (tmp_path / "run" / "predictions.png").stat().st_size > 0

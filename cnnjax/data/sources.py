@@ -39,7 +39,8 @@ class Dataset:
 
   def head(self, n: int) -> "Dataset":
     """The first ``n`` train, validation and test examples (for quick runs)."""
-    first = lambda split: None if split is None else (split[0][:n], split[1][:n])
+    def first(split: Arrays | None) -> Arrays | None:
+      return None if split is None else (split[0][:n], split[1][:n])
     return Dataset(first(self.train), first(self.test), self.class_names,
                    {k: v[:n] for k, v in self.test_subsets.items()}, first(self.val))
 

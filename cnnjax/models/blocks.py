@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.errors import UserError
+from cnnjax.models.conv import Conv
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -64,7 +65,7 @@ class ConvBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), padding="SAME")(x)
+    x = Conv(self.features, (self.kernel_size, self.kernel_size), padding="SAME")(x)
     x = activation(self.activation)(x)
     return pool(x, self.pooling, self.pool_size)
 

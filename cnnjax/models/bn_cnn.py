@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 
 from cnnjax.models.blocks import pool
+from cnnjax.models.conv import Conv
 
 # torch.nn.BatchNorm defaults: momentum 0.1 (flax 0.9) and eps 1e-5.
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
@@ -26,7 +27,7 @@ class BNCNN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i, width in enumerate(self.widths):
       for _ in range(2):
-        x = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)))(x)
+        x = Conv(width, (3, 3), padding=((1, 1), (1, 1)))(x)
         x = BatchNorm(use_running_average=not train)(nn.relu(x))
       x = pool(x, "max", 2)
       self.sow("intermediates", f"block{i + 1}", x)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import UserError
+from cnnjax.models.conv import Conv
 from cnnjax.models.resnet import ModuleDef, conv_kernel_init
 
 
@@ -72,7 +73,7 @@ class DepthwiseConv(nn.Module):
   """Depthwise ``k x k`` convolution, 'SAME' padding, no bias: ``[B, H, W, C]`` ->
   ``[B, ceil(H / strides), ceil(W / strides), C]``.
 
-  The kernel ``[k, k, 1, C]`` and its initialisation are those of ``nn.Conv(C, (k, k),
+  The kernel ``[k, k, 1, C]`` and its initialisation are those of ``Conv(C, (k, k),
   feature_group_count=C, padding='SAME', use_bias=False)``, and so is the result (to float
   rounding); it is computed as the sum over the ``k * k`` kernel taps of the padded input,
   shifted and strided, times the tap's per-channel weights, which XLA:CPU runs (forward
@@ -185,7 +186,7 @@ class EfficientNetLite(nn.Module):
                       "expected NHWC [B, H, W, C]")
     if self.num_classes < 0:
       raise UserError(f"num_classes={self.num_classes}; expected >= 0 (0: no classifier)")
-    conv = functools.partial(nn.Conv, padding="SAME", use_bias=False,
+    conv = functools.partial(Conv, padding="SAME", use_bias=False,
                              kernel_init=conv_kernel_init)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon)

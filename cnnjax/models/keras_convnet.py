@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 
 from cnnjax.models.blocks import pool
+from cnnjax.models.conv import Conv
 
 
 class KerasConvNet(nn.Module):
@@ -16,9 +17,9 @@ class KerasConvNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train
-    x = pool(nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x)), "max", 2)
-    x = pool(nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x)), "max", 2)
-    x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
+    x = pool(nn.relu(Conv(32, (3, 3), padding="VALID")(x)), "max", 2)
+    x = pool(nn.relu(Conv(64, (3, 3), padding="VALID")(x)), "max", 2)
+    x = nn.relu(Conv(64, (3, 3), padding="VALID")(x))
     x = x.reshape(x.shape[0], -1)
     self.sow("intermediates", "features", x)
     x = nn.relu(nn.Dense(64)(x))

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 
 from cnnjax.models.blocks import activation, pool
+from cnnjax.models.conv import Conv
 
 
 class LeNet(nn.Module):
@@ -21,8 +22,8 @@ class LeNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train  # no dropout or batch norm
     act = activation(self.activation)
-    x = pool(act(nn.Conv(6, (5, 5), padding=((2, 2), (2, 2)))(x)), self.pooling, 2)
-    x = pool(act(nn.Conv(16, (5, 5), padding="VALID")(x)), self.pooling, 2)
+    x = pool(act(Conv(6, (5, 5), padding=((2, 2), (2, 2)))(x)), self.pooling, 2)
+    x = pool(act(Conv(16, (5, 5), padding="VALID")(x)), self.pooling, 2)
     x = x.reshape(x.shape[0], -1)
     self.sow("intermediates", "features", x)
     x = act(nn.Dense(120)(x))

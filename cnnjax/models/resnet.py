@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import UserError
+from cnnjax.models.conv import Conv
 
 ModuleDef = Any
 
@@ -130,7 +131,7 @@ class ResNet(nn.Module):
       raise UserError(f"ResNet input has shape {x.shape}; expected NHWC [B, H, W, C]")
     if self.num_classes < 0:
       raise UserError(f"num_classes={self.num_classes}; expected >= 0 (0: no classifier)")
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
+    conv = functools.partial(Conv, use_bias=False, kernel_init=conv_kernel_init)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon)
     if self.cifar_stem:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import UserError
+from cnnjax.models.conv import Conv
 from cnnjax.models.blocks import adaptive_avg_pool, pool
 from cnnjax.models.resnet import conv_kernel_init
 
@@ -80,7 +81,7 @@ class VGG(nn.Module):
       raise UserError(f"num_classes={self.num_classes}; expected >= 0 (0: no classifier)")
     for block, (features, convs) in enumerate(self.blocks, start=1):
       for conv in range(1, convs + 1):
-        x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_kernel_init,
+        x = Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_kernel_init,
                     name=f"block{block}_conv{conv}")(x)
         if self.batch_norm:
           x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,

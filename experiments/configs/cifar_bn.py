@@ -3,10 +3,14 @@ r"""The course's batch-norm CNN on CIFAR-10: BNCNN, Adam 1e-3, batch 32, 10 epoc
   python -m experiments.cifar --config experiments/configs/cifar_bn.py --workdir runs/cifar_bn
   (offline: add --config.data.source=../shared/data/cifar10.npz)
 
-The course's PyTorch notebook reports 83.0% test accuracy after 10 epochs; this config's
-result on this machine is in the README's results table. Like the notebook it trains
-without augmentation; add --config.data.augment.crop_padding=4
---config.data.augment.horizontal_flip=True for random crops and flips.
+The course's PyTorch notebook reports 83.0% test accuracy after 10 epochs at a constant
+Adam rate of 1e-3, without augmentation. That recipe gave 82.3% here (1,000 lossless test
+images; 77.1% on 10k with 9k JPEG; 10 epochs of ~3 min; add --config.schedule.name=constant
+--config.eval_flip=False to rerun it). This config keeps the model, optimizer, peak rate,
+batch, epochs and data, and changes two things: the rate follows a one-cycle schedule (warm-up
+to 1e-3 over the first 25% of steps, cosine decay to ~0), and the test logits average each
+image and its mirror (eval_flip). Result on this machine: 84.3% on the 1,000 lossless test
+images, 80.5% on 10k (9k JPEG), val 84.6%; 10 epochs of ~170 s (2-core Xeon, quiet).
 """
 from experiments.configs import default
 
@@ -17,7 +21,9 @@ def get_config():
   c.optimizer.name = "adam"
   c.optimizer.lr = 1e-3
   c.optimizer.eps = 1e-8  # torch.optim.Adam's default, as in the course notebook
+  c.schedule.name = "one_cycle"
   c.batch_size = 32
   c.num_epochs = 10
   c.data.val_size = 10_000
+  c.eval_flip = True
   return c

@@ -1,4 +1,4 @@
-r"""cifar_bn (BNCNN on CIFAR-10, Adam 1e-3, batch 32, 10 epochs) with the Keras book's
+r"""cifar_bn (BNCNN on CIFAR-10, one-cycle Adam to 1e-3, batch 32, 10 epochs) with the Keras book's
 ImageDataGenerator set: rotation 40, width and height shift 0.2, shear 0.2 (degrees, as
 Keras), zoom 0.2, horizontal flip, nearest fill.
 

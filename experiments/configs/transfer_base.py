@@ -6,7 +6,8 @@
             book's feature extraction).
   frozen    the backbone frozen (no updates, no optimizer state, batch norm in inference
             mode); a head dropout 0.2 + dense (the ImageNet models' own classifier, as in
-            Keras' EfficientNet fine-tuning guide) trained end to end on augmented images.
+            Keras' EfficientNet fine-tuning guide) trained end to end on augmented images;
+            evaluated with test-time flips (eval_flip).
   finetune  as frozen, but the convolutions of the backbone's last stage train too, at 1/10
             of the learning rate; its batch norms stay frozen, so in inference mode (Keras'
             advice: batch statistics of small batches would upset the pretrained ones).
@@ -52,6 +53,7 @@ def transfer_config(backbone: str, workflow: str) -> ml_collections.ConfigDict:
     return c
   c.model.hidden, c.model.dropout_rate = (), 0.2
   c.data.augment.horizontal_flip = True
+  c.eval_flip = True  # logits averaged over each image and its mirror
   c.data.augment.rotation = 10.0
   c.data.augment.zoom = 0.1
   if workflow == "frozen":

@@ -1,0 +1,83 @@
+"""cnnjax.models.conv: the per-shape lowering gives lax's values and gradients."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cnnjax.models import conv
+
+# (x shape, kernel shape, strides, padding), covering every branch of uses_im2col.
+CASES = {
+    "1x1 strided": ((2, 9, 9, 16), (1, 1, 16, 8), (2, 2), "SAME"),
+    "1x1 (XLA)": ((2, 5, 5, 16), (1, 1, 16, 8), (1, 1), "VALID"),
+    "2x2 map": ((2, 2, 2, 32), (3, 3, 32, 16), (1, 1), ((1, 1), (1, 1))),
+    "stride 2 to 2x2, SAME pads unequal": ((2, 4, 4, 8), (3, 3, 8, 8), (2, 2), "SAME"),
+    "RGB first layer (XLA)": ((2, 12, 10, 3), (3, 3, 3, 8), (1, 1), "SAME"),
+    "LeNet 5x5 VALID (XLA)": ((2, 14, 14, 6), (5, 5, 6, 16), (1, 1), "VALID"),
+    "wide contraction (XLA)": ((2, 8, 8, 32), (3, 3, 32, 8), (1, 1), ((1, 1), (1, 1))),
+}
+IM2COL = {"1x1 strided": True, "1x1 (XLA)": False, "2x2 map": True, "stride 2 to 2x2, SAME pads unequal": True,
+          "RGB first layer (XLA)": False, "LeNet 5x5 VALID (XLA)": False,
+          "wide contraction (XLA)": False}
+
+
+def _pads(x_shape, k_shape, strides, padding):
+  if isinstance(padding, str):
+    return lax.padtype_to_pads(x_shape[1:3], k_shape[:2], strides, padding)
+  return padding
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_values_and_gradients_equal_lax(name):
+  x_shape, k_shape, strides, padding = CASES[name]
+  assert conv.uses_im2col(x_shape, k_shape, strides,
+                          _pads(x_shape, k_shape, strides, padding)) == IM2COL[name]
+  kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+  x, kernel = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
+  dims = ("NHWC", "HWIO", "NHWC")
+
+  def loss(fn, x, kernel):
+    y = fn(x, kernel, strides, padding, dimension_numbers=dims)
+    return jnp.sum(y * jax.random.normal(kg, y.shape)), y
+
+  (want, y_want), g_want = jax.value_and_grad(
+      lambda *a: loss(lax.conv_general_dilated, *a), (0, 1), has_aux=True)(x, kernel)
+  (got, y_got), g_got = jax.value_and_grad(
+      lambda *a: loss(conv.conv_general_dilated, *a), (0, 1), has_aux=True)(x, kernel)
+  np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=1e-4)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_im2col_computes_the_xla_cases_too():
+  # The lowering is a choice of speed, not of result: im2col is exact on any NHWC shape.
+  for name, (x_shape, k_shape, strides, padding) in CASES.items():
+    x = jax.random.normal(jax.random.key(3), x_shape)
+    kernel = jax.random.normal(jax.random.key(4), k_shape)
+    np.testing.assert_allclose(
+        conv.im2col_conv(x, kernel, strides, _pads(x_shape, k_shape, strides, padding)),
+        lax.conv_general_dilated(x, kernel, strides, padding,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_grouped_dilated_and_nchw_convolutions_go_to_lax(monkeypatch):
+  monkeypatch.setattr(conv, "im2col_conv", lambda *a: pytest.fail("im2col used"))
+  x = jnp.ones((1, 6, 6, 4))
+  conv.conv_general_dilated(x, jnp.ones((3, 3, 1, 4)), (1, 1), "SAME",
+                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
+  conv.conv_general_dilated(x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", rhs_dilation=(2, 2),
+                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv.conv_general_dilated(jnp.ones((1, 4, 6, 6)), jnp.ones((4, 4, 3, 3)), (1, 1), "SAME")
+
+
+def test_conv_module_is_nn_conv_with_the_same_parameters_and_outputs():
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  ours, plain = conv.Conv(5, (3, 3), strides=2), nn.Conv(5, (3, 3), strides=2)
+  assert isinstance(ours, nn.Conv)
+  variables = plain.init(jax.random.key(2), x)
+  assert jax.tree.structure(ours.init(jax.random.key(2), x)) == jax.tree.structure(variables)
+  np.testing.assert_allclose(ours.apply(variables, x), plain.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
