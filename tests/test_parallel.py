@@ -34,9 +34,9 @@ def test_8_device_steps_equal_1_device_steps_with_batch_norm(parity):
   trained = {k for k in names if k.startswith(("params/", "batch_stats/"))}
   assert any(k.startswith("batch_stats/") and k.endswith("/var") for k in trained)
   scaleout.assert_trees_close({k: parity[f"all/{k}"] for k in trained},
-                              {k: parity[f"one/{k}"] for k in trained}, trained, tol=1e-5)
+                              {k: parity[f"one/{k}"] for k in trained}, trained, tol=1e-4)
   assert float(parity["all/loss"]) == pytest.approx(float(parity["one/loss"]), rel=1e-5)
-  assert parity["one/moved"] > 1e-3  # the steps changed the params far beyond the tolerance
+  assert parity["one/moved"] > 1e-2  # the steps changed the params far beyond the tolerance
 
 
 def test_experiment_uses_all_8_devices_with_no_flag(tmp_path, npz_path, xla_cache):

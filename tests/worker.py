@@ -62,7 +62,13 @@ def _dump_fit(out: pathlib.Path) -> None:
 
 
 def parity(out: str) -> None:
-  """Three steps on one global batch of 32, on all devices and on the first one alone."""
+  """Two steps on one global batch of 32, on all devices and on the first one alone.
+
+  Two, not more: batch norm over this tiny model's 1x1 maps amplifies float32 rounding
+  ~40x per step (against a float64 run of the same steps: 1e-7 after one step, 1e-5 after
+  two, 5e-4 after three, on one device as on eight), so later steps compare rounding noise.
+  The second step still reads the state (params, momentum) the first one left sharded.
+  """
   x, y = make_images(32, shape=IMAGE_SHAPE)
   normalize = train.make_normalize(np.zeros(3), np.full(3, 255.0))
   results = {}
@@ -72,7 +78,7 @@ def parity(out: str) -> None:
         train.create_train_state(small_bn_model(), optax.sgd(1e-3, momentum=0.9), IMAGE_SHAPE, 0))
     initial = flat(state.params)
     batch = runner.to_global({"image": x, "label": y})
-    for _ in range(3):
+    for _ in range(2):
       state, sums = runner.train_step(state, batch)
     results[f"{name}/moved"] = max(np.abs(v - initial[k]).max()
                                    for k, v in flat(state.params).items())
