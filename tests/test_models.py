@@ -9,7 +9,7 @@ from cnnjax.errors import UserError
 from cnnjax.models import MODELS, create_model
 from cnnjax.models.blocks import ConvBlock, pool
 
-SMALL_MODELS = ["seed_cnn", "bn_cnn", "lenet", "keras_convnet", "mlp"]
+SMALL_MODELS = ["seed_cnn", "bn_cnn", "lenet", "keras_convnet", "mlp", "airbench"]
 
 
 def _init(model, shape):
@@ -43,12 +43,15 @@ def test_logits_shape_for_two_batch_sizes(name, image_shape):
 #   mlp 28x28x1: 784*128+128 + 128*10+10 = 101770
 #   bn_cnn 32x32x3: convs 896+9248+18496+36928+73856+147584+295168+590080, BN 2*(2*32+2*64+2*128+2*256),
 #     fc 1024*512+512, BN 1024, fc 512*1024+1024, BN 2048, fc 1024*10+10 = 2237610
+#   airbench 32x32x3 (airbench94.py's make_net): whiten 2*2*3*24+24, bias-free convs
+#     24*64*9 + 64*64*9 + 64*256*9 + 3 * 256*256*9, BN biases 2*(64+256+256), fc 256*10 = 1971640
 @pytest.mark.parametrize("name, image_shape, count", [
     ("seed_cnn", (32, 32, 3), 17962),
     ("lenet", (28, 28, 1), 61706),
     ("keras_convnet", (28, 28, 1), 93322),
     ("mlp", (28, 28, 1), 101770),
     ("bn_cnn", (32, 32, 3), 2237610),
+    ("airbench", (32, 32, 3), 1971640),
 ])
 def test_parameter_counts_match_pytorch(name, image_shape, count):
   assert _count(_init(create_model(name), (1, *image_shape))["params"]) == count
@@ -88,7 +91,7 @@ def test_dropout_is_active_only_in_train_mode():
 
 
 @pytest.mark.parametrize("kind, reference", [("max", nn.max_pool), ("avg", nn.avg_pool)])
-@pytest.mark.parametrize("size", [8, 7])  # 8: reshape path; 7: flax fallback
+@pytest.mark.parametrize("size", [8, 7])  # 7: the last row and column dropped, as flax does
 def test_pooling_equals_flax_values_and_gradients(kind, reference, size):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3))
   expected = reference(x, (2, 2), strides=(2, 2))
@@ -114,7 +117,7 @@ def test_lenet_1998_variant_uses_sigmoid_and_average_pooling():
 
 
 def test_unknown_model_and_option_errors_list_the_valid_ones():
-  with pytest.raises(UserError, match=r"unknown model 'resnet9'; expected one of \['bn_cnn'"):
+  with pytest.raises(UserError, match=r"unknown model 'resnet9'; expected one of \['airbench', 'bn_cnn'"):
     create_model("resnet9")
   with pytest.raises(UserError, match=r"model 'lenet' has no option\(s\) \['width'\]"):
     create_model("lenet", width=3)

@@ -10,6 +10,7 @@ import dataclasses
 import flax.linen as nn
 
 from cnnjax.errors import UserError
+from cnnjax.models.airbench import AirbenchNet
 from cnnjax.models.bn_cnn import BNCNN
 from cnnjax.models.blocks import ConvBlock
 from cnnjax.models.efficientnet import EfficientNetLite
@@ -24,6 +25,7 @@ from cnnjax.models.vgg import VGG, VGG16BN
 MODELS: dict[str, type[nn.Module]] = {
     "seed_cnn": SeedCNN,
     "bn_cnn": BNCNN,
+    "airbench": AirbenchNet,
     "lenet": LeNet,
     "keras_convnet": KerasConvNet,
     "mlp": MLP,
@@ -52,6 +54,6 @@ def create_model(name: str, **kwargs) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["MODELS", "BACKBONES", "create_model", "ConvBlock", "SeedCNN", "BNCNN", "LeNet",
+__all__ = ["MODELS", "BACKBONES", "create_model", "ConvBlock", "SeedCNN", "BNCNN", "AirbenchNet", "LeNet",
            "KerasConvNet", "MLP", "ResNet18", "ResNet34", "ResNet50", "VGG", "VGG16BN",
            "EfficientNetLite", "Head", "TransferNet"]
