@@ -330,8 +330,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
   ``config.optimizer.groups`` freeze parameters and put the modules they freeze whole in
   inference mode. With ``config.extract_features`` the backbone of a 'transfer' model
   runs once over the data (cached in ``workdir/features.npz`` if a ``workdir`` is given)
-  and only its head is trained, on the features. A fresh model with a ``data_init(params,
-  train_images, normalize)`` method (AirbenchNet's whitening) gets its params from it.
+  and only its head is trained, on the features. A fresh model with a ``data_init(train_images,
+  normalize)`` method (AirbenchNet's whitening) gets the variables it returns.
   """
   data = sources.load(config.data.source, config.data.tfds_data_dir, config.data.image_size)
   if config.data.limit:
@@ -372,7 +372,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
   tx = optim.make_optimizer(config.optimizer, schedule)
   state = create_train_state(model, tx, image_shape, config.seed)
   if hasattr(model, "data_init") and not (config.init_from or pretrained):
-    state = state.replace(params=model.data_init(state.params, train_data[0], normalize))
+    state = transfer.with_variables(state, model.data_init(train_data[0], normalize),
+                                    f"{type(model).__name__}.data_init")
   if config.init_from:
     state = transfer.init_from_run(state, config.init_from)
   elif pretrained:

@@ -40,7 +40,7 @@ def whitening_kernel(images: np.ndarray, size: int = 2, eps: float = 5e-4) -> np
   patches of ``images`` ``[N, H, W, C]`` (normalised floats): the eigenvectors of the patch
   second-moment matrix scaled by ``1 / sqrt(eigenvalue + eps)``, largest first, then the
   same negated (so a following GELU keeps both signs)."""
-  n, h, w, c = images.shape
+  _, h, w, c = images.shape
   patches = np.stack([images[:, i:h - size + 1 + i, j:w - size + 1 + j, :]
                       for i in range(size) for j in range(size)], axis=3)  # [N, h', w', s*s, C]
   flat = patches.reshape(-1, size * size * c).astype(np.float64)
@@ -65,7 +65,7 @@ class ConvGroup(nn.Module):
 
 
 class AirbenchNet(nn.Module):
-  """Input ``[B, 32, 32, C]`` (any H, W >= 17), logits ``[B, num_classes]``."""
+  """Input ``[B, 32, 32, C]`` (any H, W >= 9), logits ``[B, num_classes]``."""
   num_classes: int = 10
   widths: tuple[int, ...] = (64, 256, 256)
   whiten_size: int = 2
@@ -82,13 +82,13 @@ class AirbenchNet(nn.Module):
     x = x.max(axis=(1, 2))
     return nn.Dense(self.num_classes, use_bias=False)(x) * self.logit_scale
 
-  def data_init(self, params: dict, images: np.ndarray,
+  def data_init(self, images: np.ndarray,
                 normalize: Callable[[jax.Array], jax.Array]) -> dict:
-    """``params`` with the whitening kernel computed from the first WHITEN_PATCHES training
-    images ``[N, H, W, C]`` (uint8, as the steps see them, then ``normalize``d).
+    """The variables set from the training data, ``{'params': {'whiten': {'kernel': ...}}}``:
+    the whitening kernel of the first WHITEN_PATCHES training images ``[N, H, W, C]``
+    (uint8, as the steps see them, then ``normalize``d).
 
-    ``cnnjax.train.setup`` calls a model's ``data_init`` on a fresh (not pretrained or
-    restored) state."""
+    ``cnnjax.train.setup`` puts a model's ``data_init`` variables into a fresh (not
+    pretrained or restored) state."""
     normalized = np.asarray(normalize(images[:WHITEN_PATCHES]), np.float32)
-    kernel = whitening_kernel(normalized, self.whiten_size)
-    return {**params, "whiten": {**params["whiten"], "kernel": jnp.asarray(kernel)}}
+    return {"params": {"whiten": {"kernel": jnp.asarray(whitening_kernel(normalized, self.whiten_size))}}}
