@@ -1,8 +1,10 @@
 """cnnjax: convolutional networks in JAX/Flax.
 
 Importing cnnjax sets XLA:CPU defaults measured to be faster on CPU (see BENCHMARKS.md)
-unless the user has set their own ``XLA_FLAGS`` entry for the same flag. This must run
-before JAX initialises its backend, so import cnnjax before running any JAX computation.
+unless the user has set their own ``XLA_FLAGS`` entry for the same flag, or set
+``CNNJAX_XLA_DEFAULTS=0`` to keep XLA's own defaults (e.g. to benchmark against them). This
+must run before JAX initialises its backend, so import cnnjax before running any JAX
+computation.
 """
 import os as _os
 
@@ -13,6 +15,8 @@ _CPU_FLAGS = {
 
 
 def _set_default_xla_flags() -> None:
+  if _os.environ.get("CNNJAX_XLA_DEFAULTS", "1") == "0":
+    return
   flags = _os.environ.get("XLA_FLAGS", "")
   for name, value in _CPU_FLAGS.items():
     if name not in flags:

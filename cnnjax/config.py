@@ -53,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.extract_features = False
   c.init_from = ml_collections.config_dict.placeholder(str)  # the --workdir of that run
   c.eval_flip = False  # True: validation and test logits averaged over image and mirror image
+  c.eval_shift = 0  # > 0: also over the image translated by +/- this many pixels (see train.test_time_logits)
   c.eval_rotation = 0.0  # > 0: also report test accuracy under random rotations up to this (deg)
   c.test_with = "last"  # 'last' or 'best' (lowest validation loss) checkpoint for the test set
 

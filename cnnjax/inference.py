@@ -27,14 +27,18 @@ def probabilities(logits: jax.Array, loss: str = "cross_entropy") -> jax.Array:
 
 
 def predict_proba(state: train.TrainState, normalize: Callable[[jax.Array], jax.Array],
-                  images: np.ndarray, batch_size: int = 500,
-                  loss: str = "cross_entropy") -> np.ndarray:
+                  images: np.ndarray, batch_size: int = 500, loss: str = "cross_entropy",
+                  flip: bool = False, shift: int = 0) -> np.ndarray:
   """Class probabilities ``[N, K]`` (see ``probabilities``) of uint8 images
-  ``[N, H, W, C]``, batch norm in inference mode. Batches are padded to ``batch_size``,
+  ``[N, H, W, C]``, batch norm in inference mode, from the logits averaged over the
+  test-time views ``flip`` and ``shift`` (``train.test_time_logits``; a run's
+  ``config.eval_flip`` and ``config.eval_shift``). Batches are padded to ``batch_size``,
   so one program serves them all."""
   @jax.jit
   def probs(variables: dict[str, Any], batch: jax.Array) -> jax.Array:
-    return probabilities(state.apply_fn(variables, normalize(batch), train=False), loss)
+    def logits_of(images: jax.Array) -> jax.Array:
+      return state.apply_fn(variables, normalize(images), train=False)
+    return probabilities(train.test_time_logits(logits_of, batch, flip, shift), loss)
 
   variables = model_variables(state)
   out = []

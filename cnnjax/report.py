@@ -64,13 +64,14 @@ def write_report(workdir: str | pathlib.Path, which: str = "best",
                  num_mistakes: int = 16) -> dict[str, Any]:
   """Evaluates the ``which`` checkpoint of the run in ``workdir`` on its test set and
   writes ``report.json``, ``confusion.png`` and ``mistakes.png`` (when there are mistakes)
-  into ``workdir/report/``. Returns the JSON's content (see ``evaluate``), plus ``which``."""
+  into ``workdir/report/``, with the run's test-time views (``eval_flip``, ``eval_shift``)
+  as its test step used them. Returns the JSON's content (see ``evaluate``), plus ``which``."""
   config, s = train.restore_run(workdir, which)
   inputs, labels = s.data.test  # images, or a backbone's features (config.extract_features)
   if not len(labels):
     raise UserError(f"the run in {workdir} has no test examples; expected a test split")
   probs = inference.predict_proba(s.state, s.normalize, inputs, config.eval_batch_size,
-                                  config.loss)
+                                  config.loss, config.eval_flip, config.eval_shift)
   images, names = s.images.test[0], s.data.class_names
   result = {"which": which, **evaluate(probs, labels, names, num_mistakes)}
   out = pathlib.Path(workdir) / "report"

@@ -137,21 +137,39 @@ def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing
   return train_step
 
 
+def test_time_logits(logits_of: Callable[[jax.Array], jax.Array], images: jax.Array,
+                     flip: bool = False, shift: int = 0) -> jax.Array:
+  """Logits ``[B, K]`` of ``images`` ``[B, H, W, C]`` averaged over test-time views.
+
+  ``logits_of`` maps images to logits. ``flip``: each view's logits are the mean over it
+  and its horizontal mirror. ``shift > 0``: the image's logits weigh 1/2 and those of the
+  image translated by ``(shift, shift)`` and by ``(-shift, -shift)`` pixels (edges
+  reflected) 1/4 each (airbench's translated test-time views).
+  """
+  def view(x: jax.Array) -> jax.Array:
+    return (logits_of(x) + logits_of(x[:, :, ::-1])) / 2 if flip else logits_of(x)
+  logits = view(images)
+  if shift:
+    _, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="reflect")
+    s2 = 2 * shift
+    logits = (logits / 2 + view(padded[:, :h, :w]) / 4
+              + view(padded[:, s2:s2 + h, s2:s2 + w]) / 4)
+  return logits
+
+
 def make_eval_step(normalize: Callable[[jax.Array], jax.Array], loss: str = "cross_entropy",
-                   flip: bool = False):
+                   flip: bool = False, shift: int = 0):
   """``eval_step(state, batch) -> out``: batch norm in inference mode, padding masked.
 
   ``out`` holds ``loss``/``correct``/``count`` sums over real examples, ``pred`` ``[B]``
   (predicted class, see ``loss_and_prediction``) and ``mask`` ``[B]`` (False on padding rows).
-  ``flip``: test-time augmentation, the logits are the mean over each ``[H, W, C]`` image and
-  its horizontal mirror.
+  ``flip``, ``shift``: test-time augmentation, see ``test_time_logits``.
   """
   def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     def logits_of(images: jax.Array) -> jax.Array:
       return state.apply_fn(_variables(state, state.params), normalize(images), train=False)
-    logits = logits_of(batch["image"])
-    if flip:
-      logits = (logits + logits_of(batch["image"][:, :, ::-1])) / 2
+    logits = test_time_logits(logits_of, batch["image"], flip, shift)
     mask = batch["mask"]
     losses, pred = loss_and_prediction(logits, batch["label"], loss)
     return {"loss": jnp.where(mask, losses, 0.0).sum(),
@@ -171,16 +189,17 @@ class Runner:
   def create(cls, normalize: Callable[[jax.Array], jax.Array], label_smoothing: float = 0.0,
              mesh: jax.sharding.Mesh | None = None, loss: str = "cross_entropy",
              frozen: frozenset[tuple[str, ...]] = frozenset(),
-             eval_flip: bool = False) -> "Runner":
-    """Compiles the steps of ``make_train_step``/``make_eval_step`` (``flip=eval_flip``)
-    for ``mesh``."""
+             eval_flip: bool = False, eval_shift: int = 0) -> "Runner":
+    """Compiles the steps of ``make_train_step``/``make_eval_step`` (``flip=eval_flip``,
+    ``shift=eval_shift``) for ``mesh``."""
     if loss not in LOSSES:
       raise UserError(f"unknown loss {loss!r}; expected one of {list(LOSSES)}")
     mesh = mesh or parallel.make_mesh()
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
     train_step = jax.jit(make_train_step(normalize, label_smoothing, loss, frozen),
                          in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(normalize, loss, eval_flip), in_shardings=(rep, data),
+    eval_step = jax.jit(make_eval_step(normalize, loss, eval_flip, eval_shift),
+                        in_shardings=(rep, data),
                         out_shardings=rep)
     return cls(train_step, eval_step, mesh)
 
@@ -348,14 +367,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
   stats = pipeline.normalization_stats(config.data.normalization, train_data[0])
   normalize = make_normalize(*stats, size)
   image_shape = (size, size, data.image_shape[-1]) if size else data.image_shape
+  if config.eval_shift < 0 or config.eval_shift >= min(image_shape[:2]):
+    raise UserError(f"config.eval_shift={config.eval_shift}; expected 0 <= eval_shift < the "
+                    f"image side {min(image_shape[:2])}")
   pretrained, head_classes = config.model.pretrained, config.model.head_classes
   model = model_from_config(config.model)
   if config.extract_features:
     if (make_augment(config.data.augment) is not None or config.eval_rotation
-        or config.eval_flip or config.optimizer.groups or config.init_from):
+        or config.eval_flip or config.eval_shift or config.optimizer.groups
+        or config.init_from):
       raise UserError("config.extract_features runs the backbone once and trains the head "
                       "alone; expected data.augment off, eval_rotation=0, eval_flip=False, "
-                      "optimizer.groups=() and no init_from")
+                      "eval_shift=0, optimizer.groups=() and no init_from")
     cache = pathlib.Path(workdir) / "features.npz" if workdir is not None else None
     fingerprint = json.dumps([config.model.to_dict(), config.data.to_dict(), config.seed],
                              sort_keys=True)
@@ -389,7 +412,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
         f"the classifier rows {tuple(head_classes)} of {pretrained!r}")
   frozen = optim.frozen_modules(state.params, config.optimizer.groups)
   runner = Runner.create(normalize, config.label_smoothing, mesh, config.loss, frozen,
-                         config.eval_flip)
+                         config.eval_flip, config.eval_shift)
   s = Setup(data, train_data, val_data, runner, state, schedule, steps_per_epoch, images, normalize)
   if config.schedule.peak_lr is not None:
     _use_lr_finder(config, s)

@@ -35,7 +35,8 @@ faster float32 layout, bf16, and JAX's ratio to each. The parameter counts of bo
 must agree (they are in the table); a row that cannot be built or measured is left out
 with a note saying why.
 
-  python -m experiments.bench --convs [--windows 7] [--window_seconds 3] [--out BENCHMARKS.md]
+  python -m experiments.bench --convs [--no_torch] [--windows 7] [--window_seconds 3]
+      [--out BENCHMARKS.md]
 
 ``--convs`` measures the per-shape convolution lowering of ``cnnjax.models.conv`` on the
 convolutions of ``CONV_SHAPES``, taken from the models: BNCNN's eight, SeedCNN's two (batch
@@ -46,9 +47,11 @@ convolutions of ``CONV_SHAPES``, taken from the models: BNCNN's eight, SeedCNN's
 1x1 convolutions at 112, 56, 14 and 7 (batch 32). Each is timed as a jitted forward and both
 gradients (``value_and_grad`` of ``sum(y * r)`` with respect to input and kernel, fixed
 random float32 operands, one step in flight), once with ``lax.conv_general_dilated`` and
-once with ``cnnjax.models.conv.conv_general_dilated``. The table shows the lowering
-``uses_im2col`` picks, ms per step and GFLOP/s (3x the forward FLOPs) of both, and the
-speedup; a row lowered to XLA times the same op twice, its ~1.0x a check of the noise.
+once with ``cnnjax.models.conv.conv_general_dilated``, and, when torch is importable, the
+same work in PyTorch (``conv2d`` in float32 channels_last, oneDNN's kernels). The table
+shows the lowering ``uses_im2col`` picks, ms per step and GFLOP/s (3x the forward FLOPs) of
+each, the speedup of cnnjax over lax (a row lowered to XLA times the same op twice, its
+~1.0x a check of the noise) and cnnjax's speed relative to PyTorch's.
 
 Every figure is the median of steady-state windows after a warm-up. The CPU time that
 other processes (all but this one and its workers) used during each window is read from
@@ -613,15 +616,17 @@ class ConvRow:
     im2col: whether ``cnnjax.models.conv`` runs it as im2col (else as lax's, the same op).
     lax: ``lax.conv_general_dilated``, forward and both gradients.
     cnnjax: ``cnnjax.models.conv.conv_general_dilated``, forward and both gradients.
+    torch: PyTorch's ``conv2d`` in float32 channels_last, the same work; None without torch.
   """
   spec: ConvSpec
   im2col: bool
   lax: Measurement
   cnnjax: Measurement
+  torch: Measurement | None = None
 
   @property
   def measurements(self) -> list[Measurement]:
-    return [self.lax, self.cnnjax]
+    return [m for m in (self.lax, self.cnnjax, self.torch) if m is not None]
 
 
 def _conv_dispatch(conv_fn: Callable[..., jax.Array], spec: ConvSpec) -> Callable[[], Any]:
@@ -639,20 +644,29 @@ def _conv_dispatch(conv_fn: Callable[..., jax.Array], spec: ConvSpec) -> Callabl
   return lambda: step(x, kernel, r)
 
 
-def _conv_row(spec: ConvSpec, args: argparse.Namespace) -> ConvRow:
-  """Measures ``spec`` with lax's lowering, then with cnnjax's."""
+def _conv_row(spec: ConvSpec, peers: types.ModuleType | None,
+              args: argparse.Namespace) -> ConvRow:
+  """Measures ``spec`` with lax's lowering, with cnnjax's, then (``peers``: the
+  torch_peers module, or None) with PyTorch's float32 channels_last convolution."""
   timed = {name: _timed_jax(f"{spec.title} {name}", _conv_dispatch(fn, spec), spec.x_shape[0],
                             args)[0]
            for name, fn in (("lax", lax.conv_general_dilated),
                             ("cnnjax", conv.conv_general_dilated))}
+  if peers is not None:
+    step = peers.make_conv_step(spec.x_shape, spec.kernel_shape, spec.strides, spec.pads)
+    rates, others = measure(step, lambda: None, args.windows, args.window_seconds,
+                            args.warmup_seconds)
+    timed["torch"] = Measurement(f"{spec.title} torch", spec.x_shape[0], None, rates, others,
+                                 args.quiet_cores)
   return ConvRow(spec, conv.uses_im2col(spec.x_shape, spec.kernel_shape, spec.strides,
                                         spec.pads), **timed)
 
 
-def conv_rows(args: argparse.Namespace) -> Iterator[ConvRow]:
+def conv_rows(args: argparse.Namespace, notes: list[str]) -> Iterator[ConvRow]:
   """The ``--convs`` rows of ``CONV_SHAPES``, one after the other."""
+  peers = _torch_peers(args, notes)
   for spec in CONV_SHAPES:
-    yield _conv_row(spec, args)
+    yield _conv_row(spec, peers, args)
 
 
 def _step_ms(m: Measurement) -> float:
@@ -666,16 +680,22 @@ def _ms_figure(m: Measurement) -> str:
 
 CONV_HEADER = [
     "| convolution | input -> output, kernel/stride | lowering | lax ms/step | cnnjax ms/step "
-    "| lax GFLOP/s | cnnjax GFLOP/s | speedup | windows kept |",
-    "|---|---|---|---|---|---|---|---|---|"]
+    "| torch ms/step | lax GFLOP/s | cnnjax GFLOP/s | torch GFLOP/s | speedup | cnnjax / torch "
+    "| windows kept |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def format_conv_row(r: ConvRow) -> str:
-  """A markdown table row of ``r``: figures with no quiet window are marked busy."""
-  lax_gflops, cnnjax_gflops = (3 * r.spec.flops / _step_ms(m) / 1e6 for m in r.measurements)
+  """A markdown table row of ``r``: figures with no quiet window are marked busy; the torch
+  cells are '-' without torch."""
+  def gflops(m: Measurement | None) -> str:
+    return "-" if m is None else f"{3 * r.spec.flops / _step_ms(m) / 1e6:.1f}"
+  torch_ms = "-" if r.torch is None else _ms_figure(r.torch)
+  versus = "-" if r.torch is None else f"{_step_ms(r.torch) / _step_ms(r.cnnjax):.2f}x"
   return (f"| {r.spec.title} | {r.spec.describe()} | {'im2col' if r.im2col else 'XLA'} | "
-          f"{_ms_figure(r.lax)} | {_ms_figure(r.cnnjax)} | {lax_gflops:.1f} | "
-          f"{cnnjax_gflops:.1f} | {_step_ms(r.lax) / _step_ms(r.cnnjax):.2f}x | "
+          f"{_ms_figure(r.lax)} | {_ms_figure(r.cnnjax)} | {torch_ms} | {gflops(r.lax)} | "
+          f"{gflops(r.cnnjax)} | {gflops(r.torch)} | "
+          f"{_step_ms(r.lax) / _step_ms(r.cnnjax):.2f}x | {versus} | "
           f"{_windows_kept(r.measurements)} |")
 
 
@@ -686,7 +706,10 @@ CONV_NOTE = ("Each row times a jitted `jax.value_and_grad` of `sum(conv(x, kerne
              "conv_general_dilated` (cnnjax), one step in flight; lowering = what "
              "`uses_im2col` picks for cnnjax (XLA: both time the same op, ~1.0x). ms/step = "
              "1000 x batch / median images/s; GFLOP/s = 3 x the forward FLOPs "
-             "(2 x B x Ho x Wo x kh x kw x Cin x Cout) per step; speedup = lax ms / cnnjax ms.")
+             "(2 x B x Ho x Wo x kh x kw x Cin x Cout) per step; speedup = lax ms / cnnjax ms. "
+             "torch: PyTorch's eager `conv2d` on the same shapes in float32 channels_last "
+             "(oneDNN), forward and `backward()` to input and weight, `os.cpu_count()` "
+             "threads; cnnjax / torch = torch ms / cnnjax ms (> 1: cnnjax faster).")
 
 
 PACKAGES = ("flax", "grain", "numpy", "pillow")
@@ -819,7 +842,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--model_batches", type=_model_batches, default={},
                       help="--models batch sizes other than the defaults, e.g. lite0_frozen=16")
   parser.add_argument("--no_torch", action="store_true",
-                      help="--models without the PyTorch peers")
+                      help="--models and --convs without the PyTorch peers")
   parser.add_argument("--windows", type=int, default=7)
   parser.add_argument("--window_seconds", type=float, default=3.0)
   parser.add_argument("--warmup_seconds", type=float, default=3.0)
@@ -851,10 +874,10 @@ def main(argv: list[str]) -> None:
     table, notes = INPUT_HEADER + [format_row(r) for r in rows], ratios(rows)
     print("\n".join(notes), flush=True)
   elif args.convs:
-    title = "Convolution lowering: lax vs cnnjax.models.conv"
-    rows = _printed(conv_rows(args), CONV_HEADER, format_conv_row)
+    title, failures = "Convolution lowering: lax vs cnnjax.models.conv", []
+    rows = _printed(conv_rows(args, failures), CONV_HEADER, format_conv_row)
     measurements = [m for r in rows for m in r.measurements]
-    table, notes = CONV_HEADER + [format_conv_row(r) for r in rows], [CONV_NOTE]
+    table, notes = CONV_HEADER + [format_conv_row(r) for r in rows], [CONV_NOTE] + failures
   else:
     title, failures = "Train steps: cnnjax (JAX) vs PyTorch", []
     rows = _printed(model_rows(args, failures), MODEL_HEADER, format_model_row)

@@ -150,6 +150,50 @@ def build(kind: str, name: str, model: str, image_shape: tuple[int, int, int],
   return base, head(features, num_classes, dropout) if kind == "frozen" else None
 
 
+def make_conv_step(x_shape: tuple[int, int, int, int], kernel_shape: tuple[int, int, int, int],
+                   strides: tuple[int, int], pads: list[tuple[int, int]],
+                   variant: str = "f32 channels_last") -> Callable[[], int]:
+  """One forward and both gradients of a convolution (``sum(conv(x, w) * r)`` backward
+  with respect to ``x`` and ``w``, fixed random float32 operands), as
+  ``python -m experiments.bench --convs`` times the JAX lowerings; returns the batch size.
+
+  Args:
+    x_shape: input ``[B, H, W, Cin]`` (run as ``[B, Cin, H, W]`` in the variant's layout).
+    kernel_shape: ``[kh, kw, Cin, Cout]``.
+    strides: ``(sh, sw)``.
+    pads: ``[(top, bottom), (left, right)]``; unequal sides are padded before the conv.
+    variant: a key of VARIANTS.
+  """
+  torch.set_num_threads(os.cpu_count())
+  memory_format, dtype = VARIANTS[variant]
+  b, h, w, cin = x_shape
+  kh, kw, _, cout = kernel_shape
+  (top, bottom), (left, right) = pads
+  gen = torch.Generator().manual_seed(0)
+  x = torch.randn(b, cin, h, w, generator=gen).contiguous(memory_format=memory_format)
+  weight = torch.randn(cout, cin, kh, kw, generator=gen).contiguous(memory_format=memory_format)
+  x.requires_grad_(True)
+  weight.requires_grad_(True)
+  symmetric = top == bottom and left == right
+  autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
+
+  def conv(x: torch.Tensor) -> torch.Tensor:
+    if not symmetric:
+      x = nn.functional.pad(x, (left, right, top, bottom))
+    return nn.functional.conv2d(x, weight, stride=strides,
+                                padding=(top, left) if symmetric else 0)
+  with torch.no_grad():
+    r = torch.randn_like(conv(x)).contiguous(memory_format=memory_format)
+
+  def step() -> int:
+    x.grad = weight.grad = None
+    with autocast():
+      loss = (conv(x) * r).sum()
+    loss.backward()
+    return b
+  return step
+
+
 def count_params(*modules: nn.Module | None) -> int:
   """Parameters (not buffers: batch norm statistics are left out, as in flax's 'params')."""
   return sum(p.numel() for m in modules if m is not None for p in m.parameters())

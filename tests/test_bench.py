@@ -77,22 +77,31 @@ def test_models_mode_compares_jax_with_torch_peers(tmp_path):
   assert "not measured" not in text
 
 
-def test_convs_mode_times_both_lowerings_of_each_shape(tmp_path, monkeypatch):
+@pytest.mark.parametrize("with_torch", [False, True])
+def test_convs_mode_times_both_lowerings_of_each_shape(tmp_path, monkeypatch, with_torch):
+  if with_torch:
+    pytest.importorskip("torch")
   monkeypatch.setattr(bench, "CONV_SHAPES", (
       bench.ConvSpec("tiny 1x1", (2, 6, 6, 8), (1, 1, 8, 4), (2, 2), "SAME"),
-      bench.ConvSpec("tiny 3x3", (2, 8, 8, 32), (3, 3, 32, 8), (1, 1), bench.PAD1)))
+      bench.ConvSpec("tiny 3x3", (2, 8, 8, 32), (3, 3, 32, 8), (1, 1), ((0, 1), (1, 2)))))
   out = tmp_path / "BENCH.md"
   bench.main(["--convs", "--windows", "1", "--window_seconds", "0.1", "--warmup_seconds", "0",
-              "--out", str(out)])
+              "--out", str(out)] + ([] if with_torch else ["--no_torch"]))
   text = out.read_text()
   assert text.startswith("## Convolution lowering: lax vs cnnjax.models.conv: ")
   im2col, xla = _table_rows(text)
   assert im2col.startswith("| tiny 1x1 | 2x6x6x8 -> 3x3x4, 1x1/2 | im2col | ")
-  assert xla.startswith("| tiny 3x3 | 2x8x8x32 -> 8x8x8, 3x3/1 | XLA | ")
+  assert xla.startswith("| tiny 3x3 | 2x8x8x32 -> 7x9x8, 3x3/1 | XLA | ")
+  ms, gflops, ratio = r"\d+\.\d\d( \(busy\))?", r"\d+\.\d", r"\d+\.\d\dx"
   for row in (im2col, xla):
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert all(re.fullmatch(r"\d+\.\d\d( \(busy\))?", c) for c in cells[3:5])
-    assert all(re.fullmatch(r"\d+\.\d", c) for c in cells[5:7])
-    assert re.fullmatch(r"\d+\.\d\dx", cells[7])
-    assert re.fullmatch(r"[012]/2", cells[8])
+    assert all(re.fullmatch(ms, c) for c in cells[3:5])
+    assert all(re.fullmatch(gflops, c) for c in cells[6:8])
+    assert re.fullmatch(ratio, cells[9])
+    if with_torch:  # the same work in PyTorch (asymmetric padding included)
+      assert re.fullmatch(ms, cells[5]) and re.fullmatch(gflops, cells[8])
+      assert re.fullmatch(ratio, cells[10]) and re.fullmatch(r"[0-3]/3", cells[11])
+    else:
+      assert cells[5] == cells[8] == cells[10] == "-"
+      assert re.fullmatch(r"[012]/2", cells[11])
   assert "- Each row times a jitted `jax.value_and_grad`" in text

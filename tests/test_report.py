@@ -51,6 +51,7 @@ def test_report_of_a_one_epoch_run(tmp_path, npz_path):
   config = default.get_config()
   config.data.source, config.data.val_size = str(npz_path), 32.0
   config.batch_size, config.eval_batch_size, config.num_epochs = 32, 24, 1
+  config.eval_flip, config.eval_shift = True, 1  # the report sees the test step's views
   run = tmp_path / "run"
   trained = train.train_and_evaluate(config, run)
 

@@ -82,6 +82,28 @@ def test_eval_flip_averages_the_logits_of_image_and_mirror():
   np.testing.assert_array_equal(flipped["pred"], pred)
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_test_time_logits_weigh_the_translated_views_a_quarter_each(flip):
+  images = jnp.asarray(make_images(3, shape=(5, 6, 2))[0], jnp.float32)
+  weights = jax.random.normal(jax.random.key(0), (5 * 6 * 2, 4))
+  logits_of = lambda x: x.reshape(3, -1) @ weights  # sensitive to every pixel's position
+  view = lambda x: (logits_of(x) + logits_of(x[:, :, ::-1])) / 2 if flip else logits_of(x)
+  padded = np.pad(np.asarray(images), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+  down_right, up_left = padded[:, :5, :6], padded[:, 2:, 2:]  # content moved by +1 / -1
+  np.testing.assert_array_equal(down_right[:, 1:, 1:], images[:, :-1, :-1])
+  expected = view(images) / 2 + view(down_right) / 4 + view(up_left) / 4
+  np.testing.assert_allclose(train.test_time_logits(logits_of, images, flip, shift=1), expected,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(train.test_time_logits(logits_of, images, flip), view(images),
+                             rtol=1e-6)
+
+
+def test_eval_shift_beyond_the_image_is_one_clear_error(npz_path):
+  with pytest.raises(UserError, match=r"config.eval_shift=32; expected 0 <= eval_shift < the "
+                                      r"image side 32"):
+    train.setup(_config(npz_path, eval_shift=32), None)
+
+
 def test_image_shape_that_does_not_fit_the_model_is_one_clear_error():
   with pytest.raises(UserError, match=r"images of shape \(8, 8, 3\) do not fit model BNCNN"):
     train.create_train_state(create_model("bn_cnn"), optax.adam(1e-3), (8, 8, 3), 0)
