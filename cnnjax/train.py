@@ -199,8 +199,7 @@ class Runner:
     train_step = jax.jit(make_train_step(normalize, label_smoothing, loss, frozen),
                          in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(normalize, loss, eval_flip, eval_shift),
-                        in_shardings=(rep, data),
-                        out_shardings=rep)
+                        in_shardings=(rep, data), out_shardings=rep)
     return cls(train_step, eval_step, mesh)
 
   def put_state(self, state: TrainState) -> TrainState:

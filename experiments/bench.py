@@ -218,6 +218,14 @@ def _timed_jax(name: str, dispatch: Callable[[], Any], batch_size: int,
   return Measurement(name, batch_size, None, rates, others, args.quiet_cores), first
 
 
+def _timed_torch(name: str, step: Callable[[], int], batch_size: int,
+                 args: argparse.Namespace) -> Measurement:
+  """Measures a synchronous torch ``step`` (``torch_peers``: returns when its images are done)."""
+  rates, others = measure(step, lambda: None, args.windows, args.window_seconds,
+                          args.warmup_seconds)
+  return Measurement(name, batch_size, None, rates, others, args.quiet_cores)
+
+
 def _count(params: Any) -> int:
   return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
 
@@ -419,10 +427,7 @@ def _model_row(name: str, peers: types.ModuleType | None,
   for variant in peers.VARIANTS if peers is not None else ():
     step = peers.make_step(spec.kind, base, top, batch_size, spec.image_shape, NUM_CLASSES,
                            variant)
-    rates, others = measure(step, lambda: None, args.windows, args.window_seconds,
-                            args.warmup_seconds)
-    torch_rows[variant] = Measurement(f"{spec.title} torch {variant}", batch_size, None,
-                                      rates, others, args.quiet_cores)
+    torch_rows[variant] = _timed_torch(f"{spec.title} torch {variant}", step, batch_size, args)
   return ModelRow(spec, batch_size, params, jax_row, compile_seconds, torch_rows)
 
 
@@ -654,10 +659,7 @@ def _conv_row(spec: ConvSpec, peers: types.ModuleType | None,
                             ("cnnjax", conv.conv_general_dilated))}
   if peers is not None:
     step = peers.make_conv_step(spec.x_shape, spec.kernel_shape, spec.strides, spec.pads)
-    rates, others = measure(step, lambda: None, args.windows, args.window_seconds,
-                            args.warmup_seconds)
-    timed["torch"] = Measurement(f"{spec.title} torch", spec.x_shape[0], None, rates, others,
-                                 args.quiet_cores)
+    timed["torch"] = _timed_torch(f"{spec.title} torch", step, spec.x_shape[0], args)
   return ConvRow(spec, conv.uses_im2col(spec.x_shape, spec.kernel_shape, spec.strides,
                                         spec.pads), **timed)
 

@@ -151,21 +151,19 @@ def build(kind: str, name: str, model: str, image_shape: tuple[int, int, int],
 
 
 def make_conv_step(x_shape: tuple[int, int, int, int], kernel_shape: tuple[int, int, int, int],
-                   strides: tuple[int, int], pads: list[tuple[int, int]],
-                   variant: str = "f32 channels_last") -> Callable[[], int]:
+                   strides: tuple[int, int], pads: list[tuple[int, int]]) -> Callable[[], int]:
   """One forward and both gradients of a convolution (``sum(conv(x, w) * r)`` backward
-  with respect to ``x`` and ``w``, fixed random float32 operands), as
+  with respect to ``x`` and ``w``, fixed random float32 operands in channels_last), as
   ``python -m experiments.bench --convs`` times the JAX lowerings; returns the batch size.
 
   Args:
-    x_shape: input ``[B, H, W, Cin]`` (run as ``[B, Cin, H, W]`` in the variant's layout).
+    x_shape: input ``[B, H, W, Cin]`` (run as ``[B, Cin, H, W]`` in channels_last).
     kernel_shape: ``[kh, kw, Cin, Cout]``.
     strides: ``(sh, sw)``.
     pads: ``[(top, bottom), (left, right)]``; unequal sides are padded before the conv.
-    variant: a key of VARIANTS.
   """
   torch.set_num_threads(os.cpu_count())
-  memory_format, dtype = VARIANTS[variant]
+  memory_format = torch.channels_last
   b, h, w, cin = x_shape
   kh, kw, _, cout = kernel_shape
   (top, bottom), (left, right) = pads
@@ -175,7 +173,6 @@ def make_conv_step(x_shape: tuple[int, int, int, int], kernel_shape: tuple[int, 
   x.requires_grad_(True)
   weight.requires_grad_(True)
   symmetric = top == bottom and left == right
-  autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
 
   def conv(x: torch.Tensor) -> torch.Tensor:
     if not symmetric:
@@ -187,9 +184,7 @@ def make_conv_step(x_shape: tuple[int, int, int, int], kernel_shape: tuple[int, 
 
   def step() -> int:
     x.grad = weight.grad = None
-    with autocast():
-      loss = (conv(x) * r).sum()
-    loss.backward()
+    (conv(x) * r).sum().backward()
     return b
   return step
 
