@@ -49,7 +49,7 @@ gradients (``value_and_grad`` of ``sum(y * r)`` with respect to input and kernel
 random float32 operands, one step in flight), once with ``lax.conv_general_dilated`` and
 once with ``cnnjax.models.conv.conv_general_dilated``, and, when torch is importable, the
 same work in PyTorch (``conv2d`` in float32 channels_last, oneDNN's kernels). The table
-shows the lowering ``uses_im2col`` picks, ms per step and GFLOP/s (3x the forward FLOPs) of
+shows the lowering ``cnnjax.models.conv.lowering`` picks (onednn, im2col or xla), ms per step and GFLOP/s (3x the forward FLOPs) of
 each, the speedup of cnnjax over lax (a row lowered to XLA times the same op twice, its
 ~1.0x a check of the noise) and cnnjax's speed relative to PyTorch's.
 
@@ -618,13 +618,14 @@ class ConvRow:
 
   Attributes:
     spec: the convolution.
-    im2col: whether ``cnnjax.models.conv`` runs it as im2col (else as lax's, the same op).
+    lowering: how ``cnnjax.models.conv`` runs it here (``lowering``: onednn, im2col or xla,
+      the last the same op as lax's).
     lax: ``lax.conv_general_dilated``, forward and both gradients.
     cnnjax: ``cnnjax.models.conv.conv_general_dilated``, forward and both gradients.
     torch: PyTorch's ``conv2d`` in float32 channels_last, the same work; None without torch.
   """
   spec: ConvSpec
-  im2col: bool
+  lowering: str
   lax: Measurement
   cnnjax: Measurement
   torch: Measurement | None = None
@@ -660,8 +661,8 @@ def _conv_row(spec: ConvSpec, peers: types.ModuleType | None,
   if peers is not None:
     step = peers.make_conv_step(spec.x_shape, spec.kernel_shape, spec.strides, spec.pads)
     timed["torch"] = _timed_torch(f"{spec.title} torch", step, spec.x_shape[0], args)
-  return ConvRow(spec, conv.uses_im2col(spec.x_shape, spec.kernel_shape, spec.strides,
-                                        spec.pads), **timed)
+  return ConvRow(spec, conv.lowering(spec.x_shape, spec.kernel_shape, spec.strides,
+                                     spec.pads), **timed)
 
 
 def conv_rows(args: argparse.Namespace, notes: list[str]) -> Iterator[ConvRow]:
@@ -694,7 +695,7 @@ def format_conv_row(r: ConvRow) -> str:
     return "-" if m is None else f"{3 * r.spec.flops / _step_ms(m) / 1e6:.1f}"
   torch_ms = "-" if r.torch is None else _ms_figure(r.torch)
   versus = "-" if r.torch is None else f"{_step_ms(r.torch) / _step_ms(r.cnnjax):.2f}x"
-  return (f"| {r.spec.title} | {r.spec.describe()} | {'im2col' if r.im2col else 'XLA'} | "
+  return (f"| {r.spec.title} | {r.spec.describe()} | {r.lowering} | "
           f"{_ms_figure(r.lax)} | {_ms_figure(r.cnnjax)} | {torch_ms} | {gflops(r.lax)} | "
           f"{gflops(r.cnnjax)} | {gflops(r.torch)} | "
           f"{_step_ms(r.lax) / _step_ms(r.cnnjax):.2f}x | {versus} | "
@@ -706,7 +707,7 @@ CONV_NOTE = ("Each row times a jitted `jax.value_and_grad` of `sum(conv(x, kerne
              "on fixed random float32 operands, NHWC/HWIO with the model's strides and padding, "
              "conv = `lax.conv_general_dilated` (lax) or `cnnjax.models.conv."
              "conv_general_dilated` (cnnjax), one step in flight; lowering = what "
-             "`uses_im2col` picks for cnnjax (XLA: both time the same op, ~1.0x). ms/step = "
+             "`lowering` picks for cnnjax (xla: both time the same op, ~1.0x). ms/step = "
              "1000 x batch / median images/s; GFLOP/s = 3 x the forward FLOPs "
              "(2 x B x Ho x Wo x kh x kw x Cin x Cout) per step; speedup = lax ms / cnnjax ms. "
              "torch: PyTorch's eager `conv2d` on the same shapes in float32 channels_last "

@@ -1,4 +1,4 @@
-"""cnnjax.models.conv: the per-shape lowering gives lax's values and gradients."""
+"""cnnjax.models.conv: every lowering gives lax's values and gradients."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from jax import lax
 
+from cnnjax import onednn
 from cnnjax.models import conv
 
-# (x shape, kernel shape, strides, padding), covering every branch of uses_im2col.
+# (x shape, kernel shape, strides, padding), covering every branch of lowering.
 CASES = {
     "1x1 strided": ((2, 9, 9, 16), (1, 1, 16, 8), (2, 2), "SAME"),
     "1x1 (XLA)": ((2, 5, 5, 16), (1, 1, 16, 8), (1, 1), "VALID"),
@@ -23,6 +24,16 @@ IM2COL = {"1x1 strided": True, "1x1 (XLA)": False, "2x2 map": True, "stride 2 to
           "wide contraction (XLA)": False}
 
 
+@pytest.fixture(params=["onednn", "without onednn"])
+def lowerings(request, monkeypatch):
+  """Runs a test with oneDNN (skipped where it is unavailable) and without it."""
+  if request.param == "without onednn":
+    monkeypatch.setattr(onednn, "available", lambda: False)
+  elif not onednn.available():
+    pytest.skip(f"oneDNN unavailable: {onednn.unavailable_reason()}")
+  return request.param
+
+
 def _pads(x_shape, k_shape, strides, padding):
   if isinstance(padding, str):
     return lax.padtype_to_pads(x_shape[1:3], k_shape[:2], strides, padding)
@@ -30,10 +41,11 @@ def _pads(x_shape, k_shape, strides, padding):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_values_and_gradients_equal_lax(name):
+def test_values_and_gradients_equal_lax(name, lowerings):
   x_shape, k_shape, strides, padding = CASES[name]
-  assert conv.uses_im2col(x_shape, k_shape, strides,
-                          _pads(x_shape, k_shape, strides, padding)) == IM2COL[name]
+  want_lowering = lowerings if lowerings == "onednn" else "im2col" if IM2COL[name] else "xla"
+  assert conv.lowering(x_shape, k_shape, strides,
+                       _pads(x_shape, k_shape, strides, padding)) == want_lowering
   kx, kk, kg = jax.random.split(jax.random.key(0), 3)
   x, kernel = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
   dims = ("NHWC", "HWIO", "NHWC")
@@ -63,17 +75,20 @@ def test_im2col_computes_the_xla_cases_too():
         rtol=1e-5, atol=1e-4, err_msg=name)
 
 
-def test_grouped_dilated_and_nchw_convolutions_go_to_lax(monkeypatch):
+def test_grouped_dilated_nchw_and_bfloat16_convolutions_go_to_lax(monkeypatch):
   monkeypatch.setattr(conv, "im2col_conv", lambda *a: pytest.fail("im2col used"))
+  monkeypatch.setattr(onednn, "conv", lambda *a: pytest.fail("oneDNN used"))
   x = jnp.ones((1, 6, 6, 4))
   conv.conv_general_dilated(x, jnp.ones((3, 3, 1, 4)), (1, 1), "SAME",
                             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
   conv.conv_general_dilated(x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", rhs_dilation=(2, 2),
                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
   conv.conv_general_dilated(jnp.ones((1, 4, 6, 6)), jnp.ones((4, 4, 3, 3)), (1, 1), "SAME")
+  conv.conv_general_dilated(x.astype(jnp.bfloat16), jnp.ones((1, 1, 4, 4), jnp.bfloat16),
+                            (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def test_conv_module_is_nn_conv_with_the_same_parameters_and_outputs():
+def test_conv_module_is_nn_conv_with_the_same_parameters_and_outputs(lowerings):
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   ours, plain = conv.Conv(5, (3, 3), strides=2), nn.Conv(5, (3, 3), strides=2)
   assert isinstance(ours, nn.Conv)

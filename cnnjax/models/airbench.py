@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.models.blocks import pool
+from cnnjax.models import batch_norm
 from cnnjax.models.conv import Conv
 
-BatchNorm = functools.partial(nn.BatchNorm, momentum=0.4, epsilon=1e-12, use_scale=False)
+BatchNorm = functools.partial(batch_norm.BatchNorm, momentum=0.4, epsilon=1e-12, use_scale=False)
 WHITEN_PATCHES = 5000  # training images the whitening kernel is estimated from
 
 

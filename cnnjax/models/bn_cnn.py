@@ -5,10 +5,11 @@ import flax.linen as nn
 import jax
 
 from cnnjax.models.blocks import pool
+from cnnjax.models import batch_norm
 from cnnjax.models.conv import Conv
 
 # torch.nn.BatchNorm defaults: momentum 0.1 (flax 0.9) and eps 1e-5.
-BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+BatchNorm = functools.partial(batch_norm.BatchNorm, momentum=0.9, epsilon=1e-5)
 
 
 class BNCNN(nn.Module):

@@ -1,18 +1,28 @@
 """``Conv``: flax's ``nn.Conv`` (same parameters, names and numerics) with the convolution
-lowered per shape to what XLA:CPU runs fastest.
+lowered per shape to what runs fastest on CPU.
 
-XLA:CPU's convolution kernels are good on mid-sized maps with many input channels but fall
-far behind a matrix product on strided 1x1 kernels (ResNet's downsampling shortcuts: 1.4-1.7x)
-and on maps of <= 4 output pixels (ResNet's last stages at 32x32 input: 2x at 1x1, 11-16x at
-2x2), forward and both gradients (``python -m experiments.bench --convs``, BENCHMARKS.md
-"Convolution lowering"); unstrided 1x1 kernels are as fast or faster in XLA. There
-``conv_general_dilated`` runs im2col: the ``kh * kw`` shifted (strided) slices of the padded
-input concatenated on channels, ``[B, Ho, Wo, kh * kw * Cin]``, times the kernel reshaped
-``[kh * kw * Cin, Cout]``; its gradients are products too (plus slice/pad adds). Every other
-convolution, and any grouped, dilated or non-NHWC one, goes to ``lax.conv_general_dilated``:
-im2col also wins on narrow contractions (``kh * kw * Cin <= 150``) in isolation, but not in
-whole train steps (first layers need no input gradient; SeedCNN's step ran 1.8x slower), so
-those stay with XLA. ``tests/test_conv.py`` checks values and gradients against lax.
+XLA:CPU's convolution kernels (Eigen) run 1.1-3.5x slower than oneDNN's on CNN layers, forward
+and both gradients, and fall far behind a matrix product on maps of <= 4 output pixels
+(ResNet's last stages at 32x32 input: 9-25x) and on strided 1x1 kernels (1.4-2.6x)
+(``python -m experiments.bench --convs``, BENCHMARKS.md "Convolution lowering"). So
+``lowering`` picks, for a float32 NHWC/HWIO convolution without groups or dilation:
+
+- ``"onednn"``: ``cnnjax.onednn.conv`` (oneDNN primitives through ``jax.ffi``, custom VJP)
+  whenever that extension is available (the ``onednn`` extra, see ``cnnjax.onednn``) and the
+  computation runs on one device: it wins on every layer of the cnnjax models but one
+  (ResNet's 8x8 -> 4x4 3x3/2 at 32x32: 0.9x) and is within 1 ms of im2col on the tiny maps.
+  With the batch sharded over several devices XLA would gather it for the custom call, so
+  there the choices below apply.
+- ``"im2col"``: otherwise, on maps of <= 4 output pixels and strided 1x1 kernels: the
+  ``kh * kw`` shifted (strided) slices of the padded input concatenated on channels,
+  ``[B, Ho, Wo, kh * kw * Cin]``, times the kernel reshaped ``[kh * kw * Cin, Cout]``; its
+  gradients are products too (plus slice/pad adds). im2col also wins on narrow contractions
+  (``kh * kw * Cin <= 150``) in isolation, but not in whole train steps (first layers need no
+  input gradient; SeedCNN's step ran 1.8x slower), so those stay with XLA.
+- ``"xla"``: every other convolution, and any grouped, dilated, non-float32 or non-NHWC one:
+  ``lax.conv_general_dilated``.
+
+``tests/test_conv.py`` checks values and gradients of each lowering against lax's.
 """
 import functools
 from typing import Sequence
@@ -22,16 +32,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnnjax import onednn
+
 SMALL_MAP_PIXELS = 4  # output pixels at or below which im2col wins at any width
 
 
-def uses_im2col(x_shape: Sequence[int], kernel_shape: Sequence[int],
-                strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> bool:
-  """Whether the ``[B, H, W, Cin]`` by ``[kh, kw, Cin, Cout]`` convolution runs as im2col."""
+def lowering(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+             padding: Sequence[tuple[int, int]]) -> str:
+  """How the float32 ``[B, H, W, Cin]`` by ``[kh, kw, Cin, Cout]`` convolution runs here:
+  ``"onednn"``, ``"im2col"`` or ``"xla"`` (see the module docstring)."""
+  if jax.device_count() == 1 and onednn.available():
+    return "onednn"
   kh, kw = kernel_shape[:2]
   ho = (x_shape[1] + sum(padding[0]) - kh) // strides[0] + 1
   wo = (x_shape[2] + sum(padding[1]) - kw) // strides[1] + 1
-  return (kh * kw == 1 and max(strides) > 1) or ho * wo <= SMALL_MAP_PIXELS
+  if (kh * kw == 1 and max(strides) > 1) or ho * wo <= SMALL_MAP_PIXELS:
+    return "im2col"
+  return "xla"
 
 
 def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -51,22 +68,27 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-  """``lax.conv_general_dilated``'s signature; NHWC/HWIO 2-D convolutions without groups or
-  dilation that ``uses_im2col`` picks run as ``im2col_conv``, all others as lax's."""
+  """``lax.conv_general_dilated``'s signature; float32 NHWC/HWIO 2-D convolutions without
+  groups or dilation run as ``lowering`` picks, all others as lax's."""
   plain = functools.partial(
       lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, precision=precision, **kwargs)
   if (lhs.ndim != 4 or feature_group_count != 1 or kwargs or precision is not None
+      or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32
       or any(d != 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
     return plain()
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  if not uses_im2col(lhs.shape, rhs.shape, window_strides, padding):
-    return plain()
-  return im2col_conv(lhs, rhs, window_strides, padding)
+  strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)
+  how = lowering(lhs.shape, rhs.shape, strides, padding)
+  if how == "onednn":
+    return onednn.conv(lhs, rhs, strides, padding)
+  if how == "im2col":
+    return im2col_conv(lhs, rhs, strides, padding)
+  return plain()
 
 
 # nn.Conv itself (class, parameter names, initialisation), with the lowering above.

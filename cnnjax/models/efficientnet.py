@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import UserError
+from cnnjax.models.batch_norm import BatchNorm
 from cnnjax.models.conv import Conv
 from cnnjax.models.resnet import ModuleDef, conv_kernel_init
 
@@ -188,7 +189,7 @@ class EfficientNetLite(nn.Module):
       raise UserError(f"num_classes={self.num_classes}; expected >= 0 (0: no classifier)")
     conv = functools.partial(Conv, padding="SAME", use_bias=False,
                              kernel_init=conv_kernel_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+    norm = functools.partial(BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon)
     x = conv(STEM_FEATURES, (3, 3), strides=(2, 2), name="conv_stem")(x)
     x = nn.relu6(norm(name="bn0")(x))

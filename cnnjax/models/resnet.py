@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import UserError
+from cnnjax.models.batch_norm import BatchNorm
 from cnnjax.models.conv import Conv
 
 ModuleDef = Any
@@ -132,7 +133,7 @@ class ResNet(nn.Module):
     if self.num_classes < 0:
       raise UserError(f"num_classes={self.num_classes}; expected >= 0 (0: no classifier)")
     conv = functools.partial(Conv, use_bias=False, kernel_init=conv_kernel_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+    norm = functools.partial(BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon)
     if self.cifar_stem:
       x = conv(64, (3, 3), padding=_PAD1, name="conv1")(x)

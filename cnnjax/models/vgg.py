@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import UserError
+from cnnjax.models.batch_norm import BatchNorm
 from cnnjax.models.conv import Conv
 from cnnjax.models.blocks import adaptive_avg_pool, pool
 from cnnjax.models.resnet import conv_kernel_init
@@ -84,7 +85,7 @@ class VGG(nn.Module):
         x = Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_kernel_init,
                     name=f"block{block}_conv{conv}")(x)
         if self.batch_norm:
-          x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+          x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                            epsilon=1e-5, name=f"block{block}_bn{conv}")(x)
         x = nn.relu(x)
       x = pool(x, "max", 2)

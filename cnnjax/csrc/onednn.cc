@@ -1,0 +1,305 @@
+// oneDNN convolutions and batch normalisation as XLA FFI handlers (CPU, float32, NHWC
+// activations, HWIO kernels), one handler per pass so that JAX wraps each op in a custom VJP
+// (cnnjax/onednn.py):
+//   cnnjax_onednn_conv_fwd          x [N, H, W, Ci], w [KH, KW, Ci, Co] -> y [N, Ho, Wo, Co]
+//   cnnjax_onednn_conv_bwd_data     dy [N, Ho, Wo, Co], w [KH, KW, Ci, Co] -> dx [N, H, W, Ci]
+//   cnnjax_onednn_conv_bwd_weights  x [N, H, W, Ci], dy [N, Ho, Wo, Co] -> dw [KH, KW, Ci, Co]
+//   (attributes: strides [2] and padding [4] = (top, bottom, left, right))
+//   cnnjax_onednn_norm_fwd  x [..., C], scale [C], shift [C] -> y [..., C], mean [C], var [C]
+//   cnnjax_onednn_norm_bwd  x, dy [..., C], scale, mean, var [C] -> dx, dscale, dshift
+//   (attribute: epsilon)
+//
+// oneDNN picks its kernel for the shape (weights in its own blocked layout, reordered from and
+// to HWIO here). Primitives are built once per shape and pass and cached; executions are
+// serialised by one lock, because every primitive already runs on all of oneDNN's OpenMP
+// threads and XLA may call two of them at once (a convolution's two gradients).
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum class Pass { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+// N, H, W, Ci, KH, KW, Co, stride h, stride w, pad top, bottom, left, right, pass.
+using Key = std::array<int64_t, 14>;
+
+struct Shapes {
+  dnnl::memory::dims src, weights, dst, strides, pad_l, pad_r;
+};
+
+Shapes ShapesOf(const Key& k) {
+  const int64_t n = k[0], h = k[1], w = k[2], ci = k[3], kh = k[4], kw = k[5], co = k[6];
+  const int64_t ho = (h + k[9] + k[10] - kh) / k[7] + 1;
+  const int64_t wo = (w + k[11] + k[12] - kw) / k[8] + 1;
+  return {{n, ci, h, w}, {co, ci, kh, kw}, {n, co, ho, wo},
+          {k[7], k[8]}, {k[9], k[11]}, {k[10], k[12]}};
+}
+
+// A pass ready to run: the convolution primitive and, when oneDNN wants the kernel (or the
+// kernel's gradient) in a layout other than HWIO, the reorder between the two.
+struct Plan {
+  dnnl::primitive conv;
+  dnnl::memory::desc weights_md;  // the layout the convolution reads or writes
+  dnnl::memory::desc hwio_md;
+  std::unique_ptr<dnnl::reorder> weights_reorder;  // HWIO -> weights_md, or back for dw
+  dnnl::memory::desc scratch_md;
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+dnnl::memory::desc Desc(const dnnl::memory::dims& dims, dnnl::memory::format_tag tag) {
+  return dnnl::memory::desc(dims, dnnl::memory::data_type::f32, tag);
+}
+
+std::unique_ptr<Plan> MakePlan(const Key& key) {
+  using tag = dnnl::memory::format_tag;
+  const Shapes s = ShapesOf(key);
+  const auto algo = dnnl::algorithm::convolution_direct;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto src = Desc(s.src, tag::nhwc), dst = Desc(s.dst, tag::nhwc);
+  auto any_weights = Desc(s.weights, tag::any);
+  auto plan = std::make_unique<Plan>();
+  plan->hwio_md = Desc(s.weights, tag::hwio);
+  dnnl::convolution_forward::primitive_desc fwd(
+      Engine(), dnnl::prop_kind::forward_training, algo, src, any_weights, dst, s.strides,
+      s.pad_l, s.pad_r, attr);
+  switch (static_cast<Pass>(key[13])) {
+    case Pass::kForward:
+      plan->conv = dnnl::convolution_forward(fwd);
+      plan->weights_md = fwd.weights_desc();
+      plan->scratch_md = fwd.scratchpad_desc();
+      break;
+    case Pass::kBackwardData: {
+      dnnl::convolution_backward_data::primitive_desc bwd(
+          Engine(), algo, src, any_weights, dst, s.strides, s.pad_l, s.pad_r, fwd, attr);
+      plan->conv = dnnl::convolution_backward_data(bwd);
+      plan->weights_md = bwd.weights_desc();
+      plan->scratch_md = bwd.scratchpad_desc();
+      break;
+    }
+    case Pass::kBackwardWeights: {
+      dnnl::convolution_backward_weights::primitive_desc bwd(
+          Engine(), algo, src, any_weights, dst, s.strides, s.pad_l, s.pad_r, fwd, attr);
+      plan->conv = dnnl::convolution_backward_weights(bwd);
+      plan->weights_md = bwd.diff_weights_desc();
+      plan->scratch_md = bwd.scratchpad_desc();
+      break;
+    }
+  }
+  if (plan->weights_md != plan->hwio_md) {
+    const bool to_hwio = static_cast<Pass>(key[13]) == Pass::kBackwardWeights;
+    plan->weights_reorder = std::make_unique<dnnl::reorder>(
+        to_hwio ? dnnl::reorder::primitive_desc(Engine(), plan->weights_md, Engine(),
+                                                plan->hwio_md)
+                : dnnl::reorder::primitive_desc(Engine(), plan->hwio_md, Engine(),
+                                                plan->weights_md));
+  }
+  return plan;
+}
+
+std::mutex& Lock() {
+  static std::mutex lock;
+  return lock;
+}
+
+// Runs one pass under the lock. `a` and `b` are the pass's inputs and `out` its output, in
+// the order of the handler's arguments above.
+ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+               ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> strides,
+               ffi::Span<const int64_t> padding) {
+  if (strides.size() != 2 || padding.size() != 4) {
+    return ffi::Error::InvalidArgument("strides must have 2 entries and padding 4");
+  }
+  // The NHWC activation that carries N, H, W, Ci, and the HWIO-shaped buffer.
+  auto x_dims = pass == Pass::kBackwardData ? out->dimensions() : a.dimensions();
+  auto w_dims = pass == Pass::kForward        ? b.dimensions()
+                : pass == Pass::kBackwardData ? b.dimensions()
+                                              : out->dimensions();
+  if (x_dims.size() != 4 || w_dims.size() != 4) {
+    return ffi::Error::InvalidArgument("activations must be [N, H, W, C], kernels [KH, KW, Ci, Co]");
+  }
+  const Key key = {x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1],
+                   w_dims[3], strides[0], strides[1], padding[0], padding[1], padding[2],
+                   padding[3], static_cast<int64_t>(pass)};
+  std::lock_guard<std::mutex> guard(Lock());
+  static std::map<Key, std::unique_ptr<Plan>> plans;
+  auto& plan = plans[key];
+  if (!plan) {
+    try {
+      plan = MakePlan(key);
+    } catch (const dnnl::error& e) {
+      plans.erase(key);
+      return ffi::Error::Internal(std::string("oneDNN has no convolution for this shape: ") +
+                                  e.what());
+    }
+  }
+  const Shapes s = ShapesOf(key);
+  using tag = dnnl::memory::format_tag;
+  static dnnl::stream stream(Engine());
+  static std::vector<float> weights_buffer, scratch_buffer;
+  scratch_buffer.resize(plan->scratch_md.get_size() / sizeof(float) + 1);
+  dnnl::memory scratch(plan->scratch_md, Engine(), scratch_buffer.data());
+  // The convolution's weights (or weight gradient) memory: the HWIO buffer itself, or a
+  // buffer in oneDNN's layout reordered from (or to) it.
+  float* hwio = pass == Pass::kBackwardWeights ? out->typed_data() : b.typed_data();
+  dnnl::memory hwio_mem(plan->hwio_md, Engine(), hwio);
+  dnnl::memory weights_mem = hwio_mem;
+  if (plan->weights_reorder) {
+    weights_buffer.resize(plan->weights_md.get_size() / sizeof(float) + 1);
+    weights_mem = dnnl::memory(plan->weights_md, Engine(), weights_buffer.data());
+    if (pass != Pass::kBackwardWeights) {
+      plan->weights_reorder->execute(stream, hwio_mem, weights_mem);
+    }
+  }
+  switch (pass) {
+    case Pass::kForward:
+      plan->conv.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(Desc(s.src, tag::nhwc), Engine(), a.typed_data())},
+                                  {DNNL_ARG_WEIGHTS, weights_mem},
+                                  {DNNL_ARG_DST, dnnl::memory(Desc(s.dst, tag::nhwc), Engine(), out->typed_data())},
+                                  {DNNL_ARG_SCRATCHPAD, scratch}});
+      break;
+    case Pass::kBackwardData:
+      plan->conv.execute(stream, {{DNNL_ARG_DIFF_DST, dnnl::memory(Desc(s.dst, tag::nhwc), Engine(), a.typed_data())},
+                                  {DNNL_ARG_WEIGHTS, weights_mem},
+                                  {DNNL_ARG_DIFF_SRC, dnnl::memory(Desc(s.src, tag::nhwc), Engine(), out->typed_data())},
+                                  {DNNL_ARG_SCRATCHPAD, scratch}});
+      break;
+    case Pass::kBackwardWeights:
+      plan->conv.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(Desc(s.src, tag::nhwc), Engine(), a.typed_data())},
+                                  {DNNL_ARG_DIFF_DST, dnnl::memory(Desc(s.dst, tag::nhwc), Engine(), b.typed_data())},
+                                  {DNNL_ARG_DIFF_WEIGHTS, weights_mem},
+                                  {DNNL_ARG_SCRATCHPAD, scratch}});
+      if (plan->weights_reorder) plan->weights_reorder->execute(stream, weights_mem, hwio_mem);
+      break;
+  }
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+// Batch normalisation in training mode over the rows of x [M, C] (any [..., C] flattened):
+// statistics per channel over all M rows (biased variance), y = (x - mean) / sqrt(var + eps)
+// * scale + shift; and its backward, dx, dscale and dshift from dy.
+struct NormPlan {
+  dnnl::primitive norm;
+  dnnl::memory::desc rows_md, channels_md;
+};
+
+ffi::Error RunNorm(bool backward, int64_t rows, int64_t channels, float epsilon,
+                   const std::unordered_map<int, void*>& args) {
+  using tag = dnnl::memory::format_tag;
+  std::lock_guard<std::mutex> guard(Lock());
+  static std::map<std::tuple<bool, int64_t, int64_t, float>, std::unique_ptr<NormPlan>> plans;
+  auto& plan = plans[{backward, rows, channels, epsilon}];
+  if (!plan) {
+    plan = std::make_unique<NormPlan>();
+    plan->rows_md = Desc({rows, channels}, tag::nc);
+    plan->channels_md = Desc({channels}, tag::a);
+    const auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+    dnnl::batch_normalization_forward::primitive_desc fwd(
+        Engine(), dnnl::prop_kind::forward_training, plan->rows_md, plan->rows_md, epsilon, flags);
+    if (backward) {
+      plan->norm = dnnl::batch_normalization_backward(
+          dnnl::batch_normalization_backward::primitive_desc(
+              Engine(), dnnl::prop_kind::backward, plan->rows_md, plan->rows_md, plan->rows_md,
+              epsilon, flags, fwd));
+    } else {
+      plan->norm = dnnl::batch_normalization_forward(fwd);
+    }
+  }
+  std::unordered_map<int, dnnl::memory> memories;
+  for (const auto& [arg, data] : args) {
+    const bool per_channel = arg == DNNL_ARG_SCALE || arg == DNNL_ARG_SHIFT ||
+                             arg == DNNL_ARG_MEAN || arg == DNNL_ARG_VARIANCE ||
+                             arg == DNNL_ARG_DIFF_SCALE || arg == DNNL_ARG_DIFF_SHIFT;
+    memories.emplace(arg, dnnl::memory(per_channel ? plan->channels_md : plan->rows_md,
+                                       Engine(), data));
+  }
+  static dnnl::stream stream(Engine());
+  plan->norm.execute(stream, memories);
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+ffi::Error NormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> variance,
+                       float epsilon) {
+  const int64_t channels = scale.element_count();
+  return RunNorm(false, x.element_count() / channels, channels, epsilon,
+                 {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
+                  {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->typed_data()},
+                  {DNNL_ARG_MEAN, mean->typed_data()},
+                  {DNNL_ARG_VARIANCE, variance->typed_data()}});
+}
+
+ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> mean,
+                        ffi::Buffer<ffi::F32> variance, ffi::ResultBuffer<ffi::F32> dx,
+                        ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dshift,
+                        float epsilon) {
+  const int64_t channels = scale.element_count();
+  return RunNorm(true, x.element_count() / channels, channels, epsilon,
+                 {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_DIFF_DST, dy.typed_data()},
+                  {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_MEAN, mean.typed_data()},
+                  {DNNL_ARG_VARIANCE, variance.typed_data()},
+                  {DNNL_ARG_DIFF_SRC, dx->typed_data()},
+                  {DNNL_ARG_DIFF_SCALE, dscale->typed_data()},
+                  {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}});
+}
+
+#define CNNJAX_CONV_HANDLER(symbol, pass)                                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                            \
+      symbol,                                                                               \
+      [](ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out, \
+         ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {              \
+        return Run(pass, a, b, out, strides, padding);                                      \
+      },                                                                                    \
+      ffi::Ffi::Bind()                                                                      \
+          .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+          .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+          .Ret<ffi::Buffer<ffi::F32>>()                                                     \
+          .Attr<ffi::Span<const int64_t>>("strides")                                        \
+          .Attr<ffi::Span<const int64_t>>("padding"));
+
+}  // namespace
+
+CNNJAX_CONV_HANDLER(CnnjaxOnednnConvFwd, Pass::kForward)
+CNNJAX_CONV_HANDLER(CnnjaxOnednnConvBwdData, Pass::kBackwardData)
+CNNJAX_CONV_HANDLER(CnnjaxOnednnConvBwdWeights, Pass::kBackwardWeights)
+
+using F32Buffer = ffi::Buffer<ffi::F32>;
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnNormFwd, NormForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnNormBwd, NormBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Attr<float>("epsilon"));

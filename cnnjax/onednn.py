@@ -1,0 +1,178 @@
+"""oneDNN convolutions and batch normalisation for XLA:CPU, through ``jax.ffi`` with custom
+VJPs.
+
+XLA:CPU's convolution kernels (Eigen) run 1.1-3.5x slower than oneDNN's, the library PyTorch
+uses on CPU, and its reductions over ``[B, H, W]`` per channel (batch-norm statistics and
+their gradients) run at a third of memory speed (``python -m experiments.bench --convs``,
+BENCHMARKS.md). ``conv(x, kernel, strides, padding)`` runs a float32 NHWC/HWIO 2-D
+convolution, its input gradient and its kernel gradient as oneDNN primitives;
+``batch_norm(x, scale, shift, epsilon)`` the training-mode batch normalisation and its
+gradient (``cnnjax/csrc/onednn.cc``). Both are called from jitted code like any other op.
+
+The extension is optional. It needs oneDNN's library and headers (the PyPI packages
+``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, installed with cnnjax on x86-64 Linux)
+and a C++ compiler (``$CXX``, default g++), and is compiled on first use (~3 s) into
+``$CNNJAX_CACHE`` (default ``~/.cache/cnnjax``), keyed by the source, jax and oneDNN
+versions. ``available()`` says whether it can run here, ``unavailable_reason()`` why not;
+``CNNJAX_ONEDNN=0`` turns it off. ``cnnjax.models.conv`` and ``cnnjax.models.batch_norm``
+use it where it is available; without it they run XLA's own kernels, with the same results
+up to float32 rounding. Its ops have custom VJPs: ``jax.grad`` works through them, forward-
+mode ``jax.jvp`` does not (set ``CNNJAX_ONEDNN=0`` for that).
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+from importlib import metadata
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+_SOURCE = pathlib.Path(__file__).parent / "csrc" / "onednn.cc"
+_TARGETS = {"conv_fwd": "CnnjaxOnednnConvFwd", "conv_bwd_data": "CnnjaxOnednnConvBwdData",
+            "conv_bwd_weights": "CnnjaxOnednnConvBwdWeights",
+            "norm_fwd": "CnnjaxOnednnNormFwd", "norm_bwd": "CnnjaxOnednnNormBwd"}
+
+
+def _cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("CNNJAX_CACHE", pathlib.Path.home() / ".cache" / "cnnjax"))
+
+
+def _installed_file(distribution: str, name: str) -> pathlib.Path:
+  """Where the installed ``distribution`` put its file ``name`` (e.g. into ``sys.prefix``)."""
+  for file in metadata.files(distribution) or []:
+    if file.name == name:
+      return pathlib.Path(file.locate()).resolve()
+  raise RuntimeError(f"{distribution} has no file {name}; reinstall it")
+
+
+def _build() -> pathlib.Path:
+  """Compiles the extension (once per source, jax and oneDNN install); its path."""
+  header = _installed_file("onednn-devel-cpu-gomp", "dnnl.hpp")  # PackageNotFoundError
+  library = _installed_file("onednn-cpu-gomp", "libdnnl.so.3")
+  compiler = os.environ.get("CXX", "g++")
+  if shutil.which(compiler) is None:
+    raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
+  key = hashlib.sha256(_SOURCE.read_bytes() + f"{jax.__version__} {library} "
+                       f"{metadata.version('onednn-cpu-gomp')}".encode()).hexdigest()[:16]
+  target = _cache_dir() / f"onednn_{key}.so"
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  partial = target.with_suffix(f".{os.getpid()}.tmp")
+  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+             f"-I{jax.ffi.include_dir()}", f"-I{header.parent}", str(_SOURCE), str(library),
+             f"-Wl,-rpath,{library.parent}", "-o", str(partial)]
+  done = subprocess.run(command, capture_output=True, text=True)
+  if done.returncode != 0:
+    raise RuntimeError(f"compiling {_SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+  os.replace(partial, target)  # atomic: concurrent first uses each build, one file wins
+  return target
+
+
+@functools.cache
+def _load() -> str:
+  """Builds, loads and registers the FFI targets; '' on success, else why it cannot run."""
+  if os.environ.get("CNNJAX_ONEDNN", "1") == "0":
+    return "turned off by CNNJAX_ONEDNN=0"
+  if jax.default_backend() != "cpu":
+    return f"the default backend is {jax.default_backend()}, not cpu"
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_build()))
+  except (metadata.PackageNotFoundError, RuntimeError, OSError) as e:
+    return f"{type(e).__name__}: {e}"
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(f"cnnjax_onednn_{name}",
+                                jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  return ""
+
+
+def available() -> bool:
+  """Whether oneDNN convolutions can run here (built and loaded on the first call)."""
+  return not _load()
+
+
+def unavailable_reason() -> str:
+  """Why ``available()`` is False ('' when it is True)."""
+  return _load()
+
+
+def _call(name: str, out_shapes: Sequence[Sequence[int]], *operands: jax.Array,
+          **attributes) -> list[jax.Array]:
+  """The float32 results of the oneDNN FFI target ``cnnjax_onednn_{name}``."""
+  if reason := _load():
+    raise RuntimeError(f"oneDNN kernels are unavailable: {reason}")
+  return jax.ffi.ffi_call(
+      f"cnnjax_onednn_{name}",
+      [jax.ShapeDtypeStruct(tuple(shape), jnp.float32) for shape in out_shapes],
+      vmap_method="sequential")(
+      *operands, **attributes)
+
+
+def _conv_call(name, out_shape, a, b, strides, padding) -> jax.Array:
+  return _call(f"conv_{name}", [out_shape], a, b, strides=np.asarray(strides, np.int64),
+               padding=np.asarray([p for pair in padding for p in pair], np.int64))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+         padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """``[B, H, W, Cin]`` conv ``[kh, kw, Cin, Cout]`` -> ``[B, Ho, Wo, Cout]`` (float32),
+  ``lax.conv_general_dilated``'s NHWC/HWIO result with explicit ``padding`` pairs."""
+  kh, kw, _, cout = kernel.shape
+  ho = (x.shape[1] + sum(padding[0]) - kh) // strides[0] + 1
+  wo = (x.shape[2] + sum(padding[1]) - kw) // strides[1] + 1
+  return _conv_call("fwd", (x.shape[0], ho, wo, cout), x, kernel, strides, padding)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+  return conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  return (_conv_call("bwd_data", x.shape, dy, kernel, strides, padding),
+          _conv_call("bwd_weights", kernel.shape, x, dy, strides, padding))
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array,
+               epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode batch normalisation of ``x [..., C]`` (float32) over all axes but the last:
+  ``(y [..., C], mean [C], var [C])`` with the batch's biased variance and
+  ``y = (x - mean) / sqrt(var + epsilon) * scale + shift``."""
+  c = x.shape[-1]
+  return tuple(_call("norm_fwd", [x.shape, (c,), (c,)], x, scale, shift,
+                     epsilon=np.float32(epsilon)))
+
+
+def _norm_fwd(x, scale, shift, epsilon):
+  y, mean, var = batch_norm(x.value, scale.value, shift.value, epsilon)
+  return (y, mean, var), (x.value, scale.value, mean, var)
+
+
+def _norm_bwd(epsilon, residuals, cotangents):
+  x, scale, mean, var = residuals
+  dy, dmean, dvar = cotangents
+  if isinstance(dy, SymbolicZero):
+    dy = jnp.zeros_like(x)
+  dx, dscale, dshift = _call("norm_bwd", [x.shape, scale.shape, scale.shape], x, dy, scale,
+                             mean, var, epsilon=np.float32(epsilon))
+  rows = x.size // x.shape[-1]
+  if not isinstance(dmean, SymbolicZero):  # mean and var are rarely differentiated
+    dx = dx + dmean / rows
+  if not isinstance(dvar, SymbolicZero):
+    dx = dx + dvar * 2.0 * (x - mean) / rows
+  return dx, dscale, dshift
+
+
+batch_norm.defvjp(_norm_fwd, _norm_bwd, symbolic_zeros=True)

@@ -1,0 +1,151 @@
+"""cnnjax.onednn and the BatchNorm that uses it: lax's and flax's values and gradients."""
+import importlib.metadata
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cnnjax import onednn
+from cnnjax.models.batch_norm import BatchNorm
+
+
+def _installed() -> bool:
+  try:
+    importlib.metadata.version("onednn-cpu-gomp")
+    return True
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
+
+needs_onednn = pytest.mark.skipif(not (_installed() and onednn.available()),
+                                  reason="the onednn extra is not installed")
+
+
+def test_the_extension_builds_and_loads_where_the_onednn_extra_is_installed():
+  if not _installed():
+    pytest.skip("the onednn extra is not installed")
+  assert onednn.available(), onednn.unavailable_reason()
+  assert onednn.unavailable_reason() == ""
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+  monkeypatch.setenv("CNNJAX_ONEDNN", "0")
+  onednn._load.cache_clear()
+  try:
+    assert not onednn.available()
+    assert "CNNJAX_ONEDNN=0" in onednn.unavailable_reason()
+    with pytest.raises(RuntimeError, match="unavailable: turned off"):
+      onednn.conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), (1, 1), ((1, 1), (1, 1)))
+  finally:
+    monkeypatch.undo()
+    onednn._load.cache_clear()
+
+
+# (x shape, kernel shape, strides, padding pairs): first layers, strided, unequal and no padding.
+CONV_CASES = {
+    "RGB 3x3 same": ((2, 12, 10, 3), (3, 3, 3, 8), (1, 1), ((1, 1), (1, 1))),
+    "5x5 valid": ((2, 14, 14, 6), (5, 5, 6, 16), (1, 1), ((0, 0), (0, 0))),
+    "3x3/2, pads (0, 1)": ((3, 8, 8, 32), (3, 3, 32, 8), (2, 2), ((0, 1), (0, 1))),
+    "3x3/2 on odd size": ((2, 7, 7, 5), (3, 3, 5, 7), (2, 2), ((1, 1), (1, 1))),
+    "1x1/2": ((2, 9, 9, 16), (1, 1, 16, 8), (2, 2), ((0, 0), (0, 0))),
+    "1x1 map": ((4, 1, 1, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1))),
+}
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", CONV_CASES)
+def test_conv_values_and_gradients_equal_lax(name):
+  x_shape, k_shape, strides, padding = CONV_CASES[name]
+  kx, kk, kr = jax.random.split(jax.random.key(0), 3)
+  x, kernel = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
+
+  def loss(fn, x, kernel):
+    y = fn(x, kernel)
+    return jnp.sum(y * jax.random.normal(kr, y.shape)), y
+
+  def reference(x, kernel):
+    return lax.conv_general_dilated(x, kernel, strides, padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def ours(x, kernel):
+    return onednn.conv(x, kernel, strides, padding)
+
+  results = [jax.jit(jax.value_and_grad(lambda *a, fn=fn: loss(fn, *a), (0, 1), has_aux=True))(
+      x, kernel) for fn in (reference, ours)]
+  (_, y_want), g_want = results[0]
+  (_, y_got), g_got = results[1]
+  np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=1e-4)
+  for got, want in zip(g_got, g_want):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def _reference_norm(x, scale, shift, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  mean, var = x.mean(axes), x.var(axes)
+  return (x - mean) / jnp.sqrt(var + epsilon) * scale + shift, mean, var
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(4, 5, 6, 8), (16, 7)])
+@pytest.mark.parametrize("differentiate_statistics", [False, True])
+def test_batch_norm_values_and_gradients_equal_the_formula(shape, differentiate_statistics):
+  k = jax.random.split(jax.random.key(1), 4)
+  x = jax.random.normal(k[0], shape) * 3 + 1
+  scale, shift = jax.random.normal(k[1], shape[-1:]), jax.random.normal(k[2], shape[-1:])
+  r = jax.random.normal(k[3], shape)
+  weights = jnp.arange(shape[-1], dtype=jnp.float32) * float(differentiate_statistics)
+
+  def loss(fn, x, scale, shift):
+    y, mean, var = fn(x, scale, shift, 1e-5)
+    return jnp.sum(y * r) + jnp.sum(mean * weights) + jnp.sum(var * weights ** 2), (y, mean, var)
+
+  want, g_want = jax.value_and_grad(lambda *a: loss(_reference_norm, *a), (0, 1, 2),
+                                    has_aux=True)(x, scale, shift)
+  got, g_got = jax.jit(jax.value_and_grad(lambda *a: loss(onednn.batch_norm, *a), (0, 1, 2),
+                                          has_aux=True))(x, scale, shift)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("options", [{}, {"use_scale": False, "epsilon": 1e-12, "momentum": 0.4}])
+@pytest.mark.parametrize("shape", [(8, 4, 4, 6), (32, 5)])
+def test_batch_norm_module_trains_as_flax_does(options, shape, monkeypatch):
+  x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
+  plain, ours = nn.BatchNorm(**options), BatchNorm(**options)
+  variables = plain.init(jax.random.key(1), x, use_running_average=False)
+  assert jax.tree.structure(ours.init(jax.random.key(1), x, use_running_average=False)) \
+      == jax.tree.structure(variables)
+  used = []
+  monkeypatch.setattr(onednn, "batch_norm", lambda *a, f=onednn.batch_norm: used.append(1) or f(*a))
+
+  def loss(module, params):
+    y, updates = module.apply({**variables, "params": params}, x, use_running_average=False,
+                              mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y)), (y, updates)
+
+  (_, (y_want, u_want)), g_want = jax.value_and_grad(
+      lambda p: loss(plain, p), has_aux=True)(variables["params"])
+  (_, (y_got, u_got)), g_got = jax.value_and_grad(
+      lambda p: loss(ours, p), has_aux=True)(variables["params"])
+  assert used, "BatchNorm did not run on oneDNN"
+  np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves((u_got, g_got)), jax.tree.leaves((u_want, g_want))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # Evaluation uses the running averages through flax's own code: the same result.
+  np.testing.assert_allclose(ours.apply(variables, x, use_running_average=True),
+                             plain.apply(variables, x, use_running_average=True), rtol=1e-6)
+
+
+def test_batch_norm_module_leaves_other_dtypes_and_axes_to_flax(monkeypatch):
+  monkeypatch.setattr(onednn, "batch_norm", lambda *a: pytest.fail("oneDNN used"))
+  x = jnp.ones((4, 3, 5))
+  for module, inputs in ((BatchNorm(axis=1), x), (BatchNorm(), x.astype(jnp.bfloat16)),
+                         (BatchNorm(dtype=jnp.bfloat16), x)):
+    variables = module.init(jax.random.key(0), inputs, use_running_average=False)
+    module.apply(variables, inputs, use_running_average=False, mutable=["batch_stats"])
