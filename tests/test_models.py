@@ -101,6 +101,20 @@ def test_pooling_equals_flax_values_and_gradients(kind, reference, size):
   np.testing.assert_allclose(g, g_ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("window, size", [(2, 8), (3, 7), (4, 9)])
+def test_max_pooling_gradient_is_reduce_max_s_with_ties_shared(window, size):
+  # Rounded inputs tie often inside a window; reduce_max shares the gradient among ties.
+  x = jnp.round(jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 4)) * 1.5)
+  h = size // window
+
+  def reference(v):
+    return v[:, :h * window, :h * window].reshape(2, h, window, h, window, 4).max(axis=(2, 4))
+  r = jax.random.normal(jax.random.PRNGKey(2), (2, h, h, 4))
+  np.testing.assert_array_equal(pool(x, "max", window), reference(x))
+  np.testing.assert_allclose(jax.jit(jax.grad(lambda v: (pool(v, "max", window) * r).sum()))(x),
+                             jax.grad(lambda v: (reference(v) * r).sum())(x), rtol=1e-6)
+
+
 def test_conv_block_options():
   block = ConvBlock(features=5, kernel_size=5, activation="sigmoid", pooling="avg", pool_size=4)
   x = jnp.ones((2, 16, 16, 3))
