@@ -1,13 +1,14 @@
 """oneDNN convolutions and batch normalisation for XLA:CPU, through ``jax.ffi`` with custom
 VJPs.
 
-XLA:CPU's convolution kernels (Eigen) run 1.1-3.5x slower than oneDNN's, the library PyTorch
-uses on CPU, and its reductions over ``[B, H, W]`` per channel (batch-norm statistics and
-their gradients) run at a third of memory speed (``python -m experiments.bench --convs``,
-BENCHMARKS.md). ``conv(x, kernel, strides, padding)`` runs a float32 NHWC/HWIO 2-D
-convolution, its input gradient and its kernel gradient as oneDNN primitives;
-``batch_norm(x, scale, shift, epsilon)`` the training-mode batch normalisation and its
-gradient (``cnnjax/csrc/onednn.cc``). Both are called from jitted code like any other op.
+XLA:CPU's convolution kernels (Eigen) run up to 3.9x slower than oneDNN's, the library
+PyTorch uses on CPU (``python -m experiments.bench --convs``), and its reductions over
+``[B, H, W]`` per channel (batch-norm statistics and their gradients) take 3x an elementwise
+pass over the same tensor (BENCHMARKS.md notes). ``conv(x, kernel, strides, padding)`` runs
+a float32 NHWC/HWIO 2-D convolution, its input gradient and its kernel gradient as oneDNN
+primitives; ``batch_norm(x, scale, shift, epsilon)`` the training-mode batch normalisation
+and its gradient (``cnnjax/csrc/onednn.cc``). Both are called from jitted code like any
+other op; oneDNN's errors (a shape it has no kernel for) are raised as JAX runtime errors.
 
 The extension is optional. It needs oneDNN's library and headers (the PyPI packages
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, installed with cnnjax on x86-64 Linux)

@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from cnnjax import optim, train
+from cnnjax import onednn, optim, train
 from cnnjax.data import folders, pipeline, sources
 from cnnjax.data.augment import KerasAugment
 from cnnjax.errors import UserError
@@ -715,7 +715,7 @@ CONV_NOTE = ("Each row times a jitted `jax.value_and_grad` of `sum(conv(x, kerne
              "threads; cnnjax / torch = torch ms / cnnjax ms (> 1: cnnjax faster).")
 
 
-PACKAGES = ("flax", "grain", "numpy", "pillow")
+PACKAGES = ("flax", "grain", "numpy", "pillow", "onednn-cpu-gomp")
 TORCH_PACKAGES = ("torch", "torchvision", "efficientnet-lite-pytorch")
 
 
@@ -736,7 +736,10 @@ def machine(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
       continue
   return {"cpu": f"{model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable)",
           "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+          "kernels": ("oneDNN convolutions and batch norm (cnnjax.onednn)" if onednn.available()
+                      else f"XLA's (oneDNN unavailable: {onednn.unavailable_reason()})")}
 
 
 def format_row(r: Measurement) -> str:
@@ -781,7 +784,8 @@ def report(title: str, command: str, rows: list[Measurement], table: list[str],
       f"## {title}: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", "",
       f"`{command}`", "",
       f"- Machine: {m['cpu']}", f"- Versions: {m['versions']}",
-      f"- XLA_FLAGS: `{m['xla_flags']}`",
+      f"- XLA_FLAGS: `{m['xla_flags']}`; GLIBC_TUNABLES: `{m['glibc_tunables']}`",
+      f"- cnnjax kernels: {m['kernels']}",
       f"- Method: median images/s over {args.windows} windows of {args.window_seconds:g} s "
       f"after {args.warmup_seconds:g} s of warm-up; a window is kept when other processes "
       f"used < {args.quiet_cores:g} cores during it (from /proc).",

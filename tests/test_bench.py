@@ -52,6 +52,8 @@ def test_models_mode_without_torch_reports_a_failed_row_and_measures_the_others(
   text = out.read_text()
   assert text.startswith("## Train steps: cnnjax (JAX) vs PyTorch: ")
   assert "torch" not in text.split("- Versions: ")[1].splitlines()[0]
+  kernels = text.split("- cnnjax kernels: ")[1].splitlines()[0]
+  assert kernels.startswith("oneDNN" if onednn.available() else "XLA's (oneDNN unavailable: ")
   (row,) = _table_rows(text)
   assert row.startswith("| LeNet | 8 | 61,706 | ")
   assert re.search(r" \| - \| - \| - \| - \| [01]/1 \|$", row)  # no torch columns

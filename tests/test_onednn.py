@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 from cnnjax import onednn
+from cnnjax.models import conv
 from cnnjax.models.batch_norm import BatchNorm
 
 
@@ -39,6 +40,21 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert "CNNJAX_ONEDNN=0" in onednn.unavailable_reason()
     with pytest.raises(RuntimeError, match="unavailable: turned off"):
       onednn.conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), (1, 1), ((1, 1), (1, 1)))
+  finally:
+    monkeypatch.undo()
+    onednn._load.cache_clear()
+
+
+@pytest.mark.skipif(not _installed(), reason="the onednn extra is not installed")
+def test_a_failed_build_says_why_and_leaves_xla_s_kernels(monkeypatch, tmp_path):
+  monkeypatch.setenv("CNNJAX_CACHE", str(tmp_path))  # nothing built there yet
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  onednn._load.cache_clear()
+  try:
+    assert not onednn.available()
+    assert onednn.unavailable_reason() == (
+        "RuntimeError: no C++ compiler 'no-such-compiler' on PATH (set CXX)")
+    assert conv.lowering((2, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))) == "im2col"
   finally:
     monkeypatch.undo()
     onednn._load.cache_clear()

@@ -15,9 +15,11 @@
 // threads and XLA may call two of them at once (a convolution's two gradients).
 #include <array>
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
@@ -117,11 +119,22 @@ std::mutex& Lock() {
   return lock;
 }
 
+// `body()`, with a oneDNN exception (no primitive for a shape, a failed execution) returned
+// as an FFI error that JAX raises, instead of ending the process.
+template <typename Body>
+ffi::Error Guarded(const char* what, Body&& body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("oneDNN ") + what + " failed: " + e.what());
+  }
+}
+
 // Runs one pass under the lock. `a` and `b` are the pass's inputs and `out` its output, in
 // the order of the handler's arguments above.
-ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-               ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> strides,
-               ffi::Span<const int64_t> padding) {
+ffi::Error RunConv(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> padding) {
   if (strides.size() != 2 || padding.size() != 4) {
     return ffi::Error::InvalidArgument("strides must have 2 entries and padding 4");
   }
@@ -131,7 +144,8 @@ ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                 : pass == Pass::kBackwardData ? b.dimensions()
                                               : out->dimensions();
   if (x_dims.size() != 4 || w_dims.size() != 4) {
-    return ffi::Error::InvalidArgument("activations must be [N, H, W, C], kernels [KH, KW, Ci, Co]");
+    return ffi::Error::InvalidArgument(
+        "activations must be [N, H, W, C] and kernels [KH, KW, Ci, Co]");
   }
   const Key key = {x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1],
                    w_dims[3], strides[0], strides[1], padding[0], padding[1], padding[2],
@@ -139,15 +153,7 @@ ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   std::lock_guard<std::mutex> guard(Lock());
   static std::map<Key, std::unique_ptr<Plan>> plans;
   auto& plan = plans[key];
-  if (!plan) {
-    try {
-      plan = MakePlan(key);
-    } catch (const dnnl::error& e) {
-      plans.erase(key);
-      return ffi::Error::Internal(std::string("oneDNN has no convolution for this shape: ") +
-                                  e.what());
-    }
-  }
+  if (!plan) plan = MakePlan(key);
   const Shapes s = ShapesOf(key);
   using tag = dnnl::memory::format_tag;
   static dnnl::stream stream(Engine());
@@ -166,22 +172,24 @@ ffi::Error Run(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
       plan->weights_reorder->execute(stream, hwio_mem, weights_mem);
     }
   }
+  auto src = [&](float* data) { return dnnl::memory(Desc(s.src, tag::nhwc), Engine(), data); };
+  auto dst = [&](float* data) { return dnnl::memory(Desc(s.dst, tag::nhwc), Engine(), data); };
   switch (pass) {
     case Pass::kForward:
-      plan->conv.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(Desc(s.src, tag::nhwc), Engine(), a.typed_data())},
+      plan->conv.execute(stream, {{DNNL_ARG_SRC, src(a.typed_data())},
                                   {DNNL_ARG_WEIGHTS, weights_mem},
-                                  {DNNL_ARG_DST, dnnl::memory(Desc(s.dst, tag::nhwc), Engine(), out->typed_data())},
+                                  {DNNL_ARG_DST, dst(out->typed_data())},
                                   {DNNL_ARG_SCRATCHPAD, scratch}});
       break;
     case Pass::kBackwardData:
-      plan->conv.execute(stream, {{DNNL_ARG_DIFF_DST, dnnl::memory(Desc(s.dst, tag::nhwc), Engine(), a.typed_data())},
+      plan->conv.execute(stream, {{DNNL_ARG_DIFF_DST, dst(a.typed_data())},
                                   {DNNL_ARG_WEIGHTS, weights_mem},
-                                  {DNNL_ARG_DIFF_SRC, dnnl::memory(Desc(s.src, tag::nhwc), Engine(), out->typed_data())},
+                                  {DNNL_ARG_DIFF_SRC, src(out->typed_data())},
                                   {DNNL_ARG_SCRATCHPAD, scratch}});
       break;
     case Pass::kBackwardWeights:
-      plan->conv.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(Desc(s.src, tag::nhwc), Engine(), a.typed_data())},
-                                  {DNNL_ARG_DIFF_DST, dnnl::memory(Desc(s.dst, tag::nhwc), Engine(), b.typed_data())},
+      plan->conv.execute(stream, {{DNNL_ARG_SRC, src(a.typed_data())},
+                                  {DNNL_ARG_DIFF_DST, dst(b.typed_data())},
                                   {DNNL_ARG_DIFF_WEIGHTS, weights_mem},
                                   {DNNL_ARG_SCRATCHPAD, scratch}});
       if (plan->weights_reorder) plan->weights_reorder->execute(stream, weights_mem, hwio_mem);
@@ -240,11 +248,13 @@ ffi::Error NormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                        ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> variance,
                        float epsilon) {
   const int64_t channels = scale.element_count();
-  return RunNorm(false, x.element_count() / channels, channels, epsilon,
-                 {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
-                  {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->typed_data()},
-                  {DNNL_ARG_MEAN, mean->typed_data()},
-                  {DNNL_ARG_VARIANCE, variance->typed_data()}});
+  return Guarded("batch norm", [&] {
+    return RunNorm(false, x.element_count() / channels, channels, epsilon,
+                   {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
+                    {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->typed_data()},
+                    {DNNL_ARG_MEAN, mean->typed_data()},
+                    {DNNL_ARG_VARIANCE, variance->typed_data()}});
+  });
 }
 
 ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
@@ -253,13 +263,15 @@ ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                         ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dshift,
                         float epsilon) {
   const int64_t channels = scale.element_count();
-  return RunNorm(true, x.element_count() / channels, channels, epsilon,
-                 {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_DIFF_DST, dy.typed_data()},
-                  {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_MEAN, mean.typed_data()},
-                  {DNNL_ARG_VARIANCE, variance.typed_data()},
-                  {DNNL_ARG_DIFF_SRC, dx->typed_data()},
-                  {DNNL_ARG_DIFF_SCALE, dscale->typed_data()},
-                  {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}});
+  return Guarded("batch norm", [&] {
+    return RunNorm(true, x.element_count() / channels, channels, epsilon,
+                   {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_DIFF_DST, dy.typed_data()},
+                    {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_MEAN, mean.typed_data()},
+                    {DNNL_ARG_VARIANCE, variance.typed_data()},
+                    {DNNL_ARG_DIFF_SRC, dx->typed_data()},
+                    {DNNL_ARG_DIFF_SCALE, dscale->typed_data()},
+                    {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}});
+  });
 }
 
 #define CNNJAX_CONV_HANDLER(symbol, pass)                                                   \
@@ -267,7 +279,8 @@ ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       symbol,                                                                               \
       [](ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out, \
          ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {              \
-        return Run(pass, a, b, out, strides, padding);                                      \
+        return Guarded("convolution",                                                       \
+                       [&] { return RunConv(pass, a, b, out, strides, padding); });         \
       },                                                                                    \
       ffi::Ffi::Bind()                                                                      \
           .Arg<ffi::Buffer<ffi::F32>>()                                                     \

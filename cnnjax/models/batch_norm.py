@@ -2,8 +2,9 @@
 step runs on oneDNN where that is available.
 
 XLA:CPU computes batch statistics and their gradients (reductions over ``[B, H, W]`` per
-channel) at a third of memory speed: they took a third of BNCNN's train step once its
-convolutions ran on oneDNN. In training mode, for float32 inputs normalised over all axes
+channel) slowly: with its convolutions on oneDNN, BNCNN's step spent 67 of 208 ms of kernel
+time in such reductions (BENCHMARKS.md notes); oneDNN's batch norm does the same work in
+~20 ms. In training mode, for float32 inputs normalised over all axes
 but the last, on one device and without a mask or a cross-device ``axis_name``, this module
 computes the statistics, the normalisation and its gradient with ``cnnjax.onednn.batch_norm``
 (oneDNN's batch normalisation, one pass for the statistics) and updates the running averages

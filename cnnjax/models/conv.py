@@ -1,16 +1,18 @@
 """``Conv``: flax's ``nn.Conv`` (same parameters, names and numerics) with the convolution
 lowered per shape to what runs fastest on CPU.
 
-XLA:CPU's convolution kernels (Eigen) run 1.1-3.5x slower than oneDNN's on CNN layers, forward
-and both gradients, and fall far behind a matrix product on maps of <= 4 output pixels
-(ResNet's last stages at 32x32 input: 9-25x) and on strided 1x1 kernels (1.4-2.6x)
-(``python -m experiments.bench --convs``, BENCHMARKS.md "Convolution lowering"). So
-``lowering`` picks, for a float32 NHWC/HWIO convolution without groups or dilation:
+oneDNN's convolutions (the kernels PyTorch uses on CPU) run 1.0-3.9x faster than XLA:CPU's
+(Eigen) on the cnnjax models' layers, forward and both gradients, and XLA's fall far behind
+a matrix product on maps of <= 4 output pixels (ResNet's last stages at 32x32 input: 9-30x)
+and on strided 1x1 kernels (1.3-1.7x) (``python -m experiments.bench --convs``,
+BENCHMARKS.md "Convolution lowering"). So ``lowering`` picks, for a float32 NHWC/HWIO
+convolution without groups or dilation:
 
 - ``"onednn"``: ``cnnjax.onednn.conv`` (oneDNN primitives through ``jax.ffi``, custom VJP)
-  whenever that extension is available (the ``onednn`` extra, see ``cnnjax.onednn``) and the
-  computation runs on one device: it wins on every layer of the cnnjax models but one
-  (ResNet's 8x8 -> 4x4 3x3/2 at 32x32: 0.9x) and is within 1 ms of im2col on the tiny maps.
+  whenever that extension is available (installed with cnnjax on x86-64 Linux, see
+  ``cnnjax.onednn``) and the computation runs on one device: it wins on every layer of the
+  cnnjax models but one (ResNet's 8x8 -> 4x4 3x3/2 at 32x32: 0.93x) and is within ~2 ms of
+  im2col on the tiny maps (faster on one, slower on two).
   With the batch sharded over several devices XLA would gather it for the custom call, so
   there the choices below apply.
 - ``"im2col"``: otherwise, on maps of <= 4 output pixels and strided 1x1 kernels: the

@@ -13,10 +13,12 @@ by 1 / (1024 * (1 + 1 / (1 - momentum))); here the loss is a mean, so lr 1.5 and
 0.0153 / 7851. Left out: the whitening bias frozen after 3 epochs, lookahead, alternating
 flips; translated test-time views are there (eval_shift) but off, see below.
 
-Result (2-core AMD EPYC, 2026-12-01), seeds 0/1/2: 92.6/92.5/93.5% on the 1,000 lossless test
-images (mean 92.9%), 84.2/84.7/84.1% on 10k (9k JPEG), in 24.5 min wall including
-compilation, whitening and test (seed 0, quiet machine: 10 epochs of ~143 s, ~350 images/s;
-seeds 1 and 2 ran beside other jobs: 25.2 and 35.1 min). Short of airbench's 94%. The
+Result (2-core AMD EPYC, 2026-12-01), with XLA's kernels, seeds 0/1/2: 92.6/92.5/93.5% on the
+1,000 lossless test images (mean 92.9%), 84.2/84.7/84.1% on 10k (9k JPEG), in 24.5 min wall
+including compilation, whitening and test (seed 0, quiet machine: 10 epochs of ~143 s, ~350
+images/s; seeds 1 and 2 ran beside other jobs: 25.2 and 35.1 min). With cnnjax's oneDNN
+convolutions and batch norm (the default on x86-64 Linux), seed 0: 93.0% lossless / 84.5%
+on 10k in 17.0 min (quiet; 10 epochs of ~100 s). Short of airbench's 94%. The
 9k JPEG-decoded test images cost this network ~9 points (BNCNN loses ~3.5), likely because
 the whitening stem amplifies the high-frequency directions where JPEG's artifacts live (not
 checked). Translated
