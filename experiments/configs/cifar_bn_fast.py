@@ -14,9 +14,10 @@ Result on this machine (2-core AMD EPYC, quiet, 2026-12-01) with cnnjax's oneDNN
 images (mean 83.6%), 80.2/80.7/80.7% on 10k (9k JPEG), in 186/188/191 s wall (3 epochs of
 ~56 s, plus start-up, test and plots). The course recipe (cifar_bn.py with
 --config.schedule.name=constant --config.eval_flip=False: 10 epochs at batch 32) took 641 s
-on the same machine and code (epochs of ~60 s) for 82.8% lossless / 77.9% on 10k: this
-recipe beats its accuracy on both and the course's 83.0% on the lossless images, in 0.29-0.30
-of its wall time. With XLA's kernels (before oneDNN, same machine): 83.0/83.3/83.0% and
+on the same machine and code (epochs of ~60 s; a ~20 s test run overlapped its first, 79 s
+epoch) for 82.8% lossless / 77.9% on 10k: this recipe beats its accuracy on both and the
+course's 83.0% on the lossless images, in 0.29-0.30 of its wall time (0.31 against ~625 s
+without the overlap). With XLA's kernels (before oneDNN, same machine): 83.0/83.3/83.0% and
 79.9/80.2/80.2% in 273/273/282 s against the course recipe's 82.3% / 76.8% in 863 s (0.32x).
 Epoch times of this VM vary ~10% with its load.
 """
