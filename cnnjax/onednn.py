@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from cnnjax import conv_math
+
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "onednn.cc"
 _TARGETS = {"conv_fwd": "CnnjaxOnednnConvFwd", "conv_bwd_data": "CnnjaxOnednnConvBwdData",
             "conv_bwd_weights": "CnnjaxOnednnConvBwdWeights",
@@ -104,6 +106,12 @@ def unavailable_reason() -> str:
   return _load()
 
 
+def in_use() -> bool:
+  """Whether the models' convolutions and batch norms run on oneDNN: ``available()`` and one
+  device (with the batch sharded over several, XLA would gather a custom call's operands)."""
+  return jax.device_count() == 1 and available()
+
+
 def _call(name: str, out_shapes: Sequence[Sequence[int]], *operands: jax.Array,
           **attributes) -> list[jax.Array]:
   """The float32 results of the oneDNN FFI target ``cnnjax_onednn_{name}``."""
@@ -127,8 +135,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   """``[B, H, W, Cin]`` conv ``[kh, kw, Cin, Cout]`` -> ``[B, Ho, Wo, Cout]`` (float32),
   ``lax.conv_general_dilated``'s NHWC/HWIO result with explicit ``padding`` pairs."""
   kh, kw, _, cout = kernel.shape
-  ho = (x.shape[1] + sum(padding[0]) - kh) // strides[0] + 1
-  wo = (x.shape[2] + sum(padding[1]) - kw) // strides[1] + 1
+  ho = conv_math.conv_output_size(x.shape[1] + sum(padding[0]), kh, strides[0])
+  wo = conv_math.conv_output_size(x.shape[2] + sum(padding[1]), kw, strides[1])
   return _conv_call("fwd", (x.shape[0], ho, wo, cout), x, kernel, strides, padding)
 
 

@@ -48,10 +48,12 @@ Shapes ShapesOf(const Key& k) {
           {k[7], k[8]}, {k[9], k[11]}, {k[10], k[12]}};
 }
 
-// A pass ready to run: the convolution primitive and, when oneDNN wants the kernel (or the
-// kernel's gradient) in a layout other than HWIO, the reorder between the two.
+// A pass ready to run: the convolution primitive, its NHWC activation layouts and, when
+// oneDNN wants the kernel (or the kernel's gradient) in a layout other than HWIO, the reorder
+// between the two.
 struct Plan {
   dnnl::primitive conv;
+  dnnl::memory::desc src_md, dst_md;  // x (or dx) and y (or dy), NHWC
   dnnl::memory::desc weights_md;  // the layout the convolution reads or writes
   dnnl::memory::desc hwio_md;
   std::unique_ptr<dnnl::reorder> weights_reorder;  // HWIO -> weights_md, or back for dw
@@ -73,9 +75,10 @@ std::unique_ptr<Plan> MakePlan(const Key& key) {
   const auto algo = dnnl::algorithm::convolution_direct;
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  auto src = Desc(s.src, tag::nhwc), dst = Desc(s.dst, tag::nhwc);
-  auto any_weights = Desc(s.weights, tag::any);
   auto plan = std::make_unique<Plan>();
+  const auto src = plan->src_md = Desc(s.src, tag::nhwc);
+  const auto dst = plan->dst_md = Desc(s.dst, tag::nhwc);
+  const auto any_weights = Desc(s.weights, tag::any);
   plan->hwio_md = Desc(s.weights, tag::hwio);
   dnnl::convolution_forward::primitive_desc fwd(
       Engine(), dnnl::prop_kind::forward_training, algo, src, any_weights, dst, s.strides,
@@ -140,9 +143,7 @@ ffi::Error RunConv(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   }
   // The NHWC activation that carries N, H, W, Ci, and the HWIO-shaped buffer.
   auto x_dims = pass == Pass::kBackwardData ? out->dimensions() : a.dimensions();
-  auto w_dims = pass == Pass::kForward        ? b.dimensions()
-                : pass == Pass::kBackwardData ? b.dimensions()
-                                              : out->dimensions();
+  auto w_dims = pass == Pass::kBackwardWeights ? out->dimensions() : b.dimensions();
   if (x_dims.size() != 4 || w_dims.size() != 4) {
     return ffi::Error::InvalidArgument(
         "activations must be [N, H, W, C] and kernels [KH, KW, Ci, Co]");
@@ -154,8 +155,6 @@ ffi::Error RunConv(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   static std::map<Key, std::unique_ptr<Plan>> plans;
   auto& plan = plans[key];
   if (!plan) plan = MakePlan(key);
-  const Shapes s = ShapesOf(key);
-  using tag = dnnl::memory::format_tag;
   static dnnl::stream stream(Engine());
   static std::vector<float> weights_buffer, scratch_buffer;
   scratch_buffer.resize(plan->scratch_md.get_size() / sizeof(float) + 1);
@@ -172,8 +171,8 @@ ffi::Error RunConv(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
       plan->weights_reorder->execute(stream, hwio_mem, weights_mem);
     }
   }
-  auto src = [&](float* data) { return dnnl::memory(Desc(s.src, tag::nhwc), Engine(), data); };
-  auto dst = [&](float* data) { return dnnl::memory(Desc(s.dst, tag::nhwc), Engine(), data); };
+  auto src = [&](float* data) { return dnnl::memory(plan->src_md, Engine(), data); };
+  auto dst = [&](float* data) { return dnnl::memory(plan->dst_md, Engine(), data); };
   switch (pass) {
     case Pass::kForward:
       plan->conv.execute(stream, {{DNNL_ARG_SRC, src(a.typed_data())},

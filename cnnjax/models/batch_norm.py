@@ -11,7 +11,7 @@ computes the statistics, the normalisation and its gradient with ``cnnjax.onednn
 as flax does. Everything else (evaluation with the running averages, initialisation, other
 dtypes and axes, no oneDNN) is ``nn.BatchNorm``'s own code. The variance is the batch's
 biased variance in both (oneDNN's is computed around the mean, flax's default as
-``E[x^2] - E[x]^2``: equal up to float32 rounding; ``tests/test_batch_norm.py``).
+``E[x^2] - E[x]^2``: equal up to float32 rounding; ``tests/test_onednn.py``).
 """
 import flax.linen as nn
 import jax
@@ -29,7 +29,7 @@ class BatchNorm(nn.BatchNorm):
     return (train and mask is None and self.axis_name is None and not self.is_initializing()
             and x.dtype == jnp.float32 and self.param_dtype == jnp.float32
             and self.dtype in (None, jnp.float32) and self.axis in (-1, x.ndim - 1, (-1,))
-            and jax.device_count() == 1 and onednn.available())
+            and onednn.in_use())
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnnjax import onednn
+from cnnjax import conv_math, onednn
 
 SMALL_MAP_PIXELS = 4  # output pixels at or below which im2col wins at any width
 
@@ -43,11 +43,11 @@ def lowering(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Seque
              padding: Sequence[tuple[int, int]]) -> str:
   """How the float32 ``[B, H, W, Cin]`` by ``[kh, kw, Cin, Cout]`` convolution runs here:
   ``"onednn"``, ``"im2col"`` or ``"xla"`` (see the module docstring)."""
-  if jax.device_count() == 1 and onednn.available():
+  if onednn.in_use():
     return "onednn"
   kh, kw = kernel_shape[:2]
-  ho = (x_shape[1] + sum(padding[0]) - kh) // strides[0] + 1
-  wo = (x_shape[2] + sum(padding[1]) - kw) // strides[1] + 1
+  ho = conv_math.conv_output_size(x_shape[1] + sum(padding[0]), kh, strides[0])
+  wo = conv_math.conv_output_size(x_shape[2] + sum(padding[1]), kw, strides[1])
   if (kh * kw == 1 and max(strides) > 1) or ho * wo <= SMALL_MAP_PIXELS:
     return "im2col"
   return "xla"
