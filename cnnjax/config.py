@@ -84,3 +84,121 @@ def merged(saved: dict) -> ml_collections.ConfigDict:
           node[key] = tuple(value) if isinstance(value, list) else value
   update(config, saved, "")
   return config
+
+
+# One line per key: what ``--help`` prints beside its default (tests/test_config.py checks
+# that every key of default_config() has one).
+DOCS = {
+    "seed": "seed of the initial weights, the validation split, shuffling, augmentation and dropout",
+    "model.name": "the model, a name of cnnjax.models.MODELS",
+    "model.num_classes": "outputs of the model (1 with binary_cross_entropy)",
+    "model.pretrained": "initial weights: 'torchvision', 'package' or a .pth/.safetensors/.npz file",
+    "model.head_classes": "rows of the pretrained classifier that start the new head, e.g. (310, 309)",
+    "data.source": "a TFDS name, 'mnist' (shipped), an .npz, a folder of idx files or an image folder",
+    "data.tfds_data_dir": "TFDS's data directory (None: TFDS's default)",
+    "data.val_size": "examples split off the training set for validation (a fraction if < 1)",
+    "data.workers": "worker processes preparing the training batches (0: a thread)",
+    "data.limit": "use only the first `limit` train and test examples (0: all)",
+    "data.image_size": "side image folders are decoded at (short side resized, centre crop)",
+    "data.input_size": "side the steps resize each batch to (0: as loaded)",
+    "data.normalization": "'dataset' (channel stats), 'unit' (/255), 'imagenet' or 'lite'",
+    "data.augment.rotation": "random rotation range in degrees (Keras rotation_range)",
+    "data.augment.width_shift": "random horizontal shift, fraction of the width",
+    "data.augment.height_shift": "random vertical shift, fraction of the height",
+    "data.augment.shear": "random shear range in degrees",
+    "data.augment.zoom": "random zoom range: factors in [1 - zoom, 1 + zoom]",
+    "data.augment.fill_mode": "filling outside the image: nearest, constant, reflect or wrap",
+    "data.augment.fill_value": "pixel value for fill_mode='constant'",
+    "data.augment.crop_padding": "random crops after padding by this many pixels (0: none)",
+    "data.augment.horizontal_flip": "random horizontal flips",
+    "batch_size": "examples per training step (global, over all devices)",
+    "eval_batch_size": "examples per evaluation step",
+    "num_epochs": "epochs to train",
+    "label_smoothing": "label smoothing of the training loss, in [0, 1)",
+    "loss": "'cross_entropy' (softmax) or 'binary_cross_entropy' (one sigmoid output)",
+    "extract_features": "train a 'transfer' model's head alone on its backbone's features",
+    "init_from": "the --workdir of a run whose latest weights start this one",
+    "eval_flip": "average validation and test logits over image and mirror image",
+    "eval_shift": "also over the image translated by +/- this many pixels (0: off)",
+    "eval_rotation": "also report test accuracy under random rotations up to this (degrees)",
+    "test_with": "checkpoint tested at the end: 'last' or 'best' (lowest validation loss)",
+    "optimizer.name": "sgd, rmsprop, adam or adamw",
+    "optimizer.lr": "learning rate (the peak of a one-cycle or warmup-cosine schedule)",
+    "optimizer.weight_decay": "decoupled weight decay (adamw) or L2 added to the gradient",
+    "optimizer.momentum": "momentum of sgd and rmsprop",
+    "optimizer.nesterov": "Nesterov momentum (sgd)",
+    "optimizer.rho": "rmsprop's decay of the squared-gradient average",
+    "optimizer.b1": "adam's decay of the gradient average",
+    "optimizer.b2": "adam's decay of the squared-gradient average",
+    "optimizer.eps": "rmsprop's and adam's epsilon",
+    "optimizer.groups": "rules 'regex:frozen' or 'regex:<lr multiplier>' over parameter paths",
+    "schedule.name": "constant, one_cycle or warmup_cosine",
+    "schedule.anneal": "one_cycle's annealing: 'cos' or 'linear'",
+    "schedule.pct_start": "one_cycle's fraction of steps spent increasing the rate",
+    "schedule.div_factor": "one_cycle's initial rate = peak / div_factor",
+    "schedule.final_div_factor": "one_cycle's final rate = initial / final_div_factor",
+    "schedule.warmup_steps": "warmup_cosine's linear warmup steps",
+    "schedule.end_lr": "warmup_cosine's final rate",
+    "schedule.peak_lr": "'auto': the LR finder's suggestion replaces optimizer.lr",
+    "log_every_steps": "steps between progress updates",
+}
+
+
+def flat(config: ml_collections.ConfigDict) -> dict[str, object]:
+  """``{'a.b': value}`` of every leaf key (a model's own options included)."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update({f"{key}.{k}": v for k, v in flat(value).items()})
+    else:
+      out[key] = value
+  return out
+
+
+def _number(key: str, value, low: float, high: float = float("inf"), *, low_open: bool = False,
+            high_open: bool = False, integer: bool = False) -> None:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok and integer:
+    ok = float(value).is_integer()
+  if ok:
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+  if not ok:
+    lo, hi = "(" if low_open else "[", ")" if high_open or high == float("inf") else "]"
+    kind = "an integer" if integer else "a number"
+    raise UserError(f"config.{key}={value!r}; expected {kind} in {lo}{low:g}, {high:g}{hi}")
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Ranges of the keys a run reads; a bad value is a UserError naming it and its range."""
+  _number("batch_size", config.batch_size, 1, integer=True)
+  _number("eval_batch_size", config.eval_batch_size, 1, integer=True)
+  _number("num_epochs", config.num_epochs, 1, integer=True)
+  _number("model.num_classes", config.model.num_classes, 1, integer=True)
+  _number("label_smoothing", config.label_smoothing, 0, 1, high_open=True)
+  _number("optimizer.lr", config.optimizer.lr, 0, low_open=True)
+  _number("optimizer.weight_decay", config.optimizer.weight_decay, 0)
+  _number("optimizer.momentum", config.optimizer.momentum, 0, 1, high_open=True)
+  for key in ("rho", "b1", "b2"):
+    _number(f"optimizer.{key}", config.optimizer[key], 0, 1, high_open=True)
+  _number("optimizer.eps", config.optimizer.eps, 0, low_open=True)
+  _number("schedule.pct_start", config.schedule.pct_start, 0, 1, low_open=True, high_open=True)
+  _number("schedule.div_factor", config.schedule.div_factor, 0, low_open=True)
+  _number("schedule.final_div_factor", config.schedule.final_div_factor, 0, low_open=True)
+  _number("schedule.warmup_steps", config.schedule.warmup_steps, 0, integer=True)
+  _number("schedule.end_lr", config.schedule.end_lr, 0)
+  _number("data.val_size", config.data.val_size, 0)
+  _number("data.limit", config.data.limit, 0, integer=True)
+  _number("data.workers", config.data.workers, 0, integer=True)
+  _number("data.image_size", config.data.image_size, 1, integer=True)
+  _number("data.input_size", config.data.input_size, 0, integer=True)
+  _number("eval_shift", config.eval_shift, 0, integer=True)
+  _number("eval_rotation", config.eval_rotation, 0, 180)
+  _number("log_every_steps", config.log_every_steps, 1, integer=True)
+  a = config.data.augment
+  for key in ("rotation", "shear"):
+    _number(f"data.augment.{key}", a[key], 0, 180)
+  for key in ("width_shift", "height_shift", "zoom"):
+    _number(f"data.augment.{key}", a[key], 0, 1, high_open=True)
+  _number("data.augment.crop_padding", a.crop_padding, 0, integer=True)
+  if config.test_with not in ("last", "best"):
+    raise UserError(f"config.test_with={config.test_with!r}; expected 'last' or 'best'")

@@ -26,7 +26,8 @@ import matplotlib
 import numpy as np
 import optax
 
-from cnnjax import inference, plots, train
+from cnnjax import assemble, plots
+from cnnjax.steps import model_variables, predict_proba
 from cnnjax.errors import UserError
 
 Variables = dict[str, Any]
@@ -383,14 +384,15 @@ def write_pictures(workdir: str | os.PathLike, image: int, *, layers: Sequence[s
   Returns:
     The paths written.
   """
-  config, s = train.restore_run(workdir, which)
+  s = assemble.restore(workdir, which)
+  config = s.config
   if config.extract_features:
     raise UserError(f"the run in {workdir} trained a head on extracted features; expected a "
                     "run whose model sees the images (config.extract_features=False)")
   images, labels = s.images.test
   if not 0 <= image < len(labels):
     raise UserError(f"image {image}; expected a test image index in [0, {len(labels)})")
-  apply_fn, variables = s.state.apply_fn, inference.model_variables(s.state)
+  apply_fn, variables = s.state.apply_fn, model_variables(s.state)
   x = s.normalize(images[image:image + 1])[0]  # [H, W, C] as the model sees it
   known = list_layers(apply_fn, variables, x.shape)
   convs = top_level_conv_layers(known)
@@ -401,7 +403,8 @@ def write_pictures(workdir: str | os.PathLike, image: int, *, layers: Sequence[s
   cam_layer, pattern_layer = cam_layer or convs[-1], pattern_layer or convs[-1]
   for name in (*layers, cam_layer, pattern_layer):
     feature_map(known, name)
-  probs = inference.predict_proba(s.state, s.normalize, images[image:image + 1], 1, config.loss)[0]
+  probs = predict_proba(s.state, s.normalize, images[image:image + 1], s.runner.mesh.size,
+                        config.loss, mesh=s.runner.mesh)[0]
   pred = int(probs.argmax())
   class_id = pred if class_id is None else class_id
   names = s.data.class_names

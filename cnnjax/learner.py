@@ -1,4 +1,5 @@
-"""A notebook API on top of the experiments' own training loop (``cnnjax.train.fit``).
+"""A notebook API on the experiments' own run assembly and loop: keyword arguments -> a
+config -> ``assemble.build`` -> ``train.fit``; saves are ``Checkpoints`` as a run's.
 
     learner = cnnjax.Learner("seed_cnn", "cifar10", optimizer="rmsprop", lr=1e-3)
     history = learner.fit(epochs=3)
@@ -9,22 +10,21 @@ Names follow Keras and fastai: ``fit``, ``fit_one_cycle``, ``evaluate``, ``predi
 """
 import dataclasses
 import functools
-import re
 import json
 import pathlib
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
-import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from cnnjax import inference, logs, lr_finder, optim, plots, train
-from cnnjax.data import pipeline, sources
+from cnnjax import (assemble, evaluate, logs, lr_finder, optim, parallel, plots, runtime, steps,
+                    train)
+from cnnjax import config as config_lib
+from cnnjax.checkpoint import Checkpoints
+from cnnjax.data import sources
 from cnnjax.errors import UserError
-from cnnjax.models import create_model
 
 DataLike = Any  # see Learner's docstring
 
@@ -102,37 +102,51 @@ class Learner:
                optimizer_options: dict[str, Any] | None = None):
     if loss != "cross_entropy":
       raise UserError(f"unknown loss {loss!r}; expected 'cross_entropy'")
+    runtime.configure()
     self.data = as_dataset(data, image_size)
-    self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
-    self.train_data, self.val_data = pipeline.split_validation(*self.data.train, val_size, seed)
-    if batch_size > len(self.train_data[1]):
-      raise UserError(f"batch_size={batch_size} is larger than the {len(self.train_data[1])} "
-                      "training examples; expected a smaller batch_size or more data")
     labels_max = int(self.data.train[1].max())
-    self.num_classes = num_classes or max(len(self.data.class_names), labels_max + 1)
-    if labels_max >= self.num_classes or int(self.data.train[1].min()) < 0:
-      raise UserError(f"labels must be in [0, {self.num_classes}); found {labels_max}")
-    self.model_spec = {"name": model, "num_classes": self.num_classes} if isinstance(model, str) else None
-    self.model = create_model(**self.model_spec) if isinstance(model, str) else model
-    self.optimizer_config = optim.default_optimizer_config()
-    self.optimizer_config.update({"name": optimizer, "lr": lr, **(optimizer_options or {})})
-    if normalize:
-      self.mean, self.std = pipeline.channel_stats(self.train_data[0])
-    else:
-      channels = self.data.image_shape[-1]
-      self.mean, self.std = np.zeros(channels, np.float32), np.full(channels, 255.0, np.float32)
-    self.label_smoothing = label_smoothing
-    self.runner = train.Runner.create(train.make_normalize(self.mean, self.std), label_smoothing)
-    self.augment = train.make_augment(ml_collections.ConfigDict(augment or {}))
+    num_classes = num_classes or max(len(self.data.class_names), labels_max + 1)
+    c = config_lib.default_config()
+    c.model.num_classes = num_classes
+    if isinstance(model, str):
+      c.model.name = model
+    c.optimizer.update({"name": optimizer, "lr": lr, **(optimizer_options or {})})
+    c.update({"batch_size": batch_size, "eval_batch_size": eval_batch_size, "seed": seed,
+              "label_smoothing": label_smoothing, "num_epochs": 1})
+    c.data.val_size = float(val_size)
+    c.data.augment.update(augment or {})
+    c.data.normalization = "dataset" if normalize else "unit"
+    self.config = c
+    self.model_spec = {"name": model, "num_classes": num_classes} if isinstance(model, str) else None
+    self.run = assemble.build(c, data=self.data, model=None if isinstance(model, str) else model)
     self.history = History()
     self._schedule = optax.constant_schedule(lr)
-    tx = optim.make_optimizer(self.optimizer_config, self._schedule)
-    self.state = self.runner.put_state(
-        train.create_train_state(self.model, tx, self.data.image_shape, seed))
+    self._set_schedule(self._schedule)
+    self.state = self.run.runner.put_state(self.state)
+
+  @property
+  def model(self) -> nn.Module:
+    return self.run.model
+
+  @property
+  def train_data(self):
+    return self.run.train
+
+  @property
+  def val_data(self):
+    return self.run.val
+
+  @property
+  def state(self) -> steps.TrainState:
+    return self.run.state
+
+  @state.setter
+  def state(self, state: steps.TrainState) -> None:
+    self.run.state = state
 
   @property
   def steps_per_epoch(self) -> int:
-    return len(self.train_data[0]) // self.batch_size
+    return self.run.steps_per_epoch
 
   @property
   def epoch(self) -> int:
@@ -142,14 +156,15 @@ class Learner:
   def fit(self, epochs: int, lr: float | None = None) -> History:
     """Trains ``epochs`` more epochs at a constant ``lr`` (default: the learner's);
     returns the whole history."""
-    self._set_schedule(optax.constant_schedule(lr or self.optimizer_config.lr))
+    self._set_schedule(optax.constant_schedule(lr or self.config.optimizer.lr))
     return self._run(epochs)
 
   def _run(self, epochs: int) -> History:
+    c = self.config
     self._target_epoch = self.epoch + epochs
-    self.state = train.fit(self.runner, self.state, self.train_data, self.val_data,
-                           num_epochs=self.epoch + epochs, batch_size=self.batch_size,
-                           eval_batch_size=self.eval_batch_size, seed=self.seed, augment=self.augment,
+    self.state = train.fit(self.run.runner, self.state, self.train_data, self.val_data,
+                           num_epochs=self.epoch + epochs, batch_size=c.batch_size,
+                           eval_batch_size=c.eval_batch_size, seed=c.seed, augment=self.run.augment,
                            schedule=self._schedule, on_epoch_end=self._log)
     return self.history
 
@@ -179,27 +194,29 @@ class Learner:
     self._set_groups(())
 
   def _set_groups(self, groups: tuple[str, ...]) -> None:
+    c = self.config
+    c.optimizer.groups = groups
     frozen = optim.frozen_modules(self.state.params, groups)
-    self.optimizer_config.groups = groups
-    self.runner = train.Runner.create(train.make_normalize(self.mean, self.std), self.label_smoothing,
-                                      frozen=frozen)
-    tx = optim.make_optimizer(self.optimizer_config, self._schedule)
-    self.state = self.runner.put_state(self.state.replace(tx=tx, opt_state=tx.init(self.state.params)))
+    self.run.runner = steps.Runner.create(self.run.normalize, c.label_smoothing, self.run.runner.mesh,
+                                          c.loss, frozen, c.eval_flip, c.eval_shift)
+    tx = optim.make_optimizer(c.optimizer, self._schedule)
+    self.state = self.run.runner.put_state(self.state.replace(tx=tx, opt_state=tx.init(self.state.params)))
 
   def lr_find(self, sweep: lr_finder.Sweep = lr_finder.Sweep()) -> lr_finder.LRCurve:
     """The learning-rate range test from the current weights (left untouched); the curve
     has ``.lr_steepest``, ``.lr_min_div10`` and ``.write(dir)`` (plot + JSON)."""
-    batches = lr_finder.sweep_batches(self.train_data, self.batch_size, self.seed, self.augment)
-    return lr_finder.lr_sweep(self.runner, self.state, batches,
-                              functools.partial(optim.make_optimizer, self.optimizer_config), sweep)
+    c = self.config
+    batches = lr_finder.sweep_batches(self.train_data, c.batch_size, c.seed, self.run.augment)
+    return lr_finder.lr_sweep(self.run.runner, self.state, batches,
+                              functools.partial(optim.make_optimizer, c.optimizer), sweep)
 
   def _set_schedule(self, schedule: optax.Schedule) -> None:
     """Swaps the learning-rate schedule; the optimizer state's structure does not depend
     on it, so the moments carry over."""
     self._schedule = schedule
-    self.state = self.state.replace(tx=optim.make_optimizer(self.optimizer_config, schedule))
+    self.state = self.state.replace(tx=optim.make_optimizer(self.config.optimizer, schedule))
 
-  def _log(self, state: train.TrainState, row: dict[str, Any]) -> None:
+  def _log(self, state: steps.TrainState, row: dict[str, Any]) -> None:
     del state
     self.history.rows.append(row)
     print(train.format_epoch(row, self._target_epoch), flush=True)
@@ -215,7 +232,7 @@ class Learner:
       dataset = dataclasses.replace(as_dataset(data), class_names=self.data.class_names)
     if not len(dataset.test[1]):
       raise UserError("no test data: pass (images, labels) to evaluate() or data with a test split")
-    result, _ = train.test_report(self.runner, self.state, dataset, self.eval_batch_size)
+    result, _ = evaluate.test_report(dataclasses.replace(self.run, data=dataset), self.state)
     return result
 
   def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
@@ -223,17 +240,22 @@ class Learner:
     images = sources.checked_arrays("images", images, np.zeros(len(images), np.int64))[0]
     if images.shape[1:] != self.data.image_shape:
       raise UserError(f"images have shape {images.shape[1:]}; expected {self.data.image_shape} as trained")
-    return inference.predict_proba(self.state, train.make_normalize(self.mean, self.std), images,
-                                   batch_size or self.eval_batch_size)
+    return steps.predict_proba(self.state, self.run.normalize, images,
+                               batch_size or self.config.eval_batch_size, mesh=self.run.runner.mesh)
 
   def save(self, path: str | pathlib.Path) -> pathlib.Path:
-    """Writes the train state (orbax) and what ``Learner.load`` needs to rebuild it."""
+    """Writes the train state (``Checkpoints``, as a run's) and what ``Learner.load`` needs
+    to rebuild it (``learner.json``)."""
     path = pathlib.Path(path).absolute()
-    with ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(path / "state", self.state, force=True)
-    meta = {"model": self.model_spec, "optimizer": self.optimizer_config.to_dict(),
-            "mean": self.mean.tolist(), "std": self.std.tolist(), "class_names": self.data.class_names,
-            "image_shape": list(self.data.image_shape), "history": self.history.rows}
+    checkpoints = Checkpoints(path / "checkpoints")
+    checkpoints.save(int(self.state.step), self.state)
+    checkpoints.wait()
+    checkpoints.close()
+    mean, std = self.run.stats
+    meta = {"model": self.model_spec, "optimizer": self.config.optimizer.to_dict(),
+            "mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist(),
+            "class_names": self.data.class_names, "image_shape": list(self.data.image_shape),
+            "history": self.history.rows}
     (path / "learner.json").write_text(json.dumps(meta, indent=2))
     return path
 
@@ -260,14 +282,15 @@ class Learner:
     kwargs.setdefault("val_size", 0)
     learner = cls(model or meta["model"]["name"], data, opt.pop("name"), opt.pop("lr"),
                   optimizer_options=opt, num_classes=len(meta["class_names"]), **kwargs)
-    learner.mean, learner.std = np.array(meta["mean"], np.float32), np.array(meta["std"], np.float32)
-    learner.runner = train.Runner.create(train.make_normalize(learner.mean, learner.std))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, learner.state)
-    try:
-      with ocp.StandardCheckpointer() as ckpt:
-        learner.state = ckpt.restore(path / "state", abstract)
-    except (ValueError, KeyError, TypeError) as e:
-      raise UserError(f"{path} does not match this model ({str(e).splitlines()[0][:200]})") from e
+    learner.run = learner.run.with_stats(np.array(meta["mean"], np.float32),
+                                         np.array(meta["std"], np.float32))
+    checkpoints = Checkpoints(path / "checkpoints")
+    step = checkpoints.latest_step()
+    if step is None:
+      raise UserError(f"{path}/checkpoints holds no saved state; expected a path given to save()")
+    learner.state = checkpoints.restore(step, learner.state,
+                                        parallel.replicated(learner.run.runner.mesh))
+    checkpoints.close()
     learner.history = History(meta["history"])
     return learner
 

@@ -19,6 +19,12 @@ import jax
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "tensorflow-datasets")
 
 
+def say(line: str) -> None:
+  """Prints ``line`` on process 0 of a run, flushed (logs read as they are written)."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
 def columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
   """Rows of per-epoch dicts as column -> values (None where a row lacks the key)."""
   keys = list(dict.fromkeys(k for row in rows for k in row))

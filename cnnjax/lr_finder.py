@@ -7,8 +7,8 @@ exponential moving average and stop once the smoothed loss exceeds 4x its minimu
 run diverged). Two suggestions come from the smoothed curve: the learning rate of its
 steepest descent (per unit of log lr) and the learning rate at its minimum divided by 10.
 
-The sweep runs the run's own compiled ``train_step`` (``train.make_train_step`` through
-``train.Runner``) and the config's optimizer (``optim.make_optimizer``) driven by the
+The sweep runs the run's own compiled ``train_step`` (``steps.make_train_step`` through
+``steps.Runner``) and the config's optimizer (``optim.make_optimizer``) driven by the
 sweeping schedule, on a fresh copy of the train state: the caller's state is never
 modified, even though the compiled step donates its input buffers.
 """
@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cnnjax import optim, plots, train
+from cnnjax import assemble, optim, plots, steps
 from cnnjax.data import pipeline
 from cnnjax.errors import UserError
 
@@ -155,18 +155,18 @@ class Sweep:
     return optax.exponential_decay(self.start_lr, self.num_steps - 1, self.end_lr / self.start_lr)
 
 
-def _fresh_state(runner: train.Runner, state: train.TrainState,
-                 tx: optax.GradientTransformation) -> train.TrainState:
+def _fresh_state(runner: steps.Runner, state: steps.TrainState,
+                 tx: optax.GradientTransformation) -> steps.TrainState:
   """A copy of ``state``'s weights, statistics and rng in new buffers, with a new
   optimizer ``tx`` at step 0, placed on ``runner``'s mesh."""
   state = runner.put_state(state)  # may alias the caller's buffers: copied next
   params, batch_stats, rng = jax.tree.map(jnp.copy, (state.params, state.batch_stats, state.rng))
-  fresh = train.TrainState.create(apply_fn=state.apply_fn, params=params, tx=tx,
+  fresh = steps.TrainState.create(apply_fn=state.apply_fn, params=params, tx=tx,
                                   batch_stats=batch_stats, rng=rng)
   return runner.put_state(fresh)
 
 
-def lr_sweep(runner: train.Runner, state: train.TrainState, batches: Iterable[dict[str, np.ndarray]],
+def lr_sweep(runner: steps.Runner, state: steps.TrainState, batches: Iterable[dict[str, np.ndarray]],
              make_tx: Callable[[optax.Schedule], optax.GradientTransformation],
              sweep: Sweep = Sweep()) -> LRCurve:
   """Runs the range test on a copy of ``state``; ``state`` itself is left untouched.
@@ -209,30 +209,19 @@ def sweep_batches(data: pipeline.Arrays, batch_size: int, seed: int,
     yield from (batches[k] for k in range(len(batches)))
 
 
-def find_lr(config: ml_collections.ConfigDict, s: train.Setup | None = None,
+def find_lr(config: ml_collections.ConfigDict, run: assemble.Run | None = None,
             sweep: Sweep = Sweep()) -> LRCurve:
   """The range test of the run ``config`` describes: its data, model, initial weights,
   batch size, augmentation and optimizer (its learning rate replaced by the sweep).
 
   Args:
     config: a run config (``experiments/configs/*.py``).
-    s: the run's ``train.setup(config)`` if already built (its state is not modified).
+    run: the run's ``assemble.build(config)`` if already built (its state is not modified).
     sweep: the learning rates and the stopping rule.
   Returns:
     The curve; reproducible for ``config.seed``.
   """
-  s = s if s is not None else train.setup(config)
-  batches = sweep_batches(s.train, config.batch_size, config.seed,
-                          train.make_augment(config.data.augment))
-  return lr_sweep(s.runner, s.state, batches,
+  run = run if run is not None else assemble.build(config)
+  batches = sweep_batches(run.train, config.batch_size, config.seed, run.augment)
+  return lr_sweep(run.runner, run.state, batches,
                   functools.partial(optim.make_optimizer, config.optimizer), sweep)
-
-
-def suggest_lr(config: ml_collections.ConfigDict, s: train.Setup | None = None) -> float:
-  """The learning rate to train ``config`` with: the loss minimum's lr / 10 of ``find_lr``
-  with the default sweep (1e-7 to 10 in 100 steps).
-
-  ``s`` as in ``find_lr``: pass the setup when calling from inside ``train.setup`` (the
-  sweep reads only ``s.runner``, ``s.state`` and ``s.train``).
-  """
-  return find_lr(config, s).lr_min_div10

@@ -2,7 +2,7 @@
 VJPs.
 
 XLA:CPU's convolution kernels (Eigen) run up to 3.9x slower than oneDNN's, the library
-PyTorch uses on CPU (``python -m experiments.bench --convs``), and its reductions over
+PyTorch uses on CPU (``python -m benchmarks --mode=convs``), and its reductions over
 ``[B, H, W]`` per channel (batch-norm statistics and their gradients) take 3x an elementwise
 pass over the same tensor (BENCHMARKS.md notes). ``conv(x, kernel, strides, padding)`` runs
 a float32 NHWC/HWIO 2-D convolution, its input gradient and its kernel gradient as oneDNN
@@ -14,11 +14,12 @@ The extension is optional. It needs oneDNN's library and headers (the PyPI packa
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, installed with cnnjax on x86-64 Linux)
 and a C++ compiler (``$CXX``, default g++), and is compiled on first use (~3 s) into
 ``$CNNJAX_CACHE`` (default ``~/.cache/cnnjax``), keyed by the source, jax and oneDNN
-versions. ``available()`` says whether it can run here, ``unavailable_reason()`` why not;
-``CNNJAX_ONEDNN=0`` turns it off. ``cnnjax.models.conv`` and ``cnnjax.models.batch_norm``
-use it where it is available; without it they run XLA's own kernels, with the same results
+versions, when ``cnnjax.runtime.configure()`` asks for it. ``available()`` says whether it
+can run here, ``unavailable_reason()`` why not; ``CNNJAX_ONEDNN=0`` turns it off.
+``cnnjax.models.conv`` and ``cnnjax.models.batch_norm`` use it where ``configure`` chose it
+(one device); without it they run XLA's own kernels, with the same results
 up to float32 rounding. Its ops have custom VJPs: ``jax.grad`` works through them, forward-
-mode ``jax.jvp`` does not (set ``CNNJAX_ONEDNN=0`` for that).
+mode ``jax.jvp`` does not (``runtime.configure(onednn=False)`` for that).
 """
 import ctypes
 import functools
@@ -35,16 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from cnnjax import conv_math
+from cnnjax import conv_math, runtime
 
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "onednn.cc"
 _TARGETS = {"conv_fwd": "CnnjaxOnednnConvFwd", "conv_bwd_data": "CnnjaxOnednnConvBwdData",
             "conv_bwd_weights": "CnnjaxOnednnConvBwdWeights",
             "norm_fwd": "CnnjaxOnednnNormFwd", "norm_bwd": "CnnjaxOnednnNormBwd"}
-
-
-def _cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("CNNJAX_CACHE", pathlib.Path.home() / ".cache" / "cnnjax"))
 
 
 def _installed_file(distribution: str, name: str) -> pathlib.Path:
@@ -64,7 +61,7 @@ def _build() -> pathlib.Path:
     raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
   key = hashlib.sha256(_SOURCE.read_bytes() + f"{jax.__version__} {library} "
                        f"{metadata.version('onednn-cpu-gomp')}".encode()).hexdigest()[:16]
-  target = _cache_dir() / f"onednn_{key}.so"
+  target = runtime.cache_dir() / f"onednn_{key}.so"
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -104,12 +101,6 @@ def available() -> bool:
 def unavailable_reason() -> str:
   """Why ``available()`` is False ('' when it is True)."""
   return _load()
-
-
-def in_use() -> bool:
-  """Whether the models' convolutions and batch norms run on oneDNN: ``available()`` and one
-  device (with the batch sharded over several, XLA would gather a custom call's operands)."""
-  return jax.device_count() == 1 and available()
 
 
 def _call(name: str, out_shapes: Sequence[Sequence[int]], *operands: jax.Array,

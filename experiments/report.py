@@ -10,20 +10,28 @@ titled "true / pred (p=0.97)").
 """
 from absl import flags
 
-from cnnjax import inference, report
-from experiments import cli
+from experiments import entry
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "the --workdir of a finished experiment")
-_WHICH = flags.DEFINE_enum("which", "best", list(inference.CHECKPOINTS), "checkpoint to evaluate")
-_MISTAKES = flags.DEFINE_integer("mistakes", 16, "how many confident mistakes to show", lower_bound=0)
+FLAGS = entry.command_flags()
+_WORKDIR = flags.DEFINE_string("workdir", None, "the --workdir of a finished experiment",
+                               flag_values=FLAGS)
+_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to evaluate",
+                           flag_values=FLAGS)
+_MISTAKES = flags.DEFINE_integer("mistakes", 16, "how many confident mistakes to show", lower_bound=0,
+                                 flag_values=FLAGS)
 
 
-def write() -> None:
+def main() -> None:
   """Writes the report of the flags' run and prints its summary line."""
-  result = report.write_report(_WORKDIR.value, _WHICH.value, _MISTAKES.value)
-  print(f"{report.format_report(result)} | wrote {_WORKDIR.value}/report/")
+  from cnnjax import evaluate
+  result = evaluate.write_report(_WORKDIR.value, _WHICH.value, _MISTAKES.value)
+  print(f"{evaluate.format_report(result)} | wrote {_WORKDIR.value}/report/")
+
+
+def cli(argv: list[str] | None = None) -> None:
+  """Runs the command on ``argv`` (default ``sys.argv``); exits with its status."""
+  entry.run(main, doc=__doc__, fv=FLAGS, required=["workdir"], argv=argv)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  cli.run(write)
+  cli()

@@ -4,21 +4,20 @@ r"""A picture of a config's training augmentation: one training image and N augm
       [--image 0] [--count 15] [--config.data.augment.rotation=40 ...]
 
 The data come from ``cnnjax.data.sources.load(config.data.source, ...)`` and the augmentation
-from ``cnnjax.train.make_augment(config.data.augment)``, exactly as a training run builds
+from ``cnnjax.data.augment.from_config(config.data.augment)``, exactly as a training run builds
 them; the versions are drawn with ``config.seed``. Writes ``DIR/augment_<image>.png``.
 """
 import pathlib
-import sys
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
-import cnnjax  # noqa: F401  (XLA CPU defaults before JAX starts)
-from cnnjax import plots, train
-from cnnjax.data import sources
-from cnnjax.errors import UserError
-from experiments import main as main_lib
+from experiments import entry
+
+FLAGS = entry.command_flags()
+_OUT = flags.DEFINE_string("out", None, "Directory for the PNG.", flag_values=FLAGS)
+_IMAGE = flags.DEFINE_integer("image", 0, "Index of the training image.", flag_values=FLAGS)
+_COUNT = flags.DEFINE_integer("count", 15, "Number of augmented versions.", flag_values=FLAGS)
 
 
 def augmented_versions(config, index: int, count: int) -> tuple[np.ndarray, str]:
@@ -32,9 +31,11 @@ def augmented_versions(config, index: int, count: int) -> tuple[np.ndarray, str]
   Returns:
     ``(images, class_name)``: uint8 ``[1 + count, H, W, C]``, the original first.
   """
+  from cnnjax.data import augment as augment_lib, sources
+  from cnnjax.errors import UserError
   if count < 1:
     raise UserError(f"--count={count}; expected at least 1 augmented version")
-  augment = train.make_augment(config.data.augment)
+  augment = augment_lib.from_config(config.data.augment.to_dict())
   if augment is None:
     raise UserError("config.data.augment turns every augmentation off; nothing to show "
                     "(set e.g. --config.data.augment.rotation=40)")
@@ -49,33 +50,20 @@ def augmented_versions(config, index: int, count: int) -> tuple[np.ndarray, str]
 
 def write_grid(config, out: str | pathlib.Path, index: int, count: int) -> pathlib.Path:
   """Writes ``out/augment_<index>.png``: the original (titled with its class) then the versions."""
+  from cnnjax import plots
   images, class_name = augmented_versions(config, index, count)
   titles = [f"#{index} {class_name}"] + [f"augmented {i}" for i in range(1, count + 1)]
   return plots.image_grid(images, pathlib.Path(out) / f"augment_{index}.png", titles=titles)
 
 
-def main(argv: list[str]) -> None:
-  """Parses ``argv`` (program name first) and writes the grid; errors end as one line."""
-  fv = flags.FlagValues()  # private flags: experiments.main owns the global --config
-  config = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
-                                           flag_values=fv, lock_config=True, sys_argv=argv)
-  out = flags.DEFINE_string("out", None, "Directory for the PNG.", flag_values=fv)
-  image = flags.DEFINE_integer("image", 0, "Index of the training image.", flag_values=fv)
-  count = flags.DEFINE_integer("count", 15, "Number of augmented versions.", flag_values=fv)
-  flags.mark_flags_as_required(["config", "out"], flag_values=fv)
-  try:
-    fv(argv)
-    config.value.keys()  # loads the file and applies the overrides now
-  except Exception as e:  # absl/ml_collections raise many types, all with deep tracebacks
-    print(f"error: {main_lib.explain_flag_error(argv, e)}", file=sys.stderr)
-    sys.exit(2)
-  try:
-    path = write_grid(config.value, out.value, image.value, count.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"wrote {path}")
+def main(config) -> None:
+  print(f"wrote {write_grid(config, _OUT.value, _IMAGE.value, _COUNT.value)}")
+
+
+def cli(argv: list[str] | None = None) -> None:
+  """Runs the command on ``argv`` (default ``sys.argv``); exits with its status."""
+  entry.run(main, doc=__doc__, fv=FLAGS, config=True, required=["out"], argv=argv)
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  cli()

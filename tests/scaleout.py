@@ -25,7 +25,7 @@ TIMEOUT = 240  # seconds for one run, generous for a loaded 2-core machine
 
 def env(cache_dir: pathlib.Path, devices: int = 1, **extra: str) -> dict[str, str]:
   """The environment of a subprocess with ``devices`` CPU devices; ``extra`` variables added."""
-  flags = os.environ.get("XLA_FLAGS", "")  # keeps cnnjax's own defaults (set on import)
+  flags = os.environ.get("XLA_FLAGS", "")  # keeps cnnjax's defaults (tests/conftest.py)
   flags += f" --xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
   return {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from cnnjax import train
+from cnnjax import assemble, steps
 from cnnjax.models import create_model
 from cnnjax.models.airbench import WHITEN_PATCHES, dirac_init, whitening_kernel
 from experiments.configs import cifar_fast
@@ -41,11 +41,11 @@ def test_setup_whitens_a_fresh_model_from_the_training_images(npz_path):
   config = cifar_fast.get_config()  # whiten/kernel frozen by its optimizer.groups
   config.data.source = str(npz_path)
   config.batch_size = 32
-  s = train.setup(config)
+  s = assemble.build(config)
   expected = whitening_kernel(np.asarray(s.normalize(s.train[0][:WHITEN_PATCHES])))
   np.testing.assert_allclose(s.state.params["whiten"]["kernel"], expected, rtol=1e-6)
   state, _ = s.runner.train_step(s.runner.put_state(s.state),
                                  s.runner.to_global({"image": s.train[0][:32], "label": s.train[1][:32]}))
   np.testing.assert_array_equal(state.params["whiten"]["kernel"], expected)  # frozen
-  fresh = train.create_train_state(create_model("airbench"), optax.sgd(0.1), (32, 32, 3), 0)
+  fresh = steps.create_train_state(create_model("airbench"), optax.sgd(0.1), (32, 32, 3), 0)
   assert not np.allclose(fresh.params["whiten"]["kernel"], expected)

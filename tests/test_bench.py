@@ -1,16 +1,31 @@
-"""Smoke tests of ``python -m experiments.bench --input`` (generated data), ``--models``
-(small models) and ``--convs`` (tiny shapes), with tiny windows."""
+"""Smoke tests of ``python -m benchmarks --mode=input`` (generated and synthetic data),
+``--mode=models`` (small models) and ``--mode=convs`` (tiny shapes), with tiny windows; the
+PyTorch comparisons are slow and skip without torch."""
 import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks import __main__ as bench
+from benchmarks import conv_rows, model_rows
 from cnnjax import onednn
-from experiments import bench
+
+TINY = ["--windows", "1", "--window_seconds", "0.05", "--warmup_seconds", "0"]
 
 
-def test_input_mode_prints_and_appends_a_table(tmp_path, npz_path, capsys):
+def _run(args: list[str], capsys) -> str:
+  """The report ``python -m benchmarks args`` prints on stdout."""
+  bench.main(["benchmarks", *args])
+  return capsys.readouterr().out
+
+
+def _table_rows(text: str) -> list[str]:
+  """The markdown table rows of ``text`` after the header."""
+  return [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+
+
+def test_input_mode_prints_the_report_and_appends_it_to_out(tmp_path, npz_path, capsys):
   rng = np.random.default_rng(0)
   for c in ("a", "b"):
     (tmp_path / "folder" / c).mkdir(parents=True)
@@ -19,37 +34,46 @@ def test_input_mode_prints_and_appends_a_table(tmp_path, npz_path, capsys):
           tmp_path / "folder" / c / f"{i}.png")
   out = tmp_path / "BENCH.md"
   out.write_text("# Benchmarks\n\n")
-  bench.main(["--input", "--source", str(npz_path), "--folder", str(tmp_path / "folder"),
-              "--step_model", "mlp", "--batch_sizes", "8", "--folder_batch_size", "2", "--workers", "0",
-              "--windows", "2", "--window_seconds", "0.01", "--warmup_seconds", "0",
-              "--out", str(out)])
-  text = out.read_text()
-  assert text.startswith("# Benchmarks\n\n## Input pipelines vs the mlp train step: ")
-  assert "`python -m experiments.bench --input --source " in text
-  rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-  assert len(rows) == 1 + 4  # header; crop + flip, Keras set, folder, train step
-  assert rows[1].startswith("| CIFAR-10 crop + flip | 8 | in-process | ")
-  assert rows[2].startswith("| CIFAR-10 Keras set | 8 | in-process | ")
-  assert "/folder decode + resized crop 224 + flip | 2 | in-process | " in rows[3]
-  assert rows[4].startswith("| mlp train step (synthetic) | 8 | - | ")
+  text = _run(["--mode=input", "--source", str(npz_path), "--folder", str(tmp_path / "folder"),
+               "--step_model", "mlp", "--batch_sizes", "8", "--folder_batch_size", "2",
+               "--workers", "0", "--windows", "2", "--window_seconds", "0.01",
+               "--warmup_seconds", "0", "--out", str(out)], capsys)
+  assert text.startswith("## Input pipelines vs the mlp train step: ")
+  assert out.read_text() == "# Benchmarks\n\n" + text
+  assert "`python -m benchmarks --mode=input --source " in text
+  rows = _table_rows(text)
+  assert len(rows) == 4  # crop + flip, Keras set, folder, train step
+  assert rows[0].startswith("| CIFAR-10 crop + flip | 8 | in-process | ")
+  assert rows[1].startswith("| CIFAR-10 Keras set | 8 | in-process | ")
+  assert "/folder decode + resized crop 224 + flip | 2 | in-process | " in rows[2]
+  assert rows[3].startswith("| mlp train step (synthetic) | 8 | - | ")
+  assert f"- Data: CIFAR-10, 192 images, --source={npz_path}; " in text
   assert "- batch 8: CIFAR-10 crop + flip pipeline / mlp train step (synthetic) = " in text
-  assert "appended to" in capsys.readouterr().out
 
 
-def _table_rows(text: str) -> list[str]:
-  """The markdown table rows of ``text`` after the header."""
-  return [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+def test_input_mode_without_data_reads_synthetic_data_and_writes_nothing(
+    tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  text = _run(["--mode=input", "--step_model", "mlp", "--batch_sizes", "8,16", "--workers", "0",
+               "--folder_batch_size", "4", *TINY], capsys)
+  names = [row.split(" | ")[0][2:] for row in _table_rows(text)]
+  assert names == ["synthetic CIFAR-10 crop + flip"] * 2 + [
+      "synthetic CIFAR-10 Keras set", "synthetic folder decode + resized crop 224 + flip",
+      "mlp train step (synthetic)", "mlp train step (synthetic)"]
+  assert ("- Data: synthetic CIFAR-10, 50,000 images, uniform uint8 noise (no --source); "
+          "synthetic folder, 64 images, generated 500x375 JPEGs in 2 classes (no --folder).") in text
+  assert len(re.findall(r"- batch (8|16): synthetic CIFAR-10 crop \+ flip pipeline / ", text)) == 2
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_models_mode_without_torch_reports_a_failed_row_and_measures_the_others(
-    tmp_path, monkeypatch, capsys):
-  monkeypatch.setitem(bench.MODEL_ROWS, "broken",
-                      bench.ModelSpec("Broken", "train", "no_such_model", (8, 8, 3), 2))
-  out = tmp_path / "BENCH.md"
-  bench.main(["--models", "--no_torch", "--only", "broken,lenet", "--model_batches", "lenet=8",
-              "--windows", "1", "--window_seconds", "0.05", "--warmup_seconds", "0",
-              "--out", str(out)])
-  text = out.read_text()
+    monkeypatch, capsys):
+  monkeypatch.setitem(model_rows.MODEL_ROWS, "broken",
+                      model_rows.ModelSpec("Broken", "train", "no_such_model", (8, 8, 3), 2))
+  bench.main(["benchmarks", "--mode=models", "--no_torch", "--only", "broken,lenet",
+              "--model_batches", "lenet=8", *TINY])
+  text, progress = capsys.readouterr()
+  assert "broken: not measured" in progress  # printed as it happened
   assert text.startswith("## Train steps: cnnjax (JAX) vs PyTorch: ")
   assert "torch" not in text.split("- Versions: ")[1].splitlines()[0]
   kernels = text.split("- cnnjax kernels: ")[1].splitlines()[0]
@@ -58,16 +82,14 @@ def test_models_mode_without_torch_reports_a_failed_row_and_measures_the_others(
   assert row.startswith("| LeNet | 8 | 61,706 | ")
   assert re.search(r" \| - \| - \| - \| - \| [01]/1 \|$", row)  # no torch columns
   assert "- broken: not measured (UserError: unknown model 'no_such_model'" in text
-  assert "broken: not measured" in capsys.readouterr().out
 
 
-def test_models_mode_compares_jax_with_torch_peers(tmp_path):
+@pytest.mark.slow
+def test_models_mode_compares_jax_with_torch_peers(capsys):
   pytest.importorskip("torch")
-  out = tmp_path / "BENCH.md"
-  bench.main(["--models", "--only", "seed_cnn,lenet", "--model_batches", "seed_cnn=16,lenet=16",
-              "--windows", "1", "--window_seconds", "0.2", "--warmup_seconds", "0",
-              "--out", str(out)])
-  text = out.read_text()
+  text = _run(["--mode=models", "--only", "seed_cnn,lenet", "--model_batches",
+               "seed_cnn=16,lenet=16", "--windows", "1", "--window_seconds", "0.2",
+               "--warmup_seconds", "0"], capsys)
   assert "torch 2." in text.split("- Versions: ")[1].splitlines()[0]
   seed, lenet = _table_rows(text)
   for row, title, params in [(seed, "SeedCNN", "17,962"), (lenet, "LeNet", "61,706")]:
@@ -80,17 +102,15 @@ def test_models_mode_compares_jax_with_torch_peers(tmp_path):
   assert "not measured" not in text
 
 
-@pytest.mark.parametrize("with_torch", [False, True])
-def test_convs_mode_times_both_lowerings_of_each_shape(tmp_path, monkeypatch, with_torch):
+@pytest.mark.parametrize("with_torch", [
+    False, pytest.param(True, marks=pytest.mark.slow)])
+def test_convs_mode_times_both_lowerings_of_each_shape(monkeypatch, capsys, with_torch):
   if with_torch:
     pytest.importorskip("torch")
-  monkeypatch.setattr(bench, "CONV_SHAPES", (
-      bench.ConvSpec("tiny 1x1", (2, 6, 6, 8), (1, 1, 8, 4), (2, 2), "SAME"),
-      bench.ConvSpec("tiny 3x3", (2, 8, 8, 32), (3, 3, 32, 8), (1, 1), ((0, 1), (1, 2)))))
-  out = tmp_path / "BENCH.md"
-  bench.main(["--convs", "--windows", "1", "--window_seconds", "0.1", "--warmup_seconds", "0",
-              "--out", str(out)] + ([] if with_torch else ["--no_torch"]))
-  text = out.read_text()
+  monkeypatch.setattr(conv_rows, "CONV_SHAPES", (
+      conv_rows.ConvSpec("tiny 1x1", (2, 6, 6, 8), (1, 1, 8, 4), (2, 2), "SAME"),
+      conv_rows.ConvSpec("tiny 3x3", (2, 8, 8, 32), (3, 3, 32, 8), (1, 1), ((0, 1), (1, 2)))))
+  text = _run(["--mode=convs", *TINY] + ([] if with_torch else ["--no_torch"]), capsys)
   assert text.startswith("## Convolution lowering: lax vs cnnjax.models.conv: ")
   im2col, xla = _table_rows(text)
   lowering = "onednn" if onednn.available() else None
@@ -109,3 +129,21 @@ def test_convs_mode_times_both_lowerings_of_each_shape(tmp_path, monkeypatch, wi
       assert cells[5] == cells[8] == cells[10] == "-"
       assert re.fullmatch(r"[012]/2", cells[11])
   assert "- Each row times a jitted `jax.value_and_grad`" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], r"--mode is required; expected one of models, convs, input"),
+    (["--mode=speed"], r"flag --mode=speed: value should be one of <models\|convs\|input>"),
+    (["--mode=models", "--only=lenet,vgg"], r"flag --only=lenet,vgg: unknown row 'vgg'"),
+    (["--mode=models", "--model_batches=lenet=0"], r"'lenet=0'; expected <row>=<positive"),
+    (["--mode=input", "--batch_sizes=32,x"], r"'x'; expected positive integers"),
+    (["--mode=input", "--window_seconds=0"], r"flag --window_seconds=0.0: expected > 0"),
+    (["--mode=convs", "extra"], r"unexpected arguments \['extra'\]"),
+    (["--mode=input", "--source=/no/such/cifar.npz"], r"data file /no/such/cifar.npz not found"),
+])
+def test_bad_input_ends_with_one_error_line(args, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(["benchmarks", *args])
+  assert exit_info.value.code == 2
+  (line,) = capsys.readouterr().err.splitlines()[-1:]
+  assert re.match(f"^error: .*{message}", line)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cnnjax import onednn
+from cnnjax import onednn, runtime
 from cnnjax.models import conv
 
 # (x shape, kernel shape, strides, padding), covering every branch of lowering.
@@ -28,8 +28,8 @@ IM2COL = {"1x1 strided": True, "1x1 (XLA)": False, "2x2 map": True, "stride 2 to
 def lowerings(request, monkeypatch):
   """Runs a test with oneDNN (skipped where it is unavailable) and without it."""
   if request.param == "without onednn":
-    monkeypatch.setattr(onednn, "available", lambda: False)
-  elif not onednn.available():
+    monkeypatch.setattr(runtime, "_onednn", False)
+  elif not runtime.onednn_in_use():
     pytest.skip(f"oneDNN unavailable: {onednn.unavailable_reason()}")
   return request.param
 

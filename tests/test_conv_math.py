@@ -220,14 +220,19 @@ def test_apply_kernel_on_greyscale_identity_blur_and_edges():
   assert edges[0, 0] == pytest.approx(7.0 * 5)  # corner: 3 of its 8 neighbours are padding
 
 
-def test_conv_demo_writes_png(tmp_path):
-  path = conv_demo.main(["--out", str(tmp_path / "demo"), "--sigma", "1"])
-  assert path == tmp_path / "demo" / "conv_demo.png"
+def test_conv_demo_writes_png(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    conv_demo.cli(["conv_demo", "--out", str(tmp_path / "demo"), "--sigma", "1"])
+  assert exit_info.value.code == 0
+  path = tmp_path / "demo" / "conv_demo.png"
+  assert capsys.readouterr().out.strip() == str(path)
   assert path.stat().st_size > 0
   with Image.open(path) as png:
     assert png.format == "PNG" and png.width > png.height > 100
 
 
-def test_conv_demo_rejects_bad_sigma(tmp_path):
-  with pytest.raises(UserError, match="--sigma must be a finite number > 0, got -1.0"):
-    conv_demo.main(["--out", str(tmp_path), "--sigma", "-1"])
+def test_conv_demo_rejects_bad_sigma(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    conv_demo.cli(["conv_demo", "--out", str(tmp_path), "--sigma", "-1"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == "error: --sigma must be a finite number > 0, got -1.0\n"

@@ -8,15 +8,15 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from cnnjax import train
-from experiments import main
+from cnnjax import models, train
+from experiments import entry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("config_file", ["cifar_seed", "cifar_bn"])
 def test_cifar_config_runs_one_step_on_tfds_mock_data(tmp_path, config_file):
-  config = main._load_config_file(os.path.join(ROOT, f"experiments/configs/{config_file}.py"))
+  config = entry.load_config_file(os.path.join(ROOT, f"experiments/configs/{config_file}.py"))
   assert config.data.source == "cifar10"
   config.num_epochs = 1
   config.batch_size = 16
@@ -36,12 +36,12 @@ CONFIGS = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "experiment
 
 @pytest.mark.parametrize("config_file", CONFIGS)
 def test_every_config_loads_and_names_a_model_that_builds(config_file):
-  config = main._load_config_file(os.path.join(ROOT, f"experiments/configs/{config_file}.py"))
-  assert train.model_from_config(config.model) is not None
+  config = entry.load_config_file(os.path.join(ROOT, f"experiments/configs/{config_file}.py"))
+  assert models.model_from_config(config.model) is not None
 
 
 def _run(*args, cwd=ROOT):
-  return subprocess.run([sys.executable, "-m", "experiments.cifar", *args], cwd=cwd,
+  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -84,7 +84,7 @@ def test_mnist_config_runs_from_a_folder_of_idx_files(tmp_path):
     images, labels = make_images(n, shape=(28, 28, 1), seed=seed)
     idx.write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images[..., 0])
     idx.write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-  config = main._load_config_file(os.path.join(ROOT, "experiments/configs/lenet.py"))
+  config = entry.load_config_file(os.path.join(ROOT, "experiments/configs/lenet.py"))
   config.data.source = str(folder)
   config.num_epochs = 1
   config.batch_size = 16

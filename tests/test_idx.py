@@ -1,12 +1,23 @@
-"""Tests of cnnjax.data.idx on small idx files generated in tmp_path."""
+"""Tests of cnnjax.data.idx on small idx files generated in tmp_path, and of the MNIST
+files shipped with cnnjax."""
 import gzip
+import hashlib
 import struct
 
 import numpy as np
 import pytest
 
 from cnnjax.data.idx import load_idx_folder, read_idx, write_idx
+from cnnjax.data.sources import MNIST_DIR
 from cnnjax.errors import UserError
+
+# md5 of the official (uncompressed) MNIST idx files from yann.lecun.com.
+OFFICIAL_MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -42,6 +53,19 @@ def test_round_trip(tmp_path, name):
   images = _images(4)
   write_idx(tmp_path / name, images)
   np.testing.assert_array_equal(read_idx(tmp_path / name, ndim=3), images)
+
+
+def test_gzipped_files_are_reproducible(tmp_path):
+  write_idx(tmp_path / "l.gz", np.arange(10, dtype=np.uint8))
+  assert (tmp_path / "l.gz").read_bytes()[4:8] == bytes(4)  # gzip header mtime: 0
+
+
+def test_shipped_mnist_is_the_official_data():
+  assert sorted(p.name for p in MNIST_DIR.glob("*.gz")) == sorted(
+      f"{name}.gz" for name in OFFICIAL_MNIST_MD5)
+  for name, md5 in OFFICIAL_MNIST_MD5.items():
+    with gzip.open(MNIST_DIR / f"{name}.gz") as f:
+      assert hashlib.md5(f.read()).hexdigest() == md5, name
 
 
 def test_gzip_is_recognised_by_content(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax import interpret, train
+from cnnjax import assemble, interpret
 from cnnjax.errors import UserError
 from cnnjax.models.blocks import pool
 from experiments.configs import default
@@ -166,11 +166,11 @@ def test_gradient_ascent_raises_each_target_channel():
 
 def test_pictures_of_a_run(tmp_path, npz_path, monkeypatch):
   """The glue of ``write_pictures`` on a freshly initialised SeedCNN run (restoring a
-  trained run is ``train.restore_run``'s job, covered by the report's end-to-end test)."""
+  trained run is ``assemble.restore``'s job, covered by the report's end-to-end test)."""
   config = default.get_config()
   config.data.source, config.data.val_size = str(npz_path), 32.0
-  setup = train.setup(config)
-  monkeypatch.setattr(train, "restore_run", lambda workdir, which: (config, setup))
+  setup = assemble.build(config)
+  monkeypatch.setattr(assemble, "restore", lambda workdir, which: setup)
   written = interpret.write_pictures(tmp_path, 5, num_patterns=3, steps=5)
   assert [p.name for p in written] == [
       "image5_ConvBlock_0.png", "image5_ConvBlock_1.png", "filters_ConvBlock_0.Conv_0.png",

@@ -65,7 +65,7 @@ def test_bad_calls_are_one_clear_error():
     cnnjax.Learner("seed_cnn", (x.astype(np.float32), y), batch_size=8)
   with pytest.raises(UserError, match=r"batch_size=128 is larger than the 32 training examples"):
     cnnjax.Learner("seed_cnn", (x, y), val_size=8)
-  with pytest.raises(UserError, match=r"labels must be in \[0, 5\); found 9"):
+  with pytest.raises(UserError, match=r"data has label 9 but config.model.num_classes=5; expected labels in \[0, 5\)"):
     cnnjax.Learner("seed_cnn", (x, y), num_classes=5, batch_size=8)
   with pytest.raises(UserError, match=r"has 40 images but 39 labels"):
     cnnjax.Learner("seed_cnn", (x, y[:-1]), batch_size=8)

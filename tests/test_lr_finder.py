@@ -13,10 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import lr_finder, parallel, plots, train
+from cnnjax import assemble, lr_finder, parallel, plots, steps, train
 from cnnjax.data import pipeline
 from cnnjax.errors import UserError
-from experiments import main
+from experiments import entry
 from tests.conftest import make_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ def test_smooth_is_the_bias_corrected_moving_average():
   np.testing.assert_array_equal(lr_finder.smooth(np.array([4.0, 1.0, 7.0]), 0.0), [4.0, 1.0, 7.0])
 
 
-def _mse_step(state: train.TrainState, batch: dict[str, jax.Array]):
+def _mse_step(state: steps.TrainState, batch: dict[str, jax.Array]):
   """Full-batch gradient descent on ``0.5 * mean((f(x) - y)^2)``, with train_step's outputs."""
   def loss_fn(params):
     pred = state.apply_fn({"params": params}, batch["image"])[:, 0]
@@ -67,8 +67,8 @@ def test_quadratic_suggestions_bracket_the_stability_limit():
   x = (rng.normal(size=(64, 6)) * [3.0, 2.0, 1.0, 0.5, 0.3, 0.1]).astype(np.float32)
   y = (x @ rng.normal(size=6) + 0.5).astype(np.float32)
   limit = 2.0 / _max_eigenvalue(x)
-  runner = train.Runner(jax.jit(_mse_step, donate_argnums=0), None, parallel.make_mesh())
-  state = train.create_train_state(Linear(1), optax.sgd(0.0), (1, 1, 6), seed=0)
+  runner = steps.Runner(jax.jit(_mse_step, donate_argnums=0), None, parallel.make_mesh())
+  state = steps.create_train_state(Linear(1), optax.sgd(0.0), (1, 1, 6), seed=0)
   batch = {"image": x.reshape(64, 1, 1, 6), "label": y}
   curve = lr_finder.lr_sweep(runner, state, itertools.repeat(batch), optax.sgd)
   assert curve.diverged and len(curve.lrs) < 100
@@ -80,12 +80,12 @@ def test_quadratic_suggestions_bracket_the_stability_limit():
 @pytest.fixture(scope="module")
 def softmax_regression():
   """A linear softmax classifier on 4x4 grey images through the Runner's compiled (and
-  buffer-donating) ``train.make_train_step``; returns ``(runner, state, batch, L)`` with
+  buffer-donating) ``steps.make_train_step``; returns ``(runner, state, batch, L)`` with
   ``L`` the global curvature bound of the cross-entropy."""
   images, labels = make_images(128, shape=(4, 4, 1), num_classes=4, seed=0)
-  normalize = train.make_normalize(*pipeline.channel_stats(images))
-  runner = train.Runner.create(normalize)
-  state = train.create_train_state(Linear(4), optax.sgd(0.0), (4, 4, 1), seed=0)
+  normalize = steps.make_normalize(*pipeline.channel_stats(images))
+  runner = steps.Runner.create(normalize)
+  state = steps.create_train_state(Linear(4), optax.sgd(0.0), (4, 4, 1), seed=0)
   features = np.asarray(normalize(images)).reshape(len(images), -1)
   # The softmax cross-entropy's Hessian in the logits, diag(p) - p p^T, has norm <= 1/2.
   return runner, state, {"image": images, "label": labels}, 0.5 * _max_eigenvalue(features)
@@ -144,10 +144,10 @@ def test_plot_lr_find(tmp_path):
 
 
 def test_find_lr_on_a_config_writes_the_curve_and_repeats(tmp_path, npz_path):
-  config = main._load_config_file(os.path.join(ROOT, "experiments/configs/runlocal.py"))
+  config = entry.load_config_file(os.path.join(ROOT, "experiments/configs/runlocal.py"))
   config.data.source, config.data.val_size = str(npz_path), 32.0
   config.batch_size, config.optimizer.name = 32, "sgd"
-  s = train.setup(config)
+  s = assemble.build(config)
   curve = lr_finder.find_lr(config, s, lr_finder.Sweep(num_steps=40))
   curve.write(tmp_path / "lr")
   saved = json.loads((tmp_path / "lr/lr_find.json").read_text())
@@ -175,13 +175,13 @@ def test_peak_lr_auto_trains_at_the_finders_suggestion(npz_path):
   config.data.val_size = 64.0
   config.batch_size = 32
   config.schedule.peak_lr = "auto"
-  s = train.setup(config)
-  expected = lr_finder.suggest_lr(config, train.setup(default_with(config, peak_lr=None)))
-  assert float(s.schedule(0)) == pytest.approx(expected, rel=1e-6)
-  assert float(s.schedule(0)) != config.optimizer.lr
+  run = train.use_lr_finder(assemble.build(config), None)
+  expected = lr_finder.find_lr(config, assemble.build(default_with(config, peak_lr=None)))
+  assert float(run.schedule(0)) == pytest.approx(expected.lr_min_div10, rel=1e-6)
+  assert float(run.schedule(0)) != config.optimizer.lr
   config.schedule.peak_lr = "fast"
   with pytest.raises(UserError, match="config.schedule.peak_lr='fast'; expected 'auto'"):
-    train.setup(config)
+    train.use_lr_finder(assemble.build(config), None)
 
 
 def default_with(config, peak_lr):

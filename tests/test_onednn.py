@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cnnjax import onednn
+from cnnjax import onednn, runtime
 from cnnjax.models import conv
 from cnnjax.models.batch_norm import BatchNorm
 
@@ -54,10 +54,12 @@ def test_a_failed_build_says_why_and_leaves_xla_s_kernels(monkeypatch, tmp_path)
     assert not onednn.available()
     assert onednn.unavailable_reason() == (
         "RuntimeError: no C++ compiler 'no-such-compiler' on PATH (set CXX)")
+    assert not runtime.configure()
     assert conv.lowering((2, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))) == "im2col"
   finally:
     monkeypatch.undo()
     onednn._load.cache_clear()
+    runtime.configure()
 
 
 # (x shape, kernel shape, strides, padding pairs): first layers, strided, unequal and no padding.

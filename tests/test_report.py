@@ -11,7 +11,7 @@ import optax
 import pytest
 from sklearn import metrics as sk
 
-from cnnjax import inference, report, train
+from cnnjax import evaluate, steps, train
 from cnnjax.errors import UserError
 from experiments.configs import default
 from tests.conftest import make_images
@@ -23,16 +23,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_confident_mistakes_are_the_wrong_predictions_by_decreasing_confidence():
   probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7], [0.7, 0.3]])
   labels = np.array([0, 0, 0, 1, 1])  # wrong: 1 (p=0.8), 2 (p=0.6), 4 (p=0.7)
-  np.testing.assert_array_equal(report.confident_mistakes(probs, labels, 10), [1, 4, 2])
-  np.testing.assert_array_equal(report.confident_mistakes(probs, labels, 2), [1, 4])
-  assert report.confident_mistakes(probs, probs.argmax(-1), 5).size == 0
+  np.testing.assert_array_equal(evaluate.confident_mistakes(probs, labels, 10), [1, 4, 2])
+  np.testing.assert_array_equal(evaluate.confident_mistakes(probs, labels, 2), [1, 4])
+  assert evaluate.confident_mistakes(probs, probs.argmax(-1), 5).size == 0
 
 
 def test_evaluate_agrees_with_scikit_learn():
   rng = np.random.default_rng(0)
   probs = rng.dirichlet(np.ones(5), size=200)
   labels = rng.integers(0, 5, 200)
-  result = report.evaluate(probs, labels, [f"c{k}" for k in range(5)], num_mistakes=7)
+  result = evaluate.metrics(probs, labels, [f"c{k}" for k in range(5)], num_mistakes=7)
   pred = probs.argmax(-1)
   precision, recall, f1, support = sk.precision_recall_fscore_support(
       labels, pred, labels=range(5), zero_division=0)
@@ -43,7 +43,7 @@ def test_evaluate_agrees_with_scikit_learn():
   assert result["macro_f1"] == pytest.approx(sk.f1_score(labels, pred, average="macro"))
   assert result["accuracy"] == pytest.approx(sk.accuracy_score(labels, pred))
   assert result["test_loss"] == pytest.approx(sk.log_loss(labels, probs, labels=range(5)))
-  assert [m["index"] for m in result["mistakes"]] == report.confident_mistakes(probs, labels, 7).tolist()
+  assert [m["index"] for m in result["mistakes"]] == evaluate.confident_mistakes(probs, labels, 7).tolist()
   assert all(m["true"] != m["pred"] and m["p"] == probs[m["index"]].max() for m in result["mistakes"])
 
 
@@ -55,7 +55,7 @@ def test_report_of_a_one_epoch_run(tmp_path, npz_path):
   run = tmp_path / "run"
   trained = train.train_and_evaluate(config, run)
 
-  result = report.write_report(run, num_mistakes=5)
+  result = evaluate.write_report(run, num_mistakes=5)
   # One epoch, one checkpoint: the report's best checkpoint is the one the run tested.
   assert result["accuracy"] == trained["accuracy"]
   assert result["confusion_matrix"] == trained["confusion_matrix"]
@@ -74,11 +74,11 @@ def test_predict_proba_pads_the_last_batch_and_cuts_it_off(loss, outputs):
   rng = np.random.default_rng(0)
   params = {"Dense_0": {"kernel": rng.normal(size=(48, outputs)).astype(np.float32),
                         "bias": rng.normal(size=outputs).astype(np.float32)}}
-  state = train.TrainState.create(apply_fn=Linear(outputs).apply, params=params,
+  state = steps.TrainState.create(apply_fn=Linear(outputs).apply, params=params,
                                   tx=optax.sgd(0.0), batch_stats={}, rng=jax.random.PRNGKey(0))
-  normalize = train.make_normalize(np.full(3, 100.0), np.full(3, 50.0))
+  normalize = steps.make_normalize(np.full(3, 100.0), np.full(3, 50.0))
   images = make_images(11, shape=(4, 4, 3))[0]
-  probs = inference.predict_proba(state, normalize, images, batch_size=4, loss=loss)  # 4 + 4 + 3
+  probs = steps.predict_proba(state, normalize, images, batch_size=4, loss=loss)  # 4 + 4 + 3
   logits = np.asarray(normalize(images)).reshape(11, 48) @ params["Dense_0"]["kernel"]
   logits += params["Dense_0"]["bias"]
   expected = (jax.nn.softmax(logits) if outputs > 1
@@ -89,7 +89,7 @@ def test_predict_proba_pads_the_last_batch_and_cuts_it_off(loss, outputs):
 
 def test_bad_checkpoint_name_is_one_line_error(tmp_path):
   with pytest.raises(UserError, match=r"checkpoint 'last'; expected one of \['best', 'latest'\]"):
-    report.write_report(tmp_path, "last")
+    evaluate.write_report(tmp_path, "last")
 
 
 def test_command_on_a_folder_that_is_no_run_is_one_line(tmp_path):

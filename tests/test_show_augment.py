@@ -5,21 +5,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import main as main_lib
-from experiments import show_augment
+from experiments import entry, show_augment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments/configs/keras_augment.py")
 
 
 def test_writes_the_original_and_augmented_versions(tmp_path, npz_path, capsys):
-  show_augment.main(["show_augment", "--config", CONFIG, f"--config.data.source={npz_path}",
-                     "--out", str(tmp_path / "out"), "--image", "3", "--count", "5"])
+  with pytest.raises(SystemExit) as exit_info:
+    show_augment.cli(["show_augment", "--config", CONFIG, f"--config.data.source={npz_path}",
+                      "--out", str(tmp_path / "out"), "--image", "3", "--count", "5"])
+  assert exit_info.value.code == 0
   path = tmp_path / "out" / "augment_3.png"
   assert f"wrote {path}" in capsys.readouterr().out
   assert Image.open(path).size[0] > 0
 
-  config = main_lib._load_config_file(CONFIG)
+  config = entry.load_config_file(CONFIG)
   config.data.source = str(npz_path)
   images, class_name = show_augment.augmented_versions(config, 3, 5)
   with np.load(npz_path) as f:
@@ -41,7 +42,7 @@ def test_writes_the_original_and_augmented_versions(tmp_path, npz_path, capsys):
 ])
 def test_bad_input_is_one_line(tmp_path, npz_path, capsys, args, message):
   with pytest.raises(SystemExit) as exit_info:
-    show_augment.main(["show_augment", "--config", CONFIG, f"--config.data.source={npz_path}",
+    show_augment.cli(["show_augment", "--config", CONFIG, f"--config.data.source={npz_path}",
                        "--out", str(tmp_path), *args])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip()

@@ -1,11 +1,20 @@
-"""Tests for cnnjax.data.tfds_data: TensorFlow-free preparation and reading of TFDS datasets.
+"""Tests for cnnjax.data.tfds_data: TensorFlow-free preparation and reading of TFDS datasets,
+preparation on first use, and MNIST from the files shipped with cnnjax.
 
-Every dataset here is a tiny fake in the official file format, written to ``tmp_path``.
+Every dataset here is a tiny fake in the official file format, written to ``tmp_path``;
+nothing uses the network (downloads and the reachability check are patched).
 """
+import hashlib
+import http.server
 import io
+import logging
 import pickle
 import re
+import shutil
+import socket
 import tarfile
+import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -13,6 +22,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cnnjax.data import idx
+from cnnjax.data import sources
 from cnnjax.data import tfds_data
 from cnnjax.errors import UserError
 
@@ -30,13 +40,26 @@ def _cifar_batch(images: np.ndarray, **labels: list[int]) -> dict[bytes, object]
   return {b"data": data, **{k.encode(): v for k, v in labels.items()}}
 
 
-def _write_tar_gz(path, top: str, members: dict[str, object]) -> None:
+def _write_tar_gz(path, top: str, members: dict[str, object | bytes]) -> None:
+  """A ``.tar.gz`` of ``top/<name>`` members: objects pickled, ``bytes`` written as they are.
+
+  Protocol 3 names the globals the official (Python 2) pickles name; protocol 2 written by
+  Python 3 would add ``_codecs.encode`` for every bytes object.
+  """
   with tarfile.open(path, "w:gz") as tar:
     for name, obj in members.items():
-      data = pickle.dumps(obj, protocol=2)
+      data = obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=3)
       info = tarfile.TarInfo(f"{top}/{name}")
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
+
+
+def trust(monkeypatch, builder: type[tfds_data._OfficialFilesBuilder], path) -> None:
+  """Makes ``builder`` take the fake archive ``path`` for the official one (its sha256)."""
+  (url,) = builder.FILES.values()
+  data = path.read_bytes()
+  monkeypatch.setattr(builder, "url_infos", {url: tfds_data._UrlInfo(
+      size=len(data), checksum=hashlib.sha256(data).hexdigest(), filename=path.name)})
 
 
 def _fake_cifar10(folder, names=CIFAR10_NAMES):
@@ -67,9 +90,10 @@ def _assert_arrays(arrays, expected, class_names):
   assert arrays["class_names"] == class_names
 
 
-def test_cifar10_prepared_from_source_dir_reads_back_exactly(tmp_path):
+def test_cifar10_prepared_from_source_dir_reads_back_exactly(tmp_path, monkeypatch):
   (tmp_path / "src").mkdir()
   expected = _fake_cifar10(tmp_path / "src")
+  trust(monkeypatch, tfds_data.CnnjaxCifar10, tmp_path / "src" / "cifar-10-python.tar.gz")
   path = tfds_data.prepare("cifar10", data_dir=tmp_path / "tfds", source_dir=tmp_path / "src")
   assert path == str(tmp_path / "tfds" / "cnnjax_cifar10" / "1.0.0")
   _assert_arrays(tfds_data.load_arrays("cifar10", data_dir=tmp_path / "tfds"), expected,
@@ -79,7 +103,7 @@ def test_cifar10_prepared_from_source_dir_reads_back_exactly(tmp_path):
   np.testing.assert_array_equal(train[9]["image"], expected["train"][0][9])
 
 
-def test_cifar100_uses_fine_labels(tmp_path):
+def test_cifar100_uses_fine_labels(tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
   train_x, test_x = _images(rng, 4, (32, 32, 3)), _images(rng, 2, (32, 32, 3))
   fine_train, fine_test = [99, 0, 57, 3], [12, 98]
@@ -90,6 +114,7 @@ def test_cifar100_uses_fine_labels(tmp_path):
       "meta": {b"fine_label_names": [n.encode() for n in names],
                b"coarse_label_names": [b"c%d" % i for i in range(20)]},
   })
+  trust(monkeypatch, tfds_data.CnnjaxCifar100, tmp_path / "cifar-100-python.tar.gz")
   tfds_data.prepare("cifar100", data_dir=tmp_path / "tfds", source_dir=tmp_path)
   arrays = tfds_data.load_arrays("cifar100", data_dir=tmp_path / "tfds")
   _assert_arrays(arrays, {"train": (train_x, fine_train), "test": (test_x, fine_test)}, names)
@@ -167,14 +192,99 @@ def test_stock_dataset_stored_as_tfrecord_is_a_user_error(tmp_path):
     tfds_data.load_arrays("cifar10", data_dir=tmp_path)
 
 
-def test_not_prepared_is_a_one_line_user_error(tmp_path):
-  with pytest.raises(UserError) as e:
-    tfds_data.load_arrays("cifar10", data_dir=tmp_path)
+def test_not_prepared_is_a_one_line_user_error(tmp_path, caplog):
+  with pytest.raises(tfds_data.NotPreparedError) as e:
+    tfds_data.load_arrays("cifar10", data_dir=tmp_path, download=False)
   message = str(e.value)
   assert "\n" not in message
   assert f"TFDS dataset 'cifar10' is not prepared in {tmp_path}" in message
   assert f"python -m cnnjax.data.tfds_data prepare cifar10 --data_dir {tmp_path}" in message
   assert "--config.data.source=/path/cifar10.npz" in message
+  # tfds' is_prepared() warns of each unprepared folder it looks at: silenced.
+  assert not [r for r in caplog.records if "Variant folder" in r.getMessage()]
+  assert list(tmp_path.iterdir()) == []
+
+
+def _serve_fake_download(monkeypatch, archive) -> list[dict[str, str]]:
+  """Reachable servers, and a download that copies ``archive`` into the downloads dir."""
+  requests = []
+
+  def download(self, files):
+    requests.append(files)
+    self._download_dir.mkdir(parents=True, exist_ok=True)
+    return {f: shutil.copy(archive, self._download_dir / f) for f in files}
+
+  monkeypatch.setattr(tfds_data, "_unreachable", lambda url: None)
+  monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
+  return requests
+
+
+def test_first_use_prepares_then_loads(tmp_path, monkeypatch, capsys):
+  (tmp_path / "src").mkdir()
+  expected = _fake_cifar10(tmp_path / "src")
+  requests = _serve_fake_download(monkeypatch, tmp_path / "src" / "cifar-10-python.tar.gz")
+  arrays = tfds_data.load_arrays("cifar10", data_dir=tmp_path / "tfds")
+  _assert_arrays(arrays, expected, CIFAR10_NAMES)
+  assert requests == [tfds_data.CnnjaxCifar10.FILES]
+  assert "Generating splits" in capsys.readouterr().err  # tfds' progress bars
+  assert (tmp_path / "tfds" / "cnnjax_cifar10" / "1.0.0" / "dataset_info.json").is_file()
+  tfds_data.load_arrays("cifar10", data_dir=tmp_path / "tfds")  # Prepared: no download.
+  assert len(requests) == 1
+
+
+def test_first_use_offline_fails_fast_and_leaves_nothing(tmp_path, monkeypatch):
+  def download(self, files):
+    raise AssertionError("no download may be tried when the server is unreachable")
+
+  monkeypatch.setattr(tfds_data, "_unreachable", lambda url: "URLError: no route to host")
+  monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
+  start = time.monotonic()
+  with pytest.raises(UserError) as e:
+    tfds_data.load_arrays("cifar10", data_dir=tmp_path)
+  assert time.monotonic() - start < 10
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith("cannot download cifar10's cifar-10-python.tar.gz (URLError: no "
+                            "route to host); offline, pass a local .npz")
+  assert "--source_dir DIR" in message and "--config.data.source=mnist" in message
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_download_leaves_no_partial_files(tmp_path, monkeypatch):
+  (tmp_path / "tfds" / "keep").mkdir(parents=True)  # Not ours: stays.
+
+  def download(self, files):
+    partial = self._download_dir / "cifar-10-python.tar.gz.tmp.0123"
+    partial.mkdir(parents=True)
+    (partial / "cifar-10-python.tar.gz").write_bytes(b"half an archive")
+    raise ConnectionError("connection reset")
+
+  monkeypatch.setattr(tfds_data, "_unreachable", lambda url: None)
+  monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
+  with pytest.raises(UserError, match=r"cannot download cifar10's .* \(ConnectionError\); "
+                     "offline, pass a local .npz"):
+    tfds_data.prepare("cifar10", data_dir=tmp_path / "tfds")
+  assert [p.name for p in (tmp_path / "tfds").iterdir()] == ["keep"]
+
+
+@pytest.fixture
+def http_server():
+  """A local HTTP server answering every request; yields its URL."""
+  server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  yield f"http://127.0.0.1:{server.server_port}/cifar-10-python.tar.gz"
+  server.shutdown()
+  server.server_close()
+
+
+def test_unreachable_asks_the_server_once(http_server):
+  assert tfds_data._unreachable(http_server) is None  # Even a 501 answer is an answer.
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]  # Closed once the block ends: nothing listens there.
+  start = time.monotonic()
+  reason = tfds_data._unreachable(f"http://127.0.0.1:{port}/x", timeout=2)
+  assert reason.startswith("URLError") and time.monotonic() - start < 3
 
 
 def test_unknown_dataset_is_a_user_error(tmp_path):
@@ -203,26 +313,40 @@ def test_idx_files_with_fewer_labels_than_images_are_rejected(tmp_path):
     tfds_data.prepare("mnist", data_dir=tmp_path / "tfds", source_dir=tmp_path)
 
 
-def test_archive_with_other_class_names_is_rejected(tmp_path):
+def test_archive_with_other_class_names_is_rejected(tmp_path, monkeypatch):
   _fake_cifar10(tmp_path, names=CIFAR10_NAMES[::-1])
+  trust(monkeypatch, tfds_data.CnnjaxCifar10, tmp_path / "cifar-10-python.tar.gz")
   with pytest.raises(UserError, match="class names .* differ from the official cifar10"):
     tfds_data.prepare("cifar10", data_dir=tmp_path / "tfds", source_dir=tmp_path)
 
 
-def test_download_failure_says_how_to_work_offline():
+def test_mnist_without_a_tfds_copy_is_read_from_the_shipped_files(tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  data = sources.load("mnist", data_dir=str(tmp_path))
+  assert data.train[0].shape == (60000, 28, 28, 1) and data.test[0].shape == (10000, 28, 28, 1)
+  assert data.train[0].dtype == np.uint8 and data.train[1].dtype == np.int64
+  assert data.train[1][:3].tolist() == [5, 0, 4] and data.test[1][:3].tolist() == [7, 2, 1]
+  assert np.bincount(data.train[1]).tolist()[:2] == [5923, 6742]
+  assert abs(data.train[0].mean() / 255 - 0.1307) < 1e-4
+  assert data.class_names == list(tfds_data.CnnjaxMnist.CLASS_NAMES)
+  lines = [r.getMessage() for r in caplog.records if r.name.startswith("cnnjax")]
+  assert lines == [f"mnist: not prepared in TFDS ({tmp_path}); reading the official files "
+                   f"shipped in {sources.MNIST_DIR}"]
+  assert list(tmp_path.iterdir()) == []
 
-  class OfflineDownloadManager:
 
-    @property
-    def manual_dir(self):
-      raise AssertionError("Manual directory does not exist or is empty.")
-
-    def download(self, files):
-      raise ConnectionError(f"cannot reach {files}")
-
-  with pytest.raises(UserError, match="offline, put cifar-10-python.tar.gz in a folder and "
-                                      "pass --source_dir FOLDER"):
-    tfds_data._official_paths(OfflineDownloadManager(), tfds_data.CnnjaxCifar10.FILES)
+def test_mnist_prepared_in_tfds_is_preferred(tmp_path, caplog):
+  rng = np.random.default_rng(4)
+  expected = {"train": (_images(rng, 3, (28, 28, 1)), np.array([1, 2, 3])),
+              "test": (_images(rng, 2, (28, 28, 1)), np.array([4, 5]))}
+  _write_idx_files(tmp_path, expected)
+  tfds_data.prepare("mnist", data_dir=tmp_path / "tfds", source_dir=tmp_path)
+  caplog.set_level(logging.INFO)
+  data = sources.load("mnist", data_dir=str(tmp_path / "tfds"))
+  np.testing.assert_array_equal(data.train[0], expected["train"][0])
+  np.testing.assert_array_equal(data.test[1], expected["test"][1])
+  lines = [r.getMessage() for r in caplog.records if r.name.startswith("cnnjax")]
+  assert lines == [f"mnist: reading TFDS's cnnjax_mnist from {tmp_path / 'tfds'}"]
 
 
 @pytest.mark.parametrize("name, shape, class_names", [

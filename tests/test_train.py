@@ -6,18 +6,18 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import train
+from cnnjax import assemble, steps, train
 from cnnjax.errors import UserError
 from cnnjax.models import create_model
 from experiments.configs import default
 from tests.conftest import make_images
 
-IDENTITY = train.make_normalize(np.zeros(3), np.full(3, 255.0))
+IDENTITY = steps.make_normalize(np.zeros(3), np.full(3, 255.0))
 
 
 def _state(name="bn_cnn", lr=1e-3, seed=0):
   model = create_model(name)
-  return train.create_train_state(model, optax.adam(lr), (32, 32, 3), seed)
+  return steps.create_train_state(model, optax.adam(lr), (32, 32, 3), seed)
 
 
 def _batch(n=16, seed=0):
@@ -27,7 +27,7 @@ def _batch(n=16, seed=0):
 
 def test_train_step_lowers_the_loss_and_updates_batch_stats():
   state = _state("bn_cnn")
-  runner = train.Runner.create(IDENTITY)
+  runner = steps.Runner.create(IDENTITY)
   state = runner.put_state(state)
   stats0 = jax.device_get(state.batch_stats)
   batch = runner.to_global(jax.device_get(_batch(32)))
@@ -43,7 +43,7 @@ def test_train_step_lowers_the_loss_and_updates_batch_stats():
 
 def test_dropout_key_changes_every_step():
   state = _state("seed_cnn", lr=0.0)  # lr 0: params fixed, only the dropout key moves
-  step = jax.jit(train.make_train_step(IDENTITY))
+  step = jax.jit(steps.make_train_step(IDENTITY))
   batch = _batch(16)
   _, a = step(state, batch)
   state = state.replace(step=state.step + 1)
@@ -53,14 +53,14 @@ def test_dropout_key_changes_every_step():
 
 def test_label_smoothing_raises_the_loss_of_a_confident_right_answer():
   logits = jnp.array([[10.0, 0.0, 0.0]])
-  plain = train.cross_entropy(logits, jnp.array([0]))
-  smooth = train.cross_entropy(logits, jnp.array([0]), 0.1)
+  plain = steps.cross_entropy(logits, jnp.array([0]))
+  smooth = steps.cross_entropy(logits, jnp.array([0]), 0.1)
   assert float(smooth[0]) > float(plain[0])
 
 
 def test_evaluate_masks_padding_exactly():
   state = _state("bn_cnn")
-  runner = train.Runner.create(IDENTITY)
+  runner = steps.Runner.create(IDENTITY)
   x, y = make_images(37, seed=3)
   padded = runner.evaluate(state, (x, y), batch_size=16)  # 16 + 16 + 5 (11 padding rows)
   whole = runner.evaluate(state, (x, y), batch_size=37)
@@ -76,8 +76,8 @@ def test_eval_flip_averages_the_logits_of_image_and_mirror():
   logits = lambda x: state.apply_fn({"params": state.params}, IDENTITY(x), train=False)
   mean = (logits(batch["image"]) + logits(batch["image"][:, :, ::-1])) / 2
   assert not np.allclose(mean, logits(batch["image"]), atol=1e-4)  # the mirror matters here
-  flipped = train.make_eval_step(IDENTITY, flip=True)(state, batch)
-  losses, pred = train.loss_and_prediction(mean, batch["label"], "cross_entropy")
+  flipped = steps.make_eval_step(IDENTITY, flip=True)(state, batch)
+  losses, pred = steps.loss_and_prediction(mean, batch["label"], "cross_entropy")
   assert float(flipped["loss"]) == pytest.approx(float(losses.sum()), rel=1e-5)
   np.testing.assert_array_equal(flipped["pred"], pred)
 
@@ -92,21 +92,21 @@ def test_test_time_logits_weigh_the_translated_views_a_quarter_each(flip):
   down_right, up_left = padded[:, :5, :6], padded[:, 2:, 2:]  # content moved by +1 / -1
   np.testing.assert_array_equal(down_right[:, 1:, 1:], images[:, :-1, :-1])
   expected = view(images) / 2 + view(down_right) / 4 + view(up_left) / 4
-  np.testing.assert_allclose(train.test_time_logits(logits_of, images, flip, shift=1), expected,
+  np.testing.assert_allclose(steps.test_time_logits(logits_of, images, flip, shift=1), expected,
                              rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(train.test_time_logits(logits_of, images, flip), view(images),
+  np.testing.assert_allclose(steps.test_time_logits(logits_of, images, flip), view(images),
                              rtol=1e-6)
 
 
 def test_eval_shift_beyond_the_image_is_one_clear_error(npz_path):
   with pytest.raises(UserError, match=r"config.eval_shift=32; expected 0 <= eval_shift < the "
                                       r"image side 32"):
-    train.setup(_config(npz_path, eval_shift=32), None)
+    assemble.build(_config(npz_path, eval_shift=32), None)
 
 
 def test_image_shape_that_does_not_fit_the_model_is_one_clear_error():
   with pytest.raises(UserError, match=r"images of shape \(8, 8, 3\) do not fit model BNCNN"):
-    train.create_train_state(create_model("bn_cnn"), optax.adam(1e-3), (8, 8, 3), 0)
+    steps.create_train_state(create_model("bn_cnn"), optax.adam(1e-3), (8, 8, 3), 0)
 
 
 def _config(npz_path, **kw):
@@ -149,7 +149,7 @@ def test_interrupted_run_resumes_to_the_same_result(npz_path, tmp_path, monkeypa
 
   # Request a stop (as SIGTERM would) after the 3rd step of the first epoch.
   calls = {"n": 0}
-  real_create = train.Runner.create
+  real_create = steps.Runner.create
 
   def create(*args, **kwargs):
     runner = real_create(*args, **kwargs)
@@ -164,10 +164,10 @@ def test_interrupted_run_resumes_to_the_same_result(npz_path, tmp_path, monkeypa
     runner.train_step = counting_step
     return runner
 
-  monkeypatch.setattr(train.Runner, "create", create)
+  monkeypatch.setattr(steps.Runner, "create", create)
   stopped = train.train_and_evaluate(config, tmp_path / "resumed")
   assert stopped == {"interrupted": True, "step": 3}
-  monkeypatch.setattr(train.Runner, "create", real_create)
+  monkeypatch.setattr(steps.Runner, "create", real_create)
   resumed = train.train_and_evaluate(config, tmp_path / "resumed")
   assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-5)
   assert resumed["confusion_matrix"] == straight["confusion_matrix"]
@@ -205,12 +205,12 @@ def test_epoch_line_format():
                                          "val_loss 0.6000 | val_acc 0.7500 | 41.2s")
 
 
-def test_restore_run_gives_the_trained_state(npz_path, tmp_path):
+def test_restore_gives_the_trained_state(npz_path, tmp_path):
   config = _config(npz_path, num_epochs=1)
   result = train.train_and_evaluate(config, tmp_path / "run")
-  restored_config, s = train.restore_run(tmp_path / "run", "latest")
-  assert restored_config.model.name == config.model.name and int(s.state.step) == 4
-  out = s.runner.evaluate(s.state, s.data.test, 32)
+  run = assemble.restore(tmp_path / "run", "latest")
+  assert run.config.model.name == config.model.name and int(run.state.step) == 4
+  out = run.runner.evaluate(run.state, run.data.test, 32)
   assert out["loss"] == pytest.approx(result["test_loss"], rel=1e-5)
   with pytest.raises(UserError, match="is not a run directory"):
-    train.restore_run(tmp_path / "nothing")
+    assemble.restore(tmp_path / "nothing")

@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from cnnjax import optim, train, transfer
+from cnnjax import assemble, initial, optim, steps, train
 from cnnjax.checkpoint import Checkpoints
 from cnnjax.data import augment, pipeline, sources
 from cnnjax.errors import UserError
@@ -18,7 +18,7 @@ from experiments.configs import default
 from tests.conftest import make_images
 from tests.test_weights import _random_variables, _state_dict
 
-IDENTITY = train.make_normalize(np.zeros(3), np.full(3, 255.0))
+IDENTITY = steps.make_normalize(np.zeros(3), np.full(3, 255.0))
 GROUPS = ("backbone/.*:frozen", "head/.*:1.0")
 
 
@@ -60,11 +60,11 @@ def test_frozen_backbone_params_and_batch_stats_stay_bit_identical_without_optim
   cfg = optim.default_optimizer_config()
   cfg.groups = GROUPS
   tx = optim.make_optimizer(cfg, optax.constant_schedule(0.05))
-  state = train.create_train_state(_Net(), tx, (8, 8, 3), 0)
+  state = steps.create_train_state(_Net(), tx, (8, 8, 3), 0)
   frozen = optim.frozen_modules(state.params, cfg.groups)
   assert frozen == {("backbone",), ("backbone", "conv"), ("backbone", "bn")}
   before = _flat({"params": state.params, "batch_stats": state.batch_stats})
-  step = jax.jit(train.make_train_step(IDENTITY, frozen=frozen))
+  step = jax.jit(steps.make_train_step(IDENTITY, frozen=frozen))
   for seed in range(3):
     state, _ = step(state, _batch(seed))
   after = _flat({"params": state.params, "batch_stats": state.batch_stats})
@@ -87,7 +87,7 @@ def test_frozen_modules_run_in_inference_mode_while_training():
   frozen = optim.frozen_modules(variables["params"], (".*:frozen",))
 
   def train_mode(frozen):
-    with transfer.frozen_inference(frozen):
+    with optim.frozen_inference(frozen):
       return model.apply(variables, x, train=True, mutable=["batch_stats"],
                          rngs={"dropout": jax.random.key(1)})
 
@@ -112,18 +112,18 @@ def test_lr_multiplier_scales_a_groups_updates():
 
 def test_with_variables_replaces_matching_leaves_and_lists_mismatches():
   tx = optax.adam(1e-3)
-  state = train.create_train_state(_Net(), tx, (8, 8, 3), 0)
+  state = steps.create_train_state(_Net(), tx, (8, 8, 3), 0)
   kernel = np.full(state.params["backbone"]["conv"]["kernel"].shape, 0.5, np.float32)
-  new = transfer.with_variables(state, {"params": {"backbone": {"conv": {"kernel": kernel}}}}, "x")
+  new = initial.with_variables(state, {"params": {"backbone": {"conv": {"kernel": kernel}}}}, "x")
   np.testing.assert_array_equal(new.params["backbone"]["conv"]["kernel"], kernel)
   np.testing.assert_array_equal(new.params["head"]["output"]["kernel"],
                                 state.params["head"]["output"]["kernel"])
   bad = {"params": {"backbone": {"conv": {"kernel": kernel[..., :2]}, "extra": {"w": kernel}}}}
   with pytest.raises(UserError, match=r"^weights w does not fit the model: params/backbone/conv/"
                      r"kernel \(3, 3, 3, 2\) \(model \(3, 3, 3, 4\)\), params/backbone/extra/w"):
-    transfer.with_variables(state, bad, "weights w")
+    initial.with_variables(state, bad, "weights w")
   with pytest.raises(UserError, match="params/head/output/bias missing"):
-    transfer.with_variables(state, {"params": {"backbone": state.params["backbone"]}}, "run",
+    initial.with_variables(state, {"params": {"backbone": state.params["backbone"]}}, "run",
                             complete=True)
 
 
@@ -157,7 +157,7 @@ def test_pretrained_weights_go_to_the_backbone_of_a_transfer_net(tmp_path):
   path = tmp_path / "resnet18.npz"
   np.savez(path, **_state_dict(variables))
   model = TransferNet("resnet18", num_classes=2, hidden=(8,))
-  loaded = transfer.pretrained_variables(model, "transfer", str(path), (32, 32, 3), seed=0)
+  loaded = initial.pretrained_variables(model, "transfer", str(path), (32, 32, 3), seed=0)
   assert _flat(loaded).keys() == {("params" if k[0] == "params" else "batch_stats", "backbone",
                                    *k[1:]) for k in _flat(variables)}
   for key, value in _flat(variables).items():
@@ -173,16 +173,16 @@ def test_head_classes_take_their_rows_of_the_pretrained_classifier(tmp_path, npz
   config = _transfer_config(npz_path, "resnet18", model__pretrained=str(path),
                             model__head_classes=classes)
   config.model.hidden = ()
-  head = train.setup(config).state.params["head"]["output"]
+  head = assemble.build(config).state.params["head"]["output"]
   np.testing.assert_array_equal(head["kernel"], fc["kernel"][:, classes])
   np.testing.assert_array_equal(head["bias"], fc["bias"][list(classes)])
   config.model.hidden = (8,)
   with pytest.raises(UserError, match=r"initialises a head of 10 outputs without hidden "
                      r"layers; the model has num_classes=10, hidden=\(8,\)"):
-    train.setup(config)
+    assemble.build(config)
   config.model.hidden, config.model.head_classes = (), classes[:-1] + (1000,)
   with pytest.raises(UserError, match=r"has classes 0..999"):
-    train.setup(config)
+    assemble.build(config)
 
 
 class _TinyBackbone(_Backbone):
@@ -202,17 +202,17 @@ def test_feature_extraction_equals_running_the_frozen_backbone_and_is_cached(
     npz_path, tmp_path, capsys, tiny_backbone):
   config = _transfer_config(npz_path, backbone="tiny", extract_features=True,
                             model__num_classes=10, data__limit=48)
-  s = train.setup(config, tmp_path)
+  s = assemble.build(config, tmp_path)
   backbone = _TinyBackbone()
   variables = backbone.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 32, 32, 3)))
   images, labels = pipeline.split_validation(*s.images.train, 16.0, config.seed)[0]
-  normalize = train.make_normalize(*pipeline.channel_stats(images))
+  normalize = steps.make_normalize(*pipeline.channel_stats(images))
   expected = backbone.apply(variables, normalize(jnp.asarray(images)), train=False)
   assert s.train[0].shape == (32, 1, 1, 4) and s.data.test[0].shape == (48, 1, 1, 4)
   np.testing.assert_allclose(s.train[0][:, 0, 0], expected, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(s.train[1], labels)
   assert set(s.state.params) == {"hidden_0", "output"}  # the head alone is trained
-  again = train.setup(config, tmp_path)
+  again = assemble.build(config, tmp_path)
   assert "Features from" in capsys.readouterr().out
   np.testing.assert_array_equal(again.train[0], s.train[0])
 
@@ -221,12 +221,12 @@ def test_feature_extraction_refuses_augmentation(npz_path):
   config = _transfer_config(npz_path, "resnet18", extract_features=True,
                             data__augment__horizontal_flip=True)
   with pytest.raises(UserError, match="extract_features runs the backbone once"):
-    train.setup(config)
+    assemble.build(config)
 
 
 def test_init_from_another_run_takes_its_latest_weights(npz_path, tmp_path):
   config = _config(npz_path, model__name="seed_cnn")
-  first = train.setup(config).state
+  first = assemble.build(config).state
   first = first.replace(params=jax.tree.map(lambda p: p + 1.0, first.params), step=7)
   checkpoints = Checkpoints(tmp_path / "first" / "checkpoints")
   checkpoints.save(7, first)
@@ -234,7 +234,7 @@ def test_init_from_another_run_takes_its_latest_weights(npz_path, tmp_path):
   checkpoints.close()
   config.init_from = str(tmp_path / "first")
   config.optimizer.groups = ("ConvBlock_0/.*:frozen", "(?!ConvBlock_0/).*:0.1")
-  s = train.setup(config)
+  s = assemble.build(config)
   saved, started = _flat(first.params), _flat(s.state.params)
   assert saved.keys() == started.keys()
   for key in saved:
@@ -242,16 +242,16 @@ def test_init_from_another_run_takes_its_latest_weights(npz_path, tmp_path):
   assert int(s.state.step) == 0
   config.model.name, config.optimizer.groups = "mlp", ()
   with pytest.raises(UserError, match=r"config.init_from=.*first.* does not fit the model"):
-    train.setup(config)
+    assemble.build(config)
   config.init_from = str(tmp_path / "nothing")
   with pytest.raises(UserError, match="has no checkpoints/; expected the --workdir"):
-    train.setup(config)
+    assemble.build(config)
 
 
 def test_binary_cross_entropy_loss_and_prediction():
   logits = jnp.array([[2.0], [-1.0], [0.5]])
   labels = jnp.array([1, 1, 0])
-  loss, pred = train.loss_and_prediction(logits, labels, "binary_cross_entropy")
+  loss, pred = steps.loss_and_prediction(logits, labels, "binary_cross_entropy")
   p = jax.nn.sigmoid(logits[:, 0])
   np.testing.assert_allclose(loss, -jnp.where(labels == 1, jnp.log(p), jnp.log(1 - p)), rtol=1e-6)
   np.testing.assert_array_equal(pred, [1, 0, 1])
@@ -268,7 +268,7 @@ def test_binary_run_reports_a_two_by_two_confusion_matrix(tmp_path):
   assert np.array(result["confusion_matrix"]).sum() == 32 and result["accuracy"] > 0.6
   config.model.num_classes = 2
   with pytest.raises(UserError, match="expected num_classes=1 .one sigmoid output. and labels 0/1"):
-    train.setup(config)
+    assemble.build(config)
 
 
 def _image_folder(root, splits=("train", "val"), per_class=6, size=(20, 14)):
@@ -287,7 +287,7 @@ def test_image_folder_source_with_train_and_val(tmp_path):
   assert data.class_names == ["a", "b"] and data.train[0].shape == (12, 8, 8, 3)
   assert data.val[0].shape == (12, 8, 8, 3)
   np.testing.assert_array_equal(data.test[0], data.val[0])  # no test/: val/ is both
-  s = train.setup(_config(tmp_path / "hym", data__image_size=8, model__num_classes=2,
+  s = assemble.build(_config(tmp_path / "hym", data__image_size=8, model__num_classes=2,
                           batch_size=4, eval_batch_size=4))
   assert len(s.train[1]) == 12 and len(s.val[1]) == 12  # data.val_size is not used
 
@@ -299,7 +299,7 @@ def test_image_folder_source_with_val_and_test_and_class_folders_only(tmp_path):
   root = _image_folder(tmp_path / "flat", ("",), per_class=10)
   config = _config(root, data__image_size=8, data__val_size=0.25, model__num_classes=2,
                    batch_size=5, eval_batch_size=5)
-  s = train.setup(config)
+  s = assemble.build(config)
   assert len(s.train[1]) == 15 and len(s.val[1]) == 5
   np.testing.assert_array_equal(s.data.test[0], s.val[0])  # tested on the validation split
   with pytest.raises(UserError, match=r"image folder .*flat needs data.image_size > 0"):
@@ -330,5 +330,5 @@ def test_normalization_stats():
 def test_resizing_in_the_step_matches_augment_resize():
   images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
   for size in (20, 5):  # up (CIFAR to a backbone's size) and down (antialiased)
-    stepped = train.make_normalize(np.zeros(3), np.ones(3), size)(jnp.asarray(images))
+    stepped = steps.make_normalize(np.zeros(3), np.ones(3), size)(jnp.asarray(images))
     np.testing.assert_allclose(stepped, augment.resize(images, size), atol=0.51)

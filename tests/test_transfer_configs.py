@@ -8,8 +8,9 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from cnnjax import optim, train
-from experiments import main
+from cnnjax import models, optim, train
+from cnnjax.errors import UserError
+from experiments import entry
 from experiments.configs import transfer_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,17 +18,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _config(name, arg=None):
   path = os.path.join(ROOT, f"experiments/configs/{name}.py")
-  spec = main.importlib.util.spec_from_file_location("_config", path)
-  module = main.importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config() if arg is None else module.get_config(arg)
+  return entry.load_config_file(path if arg is None else f"{path}:{arg}")
 
 
 @pytest.mark.parametrize("backbone", sorted(transfer_base.BACKBONES))
 @pytest.mark.parametrize("workflow", ["frozen", "finetune"])
 def test_rules_give_every_parameter_one_group(backbone, workflow):
   config = _config("cifar_transfer", f"{backbone},{workflow}")
-  model = train.model_from_config(config.model)
+  model = models.model_from_config(config.model)
   dummy = jnp.zeros((1, 64, 64, 3))
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"]
   labels = traverse_util.flatten_dict(optim.group_labels(params, config.optimizer.groups),
@@ -42,7 +40,7 @@ def test_rules_give_every_parameter_one_group(backbone, workflow):
 
 
 def test_config_argument_is_checked():
-  with pytest.raises(ValueError, match=r"config argument 'vgg19,frozen'; expected "
+  with pytest.raises(UserError, match=r"config argument 'vgg19,frozen'; expected "
                      r"'<backbone>,<workflow>'"):
     _config("hymenoptera", "vgg19,frozen")
   assert _config("resnet50_cifar").model.dropout_rate == 0.2

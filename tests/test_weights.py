@@ -223,14 +223,16 @@ def test_cache_is_reused_and_keyed_by_content(resnet18_file, tmp_path, monkeypat
                             first["params"]["conv1"]["kernel"])
 
 
-def test_pth_without_torch_says_how_to_fix(tmp_path, monkeypatch):
-  path = tmp_path / "w.pth"
-  path.write_bytes(b"not read")
+def test_pth_reads_without_torch(tmp_path, monkeypatch):
+  from tests.test_torch_file import write_state_dict
+  arrays = {"conv1.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+            "bn1.num_batches_tracked": np.array(3, np.int64)}
+  write_state_dict(tmp_path / "w.pth", arrays)
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
-  with pytest.raises(UserError) as info:
-    weights.read_state_dict(path)
-  assert str(info.value) == ("reading .pth needs torch: pip install 'cnnjax[torch]', "
-                             "or convert to .safetensors/.npz")
+  read = weights.read_state_dict(tmp_path / "w.pth")
+  assert read.keys() == arrays.keys()
+  for name, array in arrays.items():
+    np.testing.assert_array_equal(read[name], array)
 
 
 @pytest.mark.parametrize("name, content, message", [

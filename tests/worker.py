@@ -1,7 +1,7 @@
 """What the scale-out tests run in subprocesses, where JAX can be given 8 CPU devices or
 joined to other processes (both must happen before JAX starts, so not inside pytest).
 
-  python -m tests.worker cli FLAGS...        ``python -m experiments.cifar FLAGS...``, and
+  python -m tests.worker cli FLAGS...        ``python -m experiments.train FLAGS...``, and
       each process saves what ``fit`` returned to ``$CNNJAX_TEST_DUMP/process<i>.npz``
   python -m tests.worker parity OUT.npz      3 steps of a small BN CNN on 8 devices and on 1
   python -m tests.worker reshard SRC DST OUT.npz
@@ -12,12 +12,11 @@ import os
 import pathlib
 import sys
 
-import cnnjax  # noqa: F401  (XLA CPU defaults before JAX starts)
 import jax
 import numpy as np
 import optax
 
-from cnnjax import parallel, train
+from cnnjax import parallel, steps, train
 from cnnjax.checkpoint import Checkpoints
 from cnnjax.models import create_model
 from tests.conftest import make_images
@@ -30,10 +29,10 @@ def small_bn_model():
   return create_model("bn_cnn", widths=(8, 8, 16, 16), dense=(16, 16))
 
 
-def abstract_state(sharding: jax.sharding.Sharding) -> train.TrainState:
+def abstract_state(sharding: jax.sharding.Sharding) -> steps.TrainState:
   """The TrainState of ``small_bn_model`` with Adam, as shapes with ``sharding`` (no arrays)."""
   shapes = jax.eval_shape(
-      lambda: train.create_train_state(small_bn_model(), optax.adam(1e-3), IMAGE_SHAPE, 0))
+      lambda: steps.create_train_state(small_bn_model(), optax.adam(1e-3), IMAGE_SHAPE, 0))
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
@@ -70,12 +69,12 @@ def parity(out: str) -> None:
   The second step still reads the state (params, momentum) the first one left sharded.
   """
   x, y = make_images(32, shape=IMAGE_SHAPE)
-  normalize = train.make_normalize(np.zeros(3), np.full(3, 255.0))
+  normalize = steps.make_normalize(np.zeros(3), np.full(3, 255.0))
   results = {}
   for name, devices in (("all", jax.devices()), ("one", jax.devices()[:1])):
-    runner = train.Runner.create(normalize, mesh=parallel.make_mesh(devices))
+    runner = steps.Runner.create(normalize, mesh=parallel.make_mesh(devices))
     state = runner.put_state(
-        train.create_train_state(small_bn_model(), optax.sgd(1e-3, momentum=0.9), IMAGE_SHAPE, 0))
+        steps.create_train_state(small_bn_model(), optax.sgd(1e-3, momentum=0.9), IMAGE_SHAPE, 0))
     initial = flat(state.params)
     batch = runner.to_global({"image": x, "label": y})
     for _ in range(2):
@@ -108,10 +107,9 @@ def reshard(src: str, dst: str, out: str) -> None:
 if __name__ == "__main__":
   command, args = sys.argv[1], sys.argv[2:]
   if command == "cli":
-    from experiments import main
+    from experiments import train as command
     _dump_fit(pathlib.Path(os.environ["CNNJAX_TEST_DUMP"]))
-    sys.argv = [sys.argv[0], *args]
-    main.run()
+    command.cli([sys.argv[0], *args])
   elif command == "parity":
     parity(*args)
   else:

@@ -455,3 +455,9 @@ class KerasAugment:
 def augment_batch(images: np.ndarray, rng: np.random.Generator, **config: Any) -> np.ndarray:
   """``KerasAugment.from_config(config)(images, rng)``: uint8 ``[B, H, W, C]`` in and out."""
   return KerasAugment.from_config(config)(images, rng)
+
+
+def from_config(config: Mapping[str, Any]) -> KerasAugment | None:
+  """The batch augmentation of a ``data.augment`` config, or None when every option is off."""
+  augment = KerasAugment.from_config(config)
+  return None if augment == KerasAugment() else augment

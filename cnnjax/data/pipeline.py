@@ -59,20 +59,23 @@ PRETRAINED_STATS = {
     "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),  # torchvision models
     "lite": ((127.0,) * 3, (128.0,) * 3),  # EfficientNet-Lite: (pixel - 127) / 128
 }
-NORMALIZATIONS = ("dataset", *PRETRAINED_STATS)
+NORMALIZATIONS = ("dataset", "unit", *PRETRAINED_STATS)
 
 
 def normalization_stats(name: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """``(mean, std)`` ``[C]`` in pixel units for ``(pixel - mean) / std``.
 
   Args:
-    name: 'dataset' (``channel_stats(images)``), 'imagenet' (torchvision's ImageNet
+    name: 'dataset' (``channel_stats(images)``), 'unit' (pixel / 255), 'imagenet' (torchvision's ImageNet
       models: mean 255 * (0.485, 0.456, 0.406), std 255 * (0.229, 0.224, 0.225)) or 'lite'
       (EfficientNet-Lite: 127 and 128).
     images: the training images, uint8 ``[N, H, W, C]``.
   """
   if name == "dataset":
     return channel_stats(images)
+  if name == "unit":
+    channels = images.shape[-1]
+    return np.zeros(channels, np.float32), np.full(channels, 255.0, np.float32)
   if name not in PRETRAINED_STATS:
     raise UserError(f"unknown data.normalization {name!r}; expected one of {list(NORMALIZATIONS)}")
   if images.shape[-1] != 3:

@@ -1,5 +1,6 @@
 """Where the arrays come from: a local ``.npz``, a folder of idx files, an image folder, or
-TFDS by name.
+TFDS by name (MNIST, without a prepared TFDS copy, from the official files shipped in
+``MNIST_DIR``).
 
 Every source yields the same ``Dataset``: uint8 images ``[N, H, W, C]`` and int64
 labels ``[N]`` for ``train`` and ``test``, in memory (CIFAR-10 is 180 MB), plus class
@@ -7,6 +8,7 @@ names, optional named subsets of the test set to report apart and, if the source
 a validation split.
 """
 import dataclasses
+import logging
 import os
 import pathlib
 
@@ -16,6 +18,10 @@ from cnnjax.data.pipeline import Arrays
 from cnnjax.errors import UserError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# The four official MNIST idx files (60k train, 10k test, official order), shipped as package data.
+MNIST_DIR = pathlib.Path(__file__).parent / "mnist"
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -87,9 +93,17 @@ def load_idx(folder: str | os.PathLike) -> Dataset:
 
 
 def load_tfds(name: str, data_dir: str | None) -> Dataset:
-  """A TFDS dataset prepared as array_record, read TensorFlow-free (``tfds.data_source``)."""
+  """A TFDS dataset as array_record, read TensorFlow-free (``tfds.data_source``); ours are
+  prepared on first use, except ``mnist``, read from ``MNIST_DIR`` when TFDS has no copy."""
   from cnnjax.data import tfds_data
-  arrays = tfds_data.load_arrays(name, data_dir=data_dir)
+  try:
+    arrays = tfds_data.load_arrays(name, data_dir=data_dir, download=name != "mnist")
+  except tfds_data.NotPreparedError:
+    if name != "mnist":
+      raise
+    _log.info("mnist: not prepared in TFDS (%s); reading the official files shipped in %s",
+              tfds_data.data_dir_or_default(data_dir), MNIST_DIR)
+    return load_idx(MNIST_DIR)
   train, test = (checked_arrays(f"tfds:{name}:{s}", *arrays[s]) for s in ("train", "test"))
   return Dataset(train, test, list(arrays["class_names"]))
 
@@ -127,7 +141,8 @@ def load(source: str, data_dir: str | None = None, image_size: int | None = None
   TFDS name.
 
   Anything that looks like a path (has a separator or a file suffix) must exist; any
-  other string is taken as a TFDS dataset name.
+  other string is taken as a TFDS dataset name (see ``load_tfds``: ``cifar10`` is
+  downloaded on first use, ``mnist`` works offline).
   """
   path = pathlib.Path(os.path.expanduser(source))
   if path.is_file():

@@ -1,9 +1,11 @@
 """CIFAR-10/100, MNIST and Fashion-MNIST as TFDS datasets, prepared and read without TensorFlow.
 
 tfds' stock builders for these datasets need TensorFlow to prepare them. The builders here
-read the official files with tarfile, pickle, gzip and numpy, store ``image`` as a uint8
-``tfds.features.Tensor`` and ``label`` as a ``ClassLabel`` (class names in the dataset's
-metadata), in the official order, as array_record files that ``tfds.data_source`` reads.
+read the official files with tarfile, a restricted unpickler (``cnnjax.safe_pickle``: the
+CIFAR batches may name only numpy's array globals), gzip and numpy, store ``image`` as a
+uint8 ``tfds.features.Tensor`` and ``label`` as a ``ClassLabel`` (class names in the
+dataset's metadata), in the official order, as array_record files that
+``tfds.data_source`` reads.
 
 They are registered as ``cnnjax_cifar10``, ``cnnjax_cifar100``, ``cnnjax_mnist`` and
 ``cnnjax_fashion_mnist``, not under the stock names: tfds imports its own catalogue lazily,
@@ -11,29 +13,51 @@ and a second builder registered as ``cifar10`` makes that import fail ("Dataset 
 cifar10 already registered"), after which even ``tfds.builder('mnist')`` is not found.
 :func:`load_arrays` hides the difference: ``load_arrays('cifar10')`` reads
 ``cnnjax_cifar10`` when it is prepared, else a stock ``cifar10`` prepared elsewhere (with
-TensorFlow, as array_record).
+TensorFlow, as array_record), and prepares ``cnnjax_cifar10`` on first use when neither is
+(downloading the official files, with tfds' progress bars; offline, a ``UserError`` within
+seconds).
 
-Prepare online, or offline from a folder holding the official files::
+Prepare ahead, online, or offline from a folder holding the official files (a local archive
+is checked against the official sha256, as downloads are)::
 
   python -m cnnjax.data.tfds_data prepare cifar10 [--data_dir D] [--source_dir DIR]
 """
 import abc
 import argparse
 from collections.abc import Iterator, Sequence
+import contextlib
+import hashlib
+import logging
 import os
-import pickle
+import pathlib
+import shutil
 import sys
 import tarfile
+import threading
 from typing import Any, ClassVar
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cnnjax import safe_pickle
 from cnnjax.data import idx
 from cnnjax.errors import UserError
 
+_log = logging.getLogger(__name__)
+
 SPLITS = ("train", "test")
 _READ_BATCH = 4096  # Records per `__getitems__` call when reading a split.
+_REACH_TIMEOUT = 4.0  # Seconds a download server has to answer before we call it offline.
+# The globals CIFAR's pickled batches name (numpy arrays); numpy 2 pickles `numpy._core`.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
 
 _CIFAR100_NAMES = tuple("""
     apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
@@ -47,29 +71,59 @@ _CIFAR100_NAMES = tuple("""
     turtle wardrobe whale willow_tree wolf woman worm""".split())
 _IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-# Size and sha256 that tfds checks each download against; tfds itself ships those of the
-# MNIST and Fashion-MNIST files, not those of the CIFAR python archives.
+# Size and sha256 that tfds checks each download against, and `_official_paths` a local
+# file; tfds itself ships those of the MNIST and Fashion-MNIST downloads, not those of the
+# CIFAR python archives.
 _UrlInfo = tfds.download.checksums.UrlInfo
 
 
-def _official_paths(dl_manager: tfds.download.DownloadManager,
-                    files: dict[str, str]) -> dict[str, os.PathLike]:
-  """Paths of the official ``files`` (name -> URL), from the manual dir or downloaded.
+class NotPreparedError(UserError):
+  """A TFDS dataset is not prepared (and was not to be prepared on first use)."""
 
-  The manual dir (``--source_dir``) is used when it holds all the files.
+
+def data_dir_or_default(data_dir: str | os.PathLike | None) -> pathlib.Path:
+  """``data_dir``, or TFDS's default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``)."""
+  return pathlib.Path(os.path.expanduser(
+      data_dir if data_dir is not None else tfds.core.constants.get_default_data_dir()))
+
+
+def _unreachable(url: str, timeout: float = _REACH_TIMEOUT) -> str | None:
+  """Why ``url``'s server cannot be reached, or None when it answers a HEAD request.
+
+  One attempt, in a daemon thread given ``timeout`` seconds: a name lookup has no timeout
+  of its own, and tfds' downloader retries it for minutes.
   """
-  try:
-    manual_dir = dl_manager.manual_dir
-  except AssertionError:  # tfds' way of saying: no manual dir, or an empty one.
-    manual_dir = None
-  if manual_dir is not None and all((manual_dir / f).is_file() for f in files):
-    return {f: manual_dir / f for f in files}
-  try:
-    return dl_manager.download(files)
-  except OSError as e:  # requests' ConnectionError is an OSError.
-    raise UserError(f"cannot download {', '.join(files.values())} ({type(e).__name__}); "
-                    f"offline, put {', '.join(files)} in a folder and pass --source_dir "
-                    "FOLDER") from None
+  outcome = []
+
+  def head() -> None:
+    try:
+      urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+      outcome.append(None)
+    except urllib.error.HTTPError:  # An answer, if not a 200 one.
+      outcome.append(None)
+    except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors.
+      outcome.append(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
+
+  thread = threading.Thread(target=head, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def _offline_error(dataset: str, files: dict[str, str], reason: str) -> UserError:
+  return UserError(
+      f"cannot download {dataset}'s {', '.join(files)} ({reason}); offline, pass a local .npz "
+      f"(--config.data.source=/path/{dataset}.npz), or prepare it from the official "
+      f"file(s) with `python -m cnnjax.data.tfds_data prepare {dataset} --source_dir DIR`, "
+      "or use --config.data.source=mnist (shipped with cnnjax)")
+
+
+def _sha256(path: os.PathLike) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 class _OfficialFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -103,8 +157,32 @@ class _OfficialFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
         disable_shuffling=True,  # Keep the official order.
     )
 
+  def _official_paths(self,
+                      dl_manager: tfds.download.DownloadManager) -> dict[str, os.PathLike]:
+    """Paths of the official ``FILES``, from the manual dir (``--source_dir``) when it holds
+    them all (checked against ``url_infos``' sha256 where known), else downloaded."""
+    try:
+      manual_dir = dl_manager.manual_dir
+    except AssertionError:  # tfds' way of saying: no manual dir, or an empty one.
+      manual_dir = None
+    if manual_dir is not None and all((manual_dir / f).is_file() for f in self.FILES):
+      paths = {f: manual_dir / f for f in self.FILES}
+      for f, url in self.FILES.items():
+        info = (self.url_infos or {}).get(url)
+        if info is not None and (actual := _sha256(paths[f])) != info.checksum:
+          raise UserError(f"{paths[f]}: sha256 {actual} differs from the official {f}'s "
+                          f"{info.checksum}; expected the file from {url}")
+      return paths
+    for url in {urllib.parse.urlsplit(u).netloc: u for u in self.FILES.values()}.values():
+      if reason := _unreachable(url):
+        raise _offline_error(self.DATASET, self.FILES, reason)
+    try:
+      return dl_manager.download(self.FILES)
+    except OSError as e:  # requests' ConnectionError is an OSError.
+      raise _offline_error(self.DATASET, self.FILES, type(e).__name__) from None
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    arrays = self._read(_official_paths(dl_manager, self.FILES))
+    arrays = self._read(self._official_paths(dl_manager))
     for split, (images, labels) in arrays.items():
       if images.shape[1:] != self.IMAGE_SHAPE or len(labels) != len(images):
         raise UserError(f"{self.DATASET} {split}: the official files gave images "
@@ -141,7 +219,8 @@ class _CifarBuilder(_OfficialFilesBuilder, skip_registration=True):
         for member in tar:
           name = os.path.basename(member.name)
           if member.isfile() and name in wanted:
-            pickles[name] = pickle.load(tar.extractfile(member), encoding="bytes")
+            pickles[name] = safe_pickle.load(tar.extractfile(member), _CIFAR_GLOBALS,
+                                             f"{archive}:{member.name}", encoding="bytes")
       if missing := sorted(wanted - pickles.keys()):
         raise UserError(f"{archive}: no {', '.join(missing)} inside; {expected}")
       names = tuple(n.decode() for n in pickles[self.META_MEMBER][self.NAMES_KEY])
@@ -152,7 +231,7 @@ class _CifarBuilder(_OfficialFilesBuilder, skip_registration=True):
                                  for m in members])
         # Each row is 1024 red, then 1024 green, then 1024 blue values, row-major.
         arrays[split] = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
-    except (tarfile.TarError, OSError, EOFError, pickle.UnpicklingError, KeyError,
+    except (tarfile.TarError, OSError, EOFError, AttributeError, KeyError, TypeError,
             ValueError) as e:
       raise UserError(f"{archive}: cannot read it ({type(e).__name__}: {e}); "
                       f"{expected}") from None
@@ -234,21 +313,49 @@ BUILDERS: dict[str, type[_OfficialFilesBuilder]] = {
     b.DATASET: b for b in (CnnjaxCifar10, CnnjaxCifar100, CnnjaxMnist, CnnjaxFashionMnist)}
 
 
+def _entries(data_dir: pathlib.Path, dataset: str) -> set[pathlib.Path]:
+  """``data_dir``, its downloads and ``dataset`` folders and what they hold, where present."""
+  roots = (data_dir, data_dir / "downloads", data_dir / "downloads" / "extracted",
+           data_dir / dataset)
+  return {p for root in roots if root.is_dir() for p in (root, *root.iterdir())}
+
+
+@contextlib.contextmanager
+def _no_leftovers_on_failure(data_dir: pathlib.Path, dataset: str) -> Iterator[None]:
+  """On any failure (Ctrl-C too), removes what the failed preparation added: tfds'
+  ``incomplete.*`` folders, partial ``*.tmp.*`` downloads, and the folders left empty."""
+  before = _entries(data_dir, dataset)
+  try:
+    yield
+  except BaseException:
+    added = sorted(_entries(data_dir, dataset) - before, key=lambda p: len(p.parts),
+                   reverse=True)  # Contents before their folders.
+    for path in added:
+      if path.name.startswith(tfds.core.constants.INCOMPLETE_PREFIX) or ".tmp." in path.name:
+        shutil.rmtree(path, ignore_errors=True)
+      elif path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    raise
+
+
 def prepare(name: str, data_dir: str | os.PathLike | None = None,
             source_dir: str | os.PathLike | None = None) -> str:
   """Writes dataset ``name`` as array_record under ``data_dir``; a no-op when it is there.
+
+  A failed preparation leaves nothing half-written behind.
 
   Args:
     name: one of ``BUILDERS`` (``'cifar10'``, ``'cifar100'``, ``'mnist'``,
       ``'fashion_mnist'``).
     data_dir: TFDS data dir; default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
     source_dir: a folder holding the official files (the builder's ``FILES``); without
-      it they are downloaded from the official URLs.
+      it they are downloaded from the official URLs (tfds' progress bars on stderr).
   Returns:
     The folder of the prepared dataset, e.g. ``<data_dir>/cnnjax_cifar10/1.0.0``.
   Raises:
     UserError: unknown ``name``, a file missing from ``source_dir``, a file that is not
-      the official one, or a failed download.
+      the official one (its sha256 or its contents), or a server that cannot be reached
+      (within seconds) or a failed download.
   """
   if name not in BUILDERS:
     raise UserError(f"cannot prepare dataset {name!r}; expected one of {', '.join(BUILDERS)}")
@@ -259,9 +366,11 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None,
       raise UserError(f"source dir {source_dir} lacks {', '.join(missing)} for {name}; "
                       f"expected the official file(s) from "
                       f"{', '.join(builder_cls.FILES[f] for f in missing)}")
-  builder = builder_cls(data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=source_dir, try_download_gcs=False))
+  root = data_dir_or_default(data_dir)
+  with _no_leftovers_on_failure(root, builder_cls.name):
+    builder = builder_cls(data_dir=root, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=source_dir, try_download_gcs=False))
   return os.fspath(builder.data_dir)
 
 
@@ -272,6 +381,26 @@ def _prepare_command(name: str, data_dir: str | os.PathLike | None) -> str:
   return f"`tfds build {name} --file_format=array_record{dir_flag}`"
 
 
+class _NoUnpreparedWarning(logging.Filter):
+  """Drops tfds' "Variant folder ... has no dataset_info.json" warning, which
+  ``DatasetBuilder.is_prepared()`` logs for every dataset that is not prepared."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.msg == "Variant folder %s has no %s" and record.args
+                and record.args[-1] == tfds.core.constants.DATASET_INFO_FILENAME)
+
+
+@contextlib.contextmanager
+def _quiet_probe() -> Iterator[None]:
+  """Silences ``_NoUnpreparedWarning``'s warning on absl's logger, for the block."""
+  quiet, absl_logger = _NoUnpreparedWarning(), logging.getLogger("absl")
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
 def _open_splits(name: str, tfds_name: str,
                  data_dir: str | os.PathLike | None) -> list[Any] | None:
   """The train and test data sources of ``tfds_name``, or None when it is not prepared.
@@ -279,35 +408,36 @@ def _open_splits(name: str, tfds_name: str,
   Raises:
     UserError: it is prepared in a format ``tfds.data_source`` cannot read (tfrecord).
   """
-  try:
-    return tfds.data_source(tfds_name, split=list(SPLITS), data_dir=data_dir, download=False)
-  except tfds.core.DatasetNotFoundError:  # Neither a known builder nor files in data_dir.
-    return None
-  except Exception:  # tfds' errors for a missing dataset vary; is_prepared() tells.
-    builder = tfds.builder(tfds_name, data_dir=data_dir)
-    if not builder.is_prepared():
+  with _quiet_probe():
+    try:
+      return tfds.data_source(tfds_name, split=list(SPLITS), data_dir=data_dir, download=False)
+    except tfds.core.DatasetNotFoundError:  # Neither a known builder nor files in data_dir.
       return None
-    formats = sorted(f.value for f in builder.info.available_file_formats())
-    if tfds.core.FileFormat.ARRAY_RECORD.value not in formats:
-      raise UserError(f"TFDS dataset {tfds_name!r} in {builder.data_dir} is stored as "
-                      f"{', '.join(formats)}, which tfds.data_source cannot read; expected "
-                      f"array_record: prepare it with {_prepare_command(name, data_dir)}"
-                      ) from None
-    raise
+    except Exception:  # tfds' errors for a missing dataset vary; is_prepared() tells.
+      builder = tfds.builder(tfds_name, data_dir=data_dir)
+      if not builder.is_prepared():
+        return None
+      formats = sorted(f.value for f in builder.info.available_file_formats())
+      if tfds.core.FileFormat.ARRAY_RECORD.value not in formats:
+        raise UserError(f"TFDS dataset {tfds_name!r} in {builder.data_dir} is stored as "
+                        f"{', '.join(formats)}, which tfds.data_source cannot read; expected "
+                        f"array_record: prepare it with {_prepare_command(name, data_dir)}"
+                        ) from None
+      raise
 
 
-def _not_prepared(name: str, data_dir: str | os.PathLike | None) -> UserError:
-  where = data_dir if data_dir is not None else tfds.core.constants.get_default_data_dir()
+def _not_prepared(name: str, data_dir: str | os.PathLike | None) -> NotPreparedError:
+  where = data_dir_or_default(data_dir)
   command = _prepare_command(name, data_dir)
   if name in BUILDERS:
-    return UserError(
+    return NotPreparedError(
         f"TFDS dataset {name!r} is not prepared in {where}; prepare it with {command} "
         f"(online; offline add --source_dir DIR holding {', '.join(BUILDERS[name].FILES)})"
         f" or pass a local .npz with --config.data.source=/path/{name}.npz")
-  return UserError(
+  return NotPreparedError(
       f"TFDS dataset {name!r} is not prepared as array_record in {where}; expected one of "
-      f"{', '.join(BUILDERS)} (prepared with `python -m cnnjax.data.tfds_data prepare NAME`)"
-      f" or a TFDS dataset built there with {command}")
+      f"{', '.join(BUILDERS)} (prepared on first use, or with `python -m "
+      f"cnnjax.data.tfds_data prepare NAME`) or a TFDS dataset built there with {command}")
 
 
 def _read_split(source: Any, image_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -329,22 +459,28 @@ def _read_split(source: Any, image_shape: tuple[int, ...]) -> tuple[np.ndarray, 
   return images, labels
 
 
-def load_arrays(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-  """Reads a prepared TFDS image-classification dataset into memory.
+def load_arrays(name: str, data_dir: str | os.PathLike | None = None,
+                download: bool = True) -> dict[str, Any]:
+  """Reads a TFDS image-classification dataset into memory, preparing ours on first use.
 
   Args:
     name: ``'cifar10'``, ``'cifar100'``, ``'mnist'`` or ``'fashion_mnist'`` (read from
       this module's ``cnnjax_<name>`` builder when prepared, else from the stock tfds
-      dataset ``<name>``), or any TFDS dataset with a fixed-size uint8 ``image`` and a
+      dataset ``<name>``; when neither is, ``cnnjax_<name>`` is first prepared with
+      :func:`prepare`), or any TFDS dataset with a fixed-size uint8 ``image`` and a
       ClassLabel ``label``, prepared as array_record. Works under
       ``tfds.testing.mock_data``.
     data_dir: TFDS data dir; default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+    download: whether to prepare one of ``BUILDERS`` that is not prepared (downloading its
+      official files); if False, that raises ``NotPreparedError``.
   Returns:
     ``{'train': (images, labels), 'test': (images, labels), 'class_names': [str, ...]}``
     with images ``[N, H, W, C]`` uint8 and labels ``[N]`` int64, in the stored order;
     other features (e.g. ``id``) are dropped.
   Raises:
-    UserError: the dataset is not prepared in ``data_dir`` (as array_record), or has no
+    NotPreparedError: the dataset is not prepared in ``data_dir`` (as array_record) and is
+      not one of ``BUILDERS`` to be prepared (or ``download`` is False).
+    UserError: the preparation failed (offline: within seconds), or the dataset has no
       fixed-size uint8 ``image`` and ClassLabel ``label``.
   """
   candidates = [BUILDERS[name].name, name] if name in BUILDERS else [name]
@@ -352,7 +488,14 @@ def load_arrays(name: str, data_dir: str | os.PathLike | None = None) -> dict[st
     if (sources := _open_splits(name, tfds_name, data_dir)) is not None:
       break
   else:
-    raise _not_prepared(name, data_dir)
+    if name not in BUILDERS or not download:
+      raise _not_prepared(name, data_dir)
+    _log.info("%s is not prepared in %s: preparing it (first use)", name,
+              data_dir_or_default(data_dir))
+    prepare(name, data_dir)
+    tfds_name = candidates[0]
+    sources = _open_splits(name, tfds_name, data_dir)
+  _log.info("%s: reading TFDS's %s from %s", name, tfds_name, data_dir_or_default(data_dir))
   features = sources[0].dataset_info.features
   image = features["image"] if "image" in features else None
   label = features["label"] if "label" in features else None

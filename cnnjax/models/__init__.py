@@ -54,6 +54,13 @@ def create_model(name: str, **kwargs) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["MODELS", "BACKBONES", "create_model", "ConvBlock", "SeedCNN", "BNCNN", "AirbenchNet", "LeNet",
+def model_from_config(cfg) -> nn.Module:
+  """The model of a ``model`` config: its keys but those that choose initial weights
+  (``pretrained``, ``head_classes``) go to ``create_model``."""
+  return create_model(**{k: v for k, v in cfg.to_dict().items()
+                         if k not in ("pretrained", "head_classes")})
+
+
+__all__ = ["MODELS", "BACKBONES", "create_model", "model_from_config", "ConvBlock", "SeedCNN", "BNCNN", "AirbenchNet", "LeNet",
            "KerasConvNet", "MLP", "ResNet18", "ResNet34", "ResNet50", "VGG", "VGG16BN",
            "EfficientNetLite", "Head", "TransferNet"]

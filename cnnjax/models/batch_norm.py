@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax import onednn
+from cnnjax import onednn, runtime
 
 
 class BatchNorm(nn.BatchNorm):
@@ -29,7 +29,7 @@ class BatchNorm(nn.BatchNorm):
     return (train and mask is None and self.axis_name is None and not self.is_initializing()
             and x.dtype == jnp.float32 and self.param_dtype == jnp.float32
             and self.dtype in (None, jnp.float32) and self.axis in (-1, x.ndim - 1, (-1,))
-            and onednn.in_use())
+            and runtime.onednn_in_use())
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,

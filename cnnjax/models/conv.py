@@ -4,7 +4,7 @@ lowered per shape to what runs fastest on CPU.
 oneDNN's convolutions (the kernels PyTorch uses on CPU) run 1.0-3.9x faster than XLA:CPU's
 (Eigen) on the cnnjax models' layers, forward and both gradients, and XLA's fall far behind
 a matrix product on maps of <= 4 output pixels (ResNet's last stages at 32x32 input: 9-30x)
-and on strided 1x1 kernels (1.3-1.7x) (``python -m experiments.bench --convs``,
+and on strided 1x1 kernels (1.3-1.7x) (``python -m benchmarks --mode=convs``,
 BENCHMARKS.md "Convolution lowering"). So ``lowering`` picks, for a float32 NHWC/HWIO
 convolution without groups or dilation:
 
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnnjax import conv_math, onednn
+from cnnjax import conv_math, onednn, runtime
 
 SMALL_MAP_PIXELS = 4  # output pixels at or below which im2col wins at any width
 
@@ -43,7 +43,7 @@ def lowering(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Seque
              padding: Sequence[tuple[int, int]]) -> str:
   """How the float32 ``[B, H, W, Cin]`` by ``[kh, kw, Cin, Cout]`` convolution runs here:
   ``"onednn"``, ``"im2col"`` or ``"xla"`` (see the module docstring)."""
-  if onednn.in_use():
+  if runtime.onednn_in_use():
     return "onednn"
   kh, kw = kernel_shape[:2]
   ho = conv_math.conv_output_size(x_shape[1] + sum(padding[0]), kh, strides[0])

@@ -1,6 +1,6 @@
 r"""The course's batch-norm CNN on CIFAR-10: BNCNN, Adam 1e-3, batch 32, 10 epochs, 40k/10k split.
 
-  python -m experiments.cifar --config experiments/configs/cifar_bn.py --workdir runs/cifar_bn
+  python -m experiments.train --config experiments/configs/cifar_bn.py --workdir runs/cifar_bn
   (offline: add --config.data.source=../shared/data/cifar10.npz)
 
 The course's PyTorch notebook reports 83.0% test accuracy after 10 epochs at a constant

@@ -1,7 +1,7 @@
 r"""Time to accuracy: the course's BNCNN to the course recipe's accuracy in a third of its
 wall time on this machine.
 
-  python -m experiments.cifar --config experiments/configs/cifar_bn_fast.py --workdir runs/cifar_bn_fast
+  python -m experiments.train --config experiments/configs/cifar_bn_fast.py --workdir runs/cifar_bn_fast
   (offline: add --config.data.source=../shared/data/cifar10.npz)
 
 Same model without dropout (3 epochs underfit: train accuracy ends at ~82%), batch 128 (the

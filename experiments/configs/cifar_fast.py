@@ -1,7 +1,7 @@
 r"""Time to accuracy, airbench-style: airbench94's network and recipe (Keller Jordan,
 arXiv:2404.00498: 94.0% CIFAR-10 in 3.8 A100-seconds) on this 2-core CPU.
 
-  python -m experiments.cifar --config experiments/configs/cifar_fast.py --workdir runs/cifar_fast
+  python -m experiments.train --config experiments/configs/cifar_fast.py --workdir runs/cifar_fast
   (offline: add --config.data.source=../shared/data/cifar10.npz)
 
 AirbenchNet (cnnjax/models/airbench.py: frozen data-whitened 2x2 stem, dirac-initialised

@@ -1,6 +1,6 @@
 r"""The seed course's first CIFAR-10 study: SeedCNN, RMSprop 1e-3, batch 128, 3 epochs.
 
-  python -m experiments.cifar --config experiments/configs/cifar_seed.py --workdir runs/cifar_seed
+  python -m experiments.train --config experiments/configs/cifar_seed.py --workdir runs/cifar_seed
   (offline: add --config.data.source=../shared/data/cifar10.npz)
 
 Result on this machine: see the README's results table.

@@ -1,7 +1,7 @@
 r"""CIFAR-10 upscaled to an ImageNet backbone's 224x224, from its pretrained weights.
 Argument: '<backbone>,<workflow>' (experiments/configs/transfer_base.py).
 
-  python -m experiments.transfer --workdir runs/cifar_lite0_features \
+  python -m experiments.train --workdir runs/cifar_lite0_features \
       --config experiments/configs/cifar_transfer.py:efficientnet_lite0,features \
       --config.data.source=../shared/data/cifar10.npz
 

@@ -2,13 +2,13 @@ r"""Ants vs bees (the PyTorch transfer-learning tutorial's hymenoptera image fol
 train / 153 val images), from an ImageNet backbone. Argument: '<backbone>,<workflow>'
 (experiments/configs/transfer_base.py).
 
-  python -m experiments.transfer --workdir runs/hym_lite0_features \
+  python -m experiments.train --workdir runs/hym_lite0_features \
       --config experiments/configs/hymenoptera.py:efficientnet_lite0,features \
       --config.data.source=../shared/data/hymenoptera
-  python -m experiments.transfer --workdir runs/hym_lite0_frozen \
+  python -m experiments.train --workdir runs/hym_lite0_frozen \
       --config experiments/configs/hymenoptera.py:efficientnet_lite0,frozen \
       --config.data.source=../shared/data/hymenoptera
-  python -m experiments.transfer --workdir runs/hym_lite0_finetune \
+  python -m experiments.train --workdir runs/hym_lite0_finetune \
       --config experiments/configs/hymenoptera.py:efficientnet_lite0,finetune \
       --config.data.source=../shared/data/hymenoptera
 

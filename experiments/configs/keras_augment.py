@@ -2,7 +2,7 @@ r"""cifar_bn (BNCNN on CIFAR-10, one-cycle Adam to 1e-3, batch 32, 10 epochs) wi
 ImageDataGenerator set: rotation 40, width and height shift 0.2, shear 0.2 (degrees, as
 Keras), zoom 0.2, horizontal flip, nearest fill.
 
-  python -m experiments.cifar --config experiments/configs/keras_augment.py --workdir runs/keras_augment
+  python -m experiments.train --config experiments/configs/keras_augment.py --workdir runs/keras_augment
   (offline: add --config.data.source=../shared/data/cifar10.npz)
 
 See what it does to a training image:

@@ -1,6 +1,6 @@
 r"""The Keras book's MNIST convnet: 3 convs (32, 64, 64), dense 64, RMSprop (one-cycle to 1e-3), 5 epochs, batch 64.
 
-  python -m experiments.mnist --config experiments/configs/keras_convnet.py --workdir runs/keras_convnet
+  python -m experiments.train --config experiments/configs/keras_convnet.py --workdir runs/keras_convnet
   (offline: --config.data.source=../shared/data/mnist.npz)
 """
 from experiments.configs import default

@@ -2,7 +2,7 @@ r"""Modern LeNet-5 on MNIST: ReLU + max pooling, Adam (one-cycle to 1e-3), batch
 mean/std from the training data, random shifts of up to 2 pixels, the
 best-validation-loss checkpoint tested.
 
-  python -m experiments.mnist --config experiments/configs/lenet.py --workdir runs/lenet
+  python -m experiments.train --config experiments/configs/lenet.py --workdir runs/lenet
   (offline: --config.data.source=../shared/data/mnist.npz; Fashion-MNIST:
    --config.data.source=fashion_mnist or a folder of its idx files)
 

@@ -2,7 +2,7 @@ r"""A frozen ImageNet ResNet-50 on CIFAR-10 upscaled to 224x224, as the Keras co
 it: the base without its top (global average pooling) in inference mode, then dropout 0.2
 and a dense softmax layer; Adam 1e-3, batch 64, 5 epochs, flips/rotations/zooms.
 
-  python -m experiments.transfer --config experiments/configs/resnet50_cifar.py \
+  python -m experiments.train --config experiments/configs/resnet50_cifar.py \
       --workdir runs/resnet50_cifar --config.data.source=../shared/data/cifar10.npz
 
 Weights: torchvision's resnet50-0676ba61.pth (IMAGENET1K_V1), downloaded online; offline put

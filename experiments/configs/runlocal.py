@@ -1,6 +1,6 @@
 r"""A seconds-long smoke run of the CIFAR experiment: SeedCNN on 256 images, 2 epochs of 12 steps.
 
-  python -m experiments.cifar --config experiments/configs/runlocal.py --workdir /tmp/runlocal \
+  python -m experiments.train --config experiments/configs/runlocal.py --workdir /tmp/runlocal \
       --config.data.source=../shared/data/cifar10.npz
 
 For checking the plumbing (data, steps, checkpoints, plots), not for accuracy.

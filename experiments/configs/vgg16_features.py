@@ -4,7 +4,7 @@ classifier dense 256 + ReLU, dropout 0.5, one sigmoid output, binary cross-entro
 RMSprop 2e-5, batch 20, 30 epochs. The book's data: cats vs dogs, 2000 train / 1000
 validation / 1000 test images in train/, validation/, test/ class folders.
 
-  python -m experiments.transfer --config experiments/configs/vgg16_features.py \
+  python -m experiments.train --config experiments/configs/vgg16_features.py \
       --workdir runs/vgg16_features --config.data.source=~/data/cats_and_dogs_small
 
 Weights: torchvision's ImageNet VGG16 (normalised as torchvision's models are); offline put

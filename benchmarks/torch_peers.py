@@ -1,5 +1,5 @@
 """PyTorch peers of the cnnjax models, and their train and inference steps, for
-``python -m experiments.bench --models``.
+``python -m benchmarks --mode=models`` (and the convolution step of ``--mode=convs``).
 
 SeedCNN, LeNet and BNCNN mirror the flax modules layer for layer (same convolutions,
 padding, widths, dropout, batch norm momentum 0.1 and epsilon 1e-5), so the parameter
@@ -154,7 +154,7 @@ def make_conv_step(x_shape: tuple[int, int, int, int], kernel_shape: tuple[int, 
                    strides: tuple[int, int], pads: list[tuple[int, int]]) -> Callable[[], int]:
   """One forward and both gradients of a convolution (``sum(conv(x, w) * r)`` backward
   with respect to ``x`` and ``w``, fixed random float32 operands in channels_last), as
-  ``python -m experiments.bench --convs`` times the JAX lowerings; returns the batch size.
+  ``python -m benchmarks --mode=convs`` times the JAX lowerings; returns the batch size.
 
   Args:
     x_shape: input ``[B, H, W, Cin]`` (run as ``[B, Cin, H, W]`` in channels_last).

@@ -1,0 +1,261 @@
+r"""``--mode=models``: images/s of a train step of each cnnjax model against the same
+architecture in PyTorch, in one run.
+
+  python -m benchmarks --mode=models [--only seed_cnn,lenet,...] [--no_torch]
+      [--model_batches lite0_frozen=16,...] [--windows 7] [--window_seconds 3] [--out FILE]
+
+Rows (``MODEL_ROWS``): SeedCNN (batch 128, 32x32x3), LeNet (64, 28x28x1), BNCNN (128,
+32x32x3), ResNet-18 with the CIFAR stem (128, 32x32x3), and at 224x224 (batch 32) ResNet-18
+and EfficientNet-Lite0 with a frozen base (the 'frozen' workflow of
+experiments/configs/transfer_base.py: only the new head trains) and as feature extractors
+(the backbone's inference alone); 10 classes, one synthetic uint8 batch reused, normalised
+inside the step on both sides. The JAX figure is the step a training runs
+(``cnnjax.steps.Runner``: jit, donated state, Adam, dropout rng, batch norm in train mode,
+the frozen base frozen by the ``optimizer.groups`` rules and run in inference mode), one
+step in flight; its first call (trace + compile + one step) is reported apart as the
+compile time. The PyTorch peers (``benchmarks.torch_peers``, only when torch is importable)
+run eagerly on ``os.cpu_count()`` threads with Adam in ``model.train()`` (a frozen base in
+``eval()`` without gradients; a feature extractor in ``eval()`` under
+``torch.inference_mode()``), in float32 NCHW, float32 channels_last and bf16 autocast
+channels_last; the table shows the faster float32 layout, bf16, and JAX's ratio to each.
+The parameter counts of both sides must agree (they are in the table); a row that cannot
+be built or measured is left out with a note saying why.
+"""
+import dataclasses
+import types
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import harness
+from benchmarks.harness import Measurement, Windows
+from cnnjax import optim, steps
+from cnnjax.models import create_model, model_from_config
+from experiments.configs import transfer_base
+
+NUM_CLASSES = 10  # of the synthetic labels, every model and head
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """One ``--mode=models`` row.
+
+  Attributes:
+    title: the row's name in the table.
+    kind: 'train' (the whole model trains from scratch), 'frozen' (the 'frozen' workflow of
+      experiments/configs/transfer_base.py: the backbone frozen by ``optimizer.groups``,
+      its new head trains) or 'features' (the backbone alone, inference: feature extraction).
+    model: the cnnjax model of a 'train' row, else the backbone.
+    image_shape: ``[H, W, C]`` of the synthetic images.
+    batch_size: images per step unless ``--model_batches`` says otherwise.
+    options: ``create_model`` options of a 'train' row.
+  """
+  title: str
+  kind: str
+  model: str
+  image_shape: tuple[int, int, int]
+  batch_size: int
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+MODEL_ROWS = {
+    "seed_cnn": ModelSpec("SeedCNN", "train", "seed_cnn", (32, 32, 3), 128),
+    "lenet": ModelSpec("LeNet", "train", "lenet", (28, 28, 1), 64),
+    "bn_cnn": ModelSpec("BNCNN", "train", "bn_cnn", (32, 32, 3), 128),
+    "resnet18_cifar": ModelSpec("ResNet-18 CIFAR stem", "train", "resnet18", (32, 32, 3), 128,
+                                {"cifar_stem": True}),
+    "resnet18_frozen": ModelSpec("ResNet-18 224 frozen base", "frozen", "resnet18",
+                                 (224, 224, 3), 32),
+    "resnet18_features": ModelSpec("ResNet-18 224 feature extractor", "features", "resnet18",
+                                   (224, 224, 3), 32),
+    "lite0_frozen": ModelSpec("EfficientNet-Lite0 224 frozen base", "frozen",
+                              "efficientnet_lite0", (224, 224, 3), 32),
+    "lite0_features": ModelSpec("EfficientNet-Lite0 224 feature extractor", "features",
+                                "efficientnet_lite0", (224, 224, 3), 32),
+}
+BF16 = "bf16 channels_last"  # the torch variant (torch_peers.VARIANTS) compared apart
+
+
+@dataclasses.dataclass
+class ModelRow:
+  """A ``--mode=models`` row: the cnnjax step and its PyTorch peers on the same architecture.
+
+  Attributes:
+    spec: what was measured.
+    batch_size: images per step.
+    params: parameters of the model (of the backbone for a 'features' row), the same in both.
+    jax: the cnnjax step.
+    compile_seconds: its first call: trace, compile and one step.
+    torch: torch variant (``torch_peers.VARIANTS``) -> its measurement; empty without torch.
+  """
+  spec: ModelSpec
+  batch_size: int
+  params: int
+  jax: Measurement
+  compile_seconds: float
+  torch: dict[str, Measurement]
+
+  @property
+  def measurements(self) -> list[Measurement]:
+    return [self.jax, *self.torch.values()]
+
+  def best_f32(self) -> tuple[str, Measurement] | None:
+    """The faster float32 torch variant and its measurement."""
+    f32 = [(v, m) for v, m in self.torch.items() if v != BF16]
+    return max(f32, key=lambda vm: vm[1].images_per_second) if f32 else None
+
+
+def _count(params: Any) -> int:
+  return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def synthetic_batch(batch_size: int, image_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+  """uint8 images ``[B, H, W, C]`` and labels ``[B]`` in ``[0, NUM_CLASSES)``."""
+  rng = np.random.default_rng(0)
+  return {"image": rng.integers(0, 256, (batch_size, *image_shape), np.uint8),
+          "label": rng.integers(0, NUM_CLASSES, batch_size)}
+
+
+def _normalize(channels: int) -> Callable[[jax.Array], jax.Array]:
+  return steps.make_normalize(np.full(channels, 127.0), np.full(channels, 64.0))
+
+
+def train_dispatch(model: nn.Module, groups: tuple[str, ...], batch: dict[str, np.ndarray],
+                   ) -> tuple[Callable[[], Any], int]:
+  """``(dispatch, parameters)``: ``cnnjax.steps.Runner``'s train step (jit, donated state,
+  Adam at the config defaults, dropout rng, batch norm in train mode) of ``model`` on
+  ``batch``; the modules the ``optimizer.groups`` rules ``groups`` freeze get no updates
+  and run in inference mode, as a training arranges. ``dispatch`` runs one step."""
+  cfg = optim.default_optimizer_config()
+  cfg.groups = groups
+  tx = optim.make_optimizer(cfg, optax.constant_schedule(cfg.lr))
+  state = steps.create_train_state(model, tx, batch["image"].shape[1:], seed=0)
+  runner = steps.Runner.create(_normalize(batch["image"].shape[-1]),
+                               frozen=optim.frozen_modules(state.params, groups))
+  held = {"state": runner.put_state(state)}
+  batch = runner.to_global(batch)
+
+  def dispatch() -> dict[str, jax.Array]:
+    held["state"], sums = runner.train_step(held["state"], batch)
+    return sums
+  return dispatch, _count(state.params)
+
+
+def _features_dispatch(backbone: nn.Module, batch: dict[str, np.ndarray],
+                       ) -> tuple[Callable[[], Any], int]:
+  """``(dispatch, parameters)``: the backbone in inference mode on ``batch``'s images, as
+  ``cnnjax.transfer.extract_features`` runs it; ``dispatch`` returns features ``[B, D]``."""
+  images = jnp.asarray(batch["image"])
+  dummy = jnp.zeros((1, *images.shape[1:]), jnp.float32)
+  variables = jax.jit(lambda: backbone.init(jax.random.PRNGKey(0), dummy, train=False))()
+  normalize = _normalize(images.shape[-1])
+  apply = jax.jit(lambda v, x: backbone.apply(v, normalize(x), train=False))
+  return lambda: apply(variables, images), _count(variables["params"])
+
+
+def _jax_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...]]:
+  """The model a training of ``spec`` builds and its ``optimizer.groups``; a 'frozen' or
+  'features' row takes both from transfer_base's workflow of that name (a 'transfer' model)."""
+  if spec.kind == "train":
+    return create_model(spec.model, num_classes=NUM_CLASSES, **spec.options), ()
+  c = transfer_base.transfer_config(spec.model, spec.kind)
+  c.model.num_classes = NUM_CLASSES
+  return model_from_config(c.model), tuple(c.optimizer.groups)
+
+
+def _model_row(name: str, batch_size: int, peers: types.ModuleType | None,
+               windows: Windows) -> ModelRow:
+  """Builds the cnnjax model of row ``name`` and its torch peer (``peers``: the
+  torch_peers module, or None), checks that their parameter counts agree, then measures
+  the cnnjax step and each torch variant."""
+  spec = MODEL_ROWS[name]
+  batch = synthetic_batch(batch_size, spec.image_shape)
+  model, groups = _jax_model(spec)
+  if spec.kind == "features":
+    dispatch, params = _features_dispatch(model.backbone_model(), batch)
+  else:
+    dispatch, params = train_dispatch(model, groups, batch)
+  base = top = None
+  if peers is not None:
+    base, top = peers.build(spec.kind, name, spec.model, spec.image_shape, NUM_CLASSES,
+                            getattr(model, "dropout_rate", 0.0))
+    if peers.count_params(base, top) != params:
+      raise RuntimeError(f"parameter counts differ: cnnjax {params:,}, torch "
+                         f"{peers.count_params(base, top):,}; expected the same architecture")
+  jax_row, compile_seconds = harness.timed_jax(f"{spec.title} JAX", dispatch, batch_size,
+                                               windows)
+  del dispatch  # frees the train state before torch runs
+  torch_rows = {}
+  for variant in peers.VARIANTS if peers is not None else ():
+    step = peers.make_step(spec.kind, base, top, batch_size, spec.image_shape, NUM_CLASSES,
+                           variant)
+    torch_rows[variant] = harness.timed_torch(f"{spec.title} torch {variant}", step,
+                                              batch_size, windows)
+  return ModelRow(spec, batch_size, params, jax_row, compile_seconds, torch_rows)
+
+
+def model_rows(names: list[str], batches: dict[str, int], peers: types.ModuleType | None,
+               windows: Windows, notes: list[str]) -> Iterator[ModelRow]:
+  """The rows ``names`` (keys of MODEL_ROWS; ``batches``: row -> batch size other than its
+  default), one after the other; a row that fails is left out with a note saying why."""
+  for name in names:
+    try:
+      yield _model_row(name, batches.get(name, MODEL_ROWS[name].batch_size), peers, windows)
+    except Exception as e:  # noqa: BLE001  (one row's failure must not stop the others)
+      message = (str(e).strip().splitlines() or [""])[0][:300]
+      harness.note(notes, f"{name}: not measured ({type(e).__name__}: {message})")
+
+
+def _figure(m: Measurement | None, detail: str = "") -> str:
+  """``m``'s images/s, with ``detail`` and 'busy' (no quiet window) in parentheses."""
+  if m is None:
+    return "-"
+  rate = m.images_per_second
+  remarks = ", ".join(filter(None, [detail, "busy" if m.busy else ""]))
+  text = f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}"
+  return text + (f" ({remarks})" if remarks else "")
+
+
+def _ratio(jax_row: Measurement, torch_row: Measurement | None) -> str:
+  if torch_row is None:
+    return "-"
+  return f"{jax_row.images_per_second / torch_row.images_per_second:.2f}x"
+
+
+MODEL_HEADER = [
+    "| model | batch | params | JAX img/s | JAX compile (s) | torch f32 img/s (layout) "
+    "| torch bf16 img/s | JAX / torch f32 | JAX / torch bf16 | windows kept |",
+    "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def format_model_row(r: ModelRow) -> str:
+  """A markdown table row of ``r``: figures with no quiet window are marked busy."""
+  best = r.best_f32()
+  f32 = "-" if best is None else _figure(best[1], best[0].split()[1])
+  bf16 = r.torch.get(BF16)
+  return (f"| {r.spec.title} | {r.batch_size} | {r.params:,} | {_figure(r.jax)} | "
+          f"{r.compile_seconds:.1f} | {f32} | {_figure(bf16)} | "
+          f"{_ratio(r.jax, best[1] if best else None)} | {_ratio(r.jax, bf16)} | "
+          f"{harness.windows_kept(r.measurements)} |")
+
+
+MODEL_NOTE = ("JAX: the cnnjax train step (`cnnjax.steps.Runner`: jit, donated state, Adam, "
+              "dropout rng, batch norm in train mode; a frozen base frozen by the 'frozen' "
+              "workflow's `optimizer.groups`) or, for a feature extractor, the backbone's "
+              "jitted inference, on one synthetic uint8 batch normalised in the step; compile "
+              "= its first call (trace + compile + one step), before the warm-up. PyTorch "
+              "(benchmarks/torch_peers.py): the same architecture and parameter count, eager, "
+              "`torch.set_num_threads(os.cpu_count())`, Adam, `model.train()`, backward, "
+              "step; a frozen base in eval mode without gradients; a feature extractor in "
+              "eval mode under `torch.inference_mode()`.")
+
+
+def torch_figures(rows: list[ModelRow]) -> list[str]:
+  """Every torch variant's figure, one line per row measured with torch."""
+  return [f"{r.spec.title}: torch img/s " + ", ".join(f"{v} {_figure(m)}"
+                                                      for v, m in r.torch.items())
+          for r in rows if r.torch]

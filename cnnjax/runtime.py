@@ -1,0 +1,99 @@
+"""The process's CPU settings, applied explicitly: importing cnnjax changes nothing.
+
+- ``process_environment(environ)``: what a process should start with, the environment
+  variables read only when a process or JAX's backend starts: XLA:CPU flags measured to be
+  faster (Eigen convolutions instead of YNNPACK's fusions; ``CNNJAX_XLA_DEFAULTS=0`` keeps
+  XLA's own) and glibc's huge-page tunable for XLA's per-step buffers
+  (``glibc.malloc.hugetlb=1``; ``CNNJAX_HUGE_PAGES=0`` keeps glibc's default). The user's
+  own values always stand. The commands apply it in ``experiments.entry`` before JAX starts
+  (restarting once for the tunable, which glibc reads only at process start); a notebook
+  or program exports the same variables itself (the README says how).
+- ``configure()``: the kernels the layers use, chosen once (oneDNN's convolutions and batch
+  norm where the extension builds and the computation runs on one device, else XLA's),
+  building the oneDNN extension now rather than at the first trace. The commands, the
+  Learner and the benchmarks call it; until then the layers use XLA's kernels.
+- ``cache_dir()``: where cnnjax keeps built and converted files.
+"""
+import os
+import pathlib
+from collections.abc import Mapping
+
+XLA_CPU_FLAGS = {
+    # Eigen convolutions instead of YNNPACK's fusions (BENCHMARKS.md).
+    "--xla_cpu_experimental_ynn_fusion_type": "",
+}
+HUGE_PAGES = "glibc.malloc.hugetlb"
+_THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+_onednn = False
+
+
+def cache_dir() -> pathlib.Path:
+  """``$CNNJAX_CACHE``, else ``~/.cache/cnnjax``: the built oneDNN extension, converted weights."""
+  return pathlib.Path(os.environ.get("CNNJAX_CACHE", "~/.cache/cnnjax")).expanduser()
+
+
+def xla_flags(environ: Mapping[str, str]) -> str:
+  """``XLA_FLAGS`` with cnnjax's CPU defaults added where the user set no value of their own."""
+  flags = environ.get("XLA_FLAGS", "")
+  if environ.get("CNNJAX_XLA_DEFAULTS", "1") == "0":
+    return flags
+  for name, value in XLA_CPU_FLAGS.items():
+    if name not in flags:
+      flags = f"{flags} {name}={value}".strip()
+  return flags
+
+
+def tunables_with_huge_pages(environ: Mapping[str, str]) -> str | None:
+  """``GLIBC_TUNABLES`` with ``glibc.malloc.hugetlb=1`` added, or None when it is set
+  already (to any value: the user's choice stands) or turned off by ``CNNJAX_HUGE_PAGES=0``."""
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if environ.get("CNNJAX_HUGE_PAGES", "1") == "0" or HUGE_PAGES in tunables:
+    return None
+  return ":".join(t for t in (tunables, f"{HUGE_PAGES}=1") if t)
+
+
+def huge_pages_supported() -> bool:
+  """Linux with glibc and transparent huge pages not turned off."""
+  try:
+    return (os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+            and "[never]" not in _THP_MODE.read_text())
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def process_environment(environ: Mapping[str, str]) -> dict[str, str]:
+  """The variables of ``environ`` a cnnjax process should start with that differ from it
+  (``XLA_FLAGS``, ``GLIBC_TUNABLES``); empty when there is nothing to change."""
+  changes = {}
+  flags = xla_flags(environ)
+  if flags != environ.get("XLA_FLAGS", ""):
+    changes["XLA_FLAGS"] = flags
+  tunables = tunables_with_huge_pages(environ)
+  if tunables is not None and huge_pages_supported():
+    changes["GLIBC_TUNABLES"] = tunables
+  return changes
+
+
+def configure(onednn: bool = True) -> bool:
+  """Chooses the layers' kernels for this process: oneDNN's where ``onednn``, the extension
+  is available (built here on first use) and JAX runs on one CPU device; else XLA's.
+  Call it after ``jax.distributed.initialize`` (it counts the devices). Returns the choice."""
+  global _onednn
+  import jax  # pylint: disable=import-outside-toplevel
+  from cnnjax import onednn as onednn_lib  # pylint: disable=import-outside-toplevel
+  _onednn = bool(onednn) and jax.device_count() == 1 and onednn_lib.available()
+  return _onednn
+
+
+def onednn_in_use() -> bool:
+  """Whether the models' convolutions and batch norms run on oneDNN (``configure``)."""
+  return _onednn
+
+
+def kernels() -> str:
+  """What the layers run, in words (for run headers and benchmark reports)."""
+  if _onednn:
+    return "oneDNN convolutions and batch norm (cnnjax.onednn)"
+  from cnnjax import onednn as onednn_lib  # pylint: disable=import-outside-toplevel
+  why = onednn_lib.unavailable_reason() or "not chosen: several devices, or no configure()"
+  return f"XLA's kernels (oneDNN {why})"

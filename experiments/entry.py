@@ -1,0 +1,244 @@
+"""The one entry of every command: process settings, flags and config, distributed start,
+one error path.
+
+``run(main, ...)`` does, in order:
+
+1. **Process settings** (``cnnjax.runtime.process_environment``): XLA:CPU's flags, and
+   glibc's huge-page tunable for XLA's per-step buffers. glibc reads its tunables only when
+   a process starts, so a ``python -m experiments.<command>`` restarts itself once here,
+   before it imports JAX, when the tunable is missing (``CNNJAX_HUGE_PAGES=0`` turns that
+   off). This is the only place cnnjax changes the environment or restarts a process.
+2. **Flags**: absl flags of the command, and ``--config FILE[:ARG]`` with
+   ``--config.key=value`` overrides, each checked against the key's type; an unknown key,
+   a bad value or a stray argument ends in one ``error:`` line (exit status 2). ``--help``
+   lists the flags and every config key with its value and meaning.
+3. **Distributed start** (commands that train): ``jax.distributed.initialize`` when the flags
+   or a multi-process launcher ask for it, then the kernel choice (``runtime.configure``).
+4. ``main(config)`` (or ``main()``); a ``UserError`` ends in one ``error:`` line (exit 2),
+   a run stopped by a signal exits with 130.
+"""
+import ast
+import importlib.util
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import flags, logging
+
+_MULTIHOST_FLAGS = ("coordinator_address", "num_processes", "process_id", "distributed")
+
+
+def command_flags(distributed: bool = False) -> flags.FlagValues:
+  """A command's own absl flags (its module defines them with ``flag_values=``), so that
+  commands never share absl's global ``FLAGS``; ``distributed``: with the multi-process
+  flags of the commands that train."""
+  fv = flags.FlagValues()
+  if distributed:
+    flags.DEFINE_string(
+        "coordinator_address", None, "HOST:PORT of process 0 in a multi-process run (or set "
+        "JAX_COORDINATOR_ADDRESS); not needed under SLURM, Open MPI or on a TPU slice.",
+        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.",
+                         lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes - 1.",
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_bool(
+        "distributed", None, "--distributed: always call jax.distributed.initialize() (Cloud TPU "
+        "VM pod slices); --nodistributed: never. Unset: only with the flags above or under a "
+        "multi-process launcher (SLURM, Open MPI, TPU slice, JAX_COORDINATOR_ADDRESS).",
+        flag_values=fv)
+  return fv
+INTERRUPTED = 130
+
+
+def prepare_process() -> None:
+  """Step 1 of ``run``: XLA's flags into this process's environment, and the restart with
+  the huge-page tunable when this is a ``python -m experiments...`` command."""
+  from cnnjax import runtime  # light: no JAX
+  changes = runtime.process_environment(os.environ)
+  if "XLA_FLAGS" in changes:
+    os.environ["XLA_FLAGS"] = changes["XLA_FLAGS"]
+  argv = getattr(sys, "orig_argv", [])
+  if ("GLIBC_TUNABLES" in changes and len(argv) >= 3 and argv[1] == "-m"
+      and argv[2].split(".")[0] == "experiments"):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *argv[1:]], {**os.environ, **changes})
+
+
+def fail(message: str) -> None:
+  """The one error path: ``error: message`` on stderr, exit status 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _first_line(e: BaseException) -> str:
+  lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+def load_config_file(spec: str):
+  """``get_config()`` of the file ``path`` or ``get_config(arg)`` of ``path:arg``, locked."""
+  from cnnjax.errors import UserError
+  path, colon, arg = spec.partition(":")
+  if not pathlib.Path(path).is_file():
+    raise UserError(f"config file {path} not found; expected a file such as "
+                    "experiments/configs/cifar_bn.py")
+  module_spec = importlib.util.spec_from_file_location("_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if colon else module.get_config()
+  except UserError as e:
+    raise UserError(f"config file {spec}: {e}") from e
+  except Exception as e:  # noqa: BLE001 - the file's own error, reported in one line
+    raise UserError(f"config file {spec}: {_first_line(e)}") from e
+  config.lock()
+  return config
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+  from cnnjax.errors import UserError
+  bad = UserError(f"bad value {text!r} for --config.{key} (current value {current!r}); expected "
+                  f"{'a ' + type(current).__name__ if current is not None else 'a Python literal'}")
+  if isinstance(current, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise bad
+  if text == "None":
+    return None
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise bad from None
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise bad from None
+  if isinstance(current, (tuple, list)):
+    try:
+      value = ast.literal_eval(text) if text.strip() else ()
+    except (ValueError, SyntaxError):
+      value = tuple(t.strip() for t in text.split(","))
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  if isinstance(current, str) or current is None:
+    return text
+  raise bad
+
+
+def apply_override(config, key: str, text: str) -> None:
+  """``config.<key> = text`` parsed as the key's type; a UserError names a bad key or value."""
+  from cnnjax.errors import UserError
+  node, parts = config, key.split(".")
+  for i, part in enumerate(parts):
+    if not hasattr(node, "keys") or part not in node:
+      where = ".".join(parts[:i]) or "the config"
+      valid = sorted(node.keys()) if hasattr(node, "keys") else []
+      raise UserError(f"unknown config key {'.'.join(parts[:i + 1])!r}; keys in {where}: {valid}")
+    if i < len(parts) - 1:
+      node = node[part]
+  value = _parse_value(text, node[parts[-1]], key)
+  try:
+    node[parts[-1]] = value
+  except (TypeError, ValueError) as e:
+    raise UserError(f"bad value {text!r} for --config.{key}: {_first_line(e)}") from e
+
+
+def split_config_args(argv: Sequence[str]) -> tuple[list[str], str | None, list[tuple[str, str]]]:
+  """``argv`` without its ``--config`` arguments, the config spec and the overrides."""
+  from cnnjax.errors import UserError
+  rest, spec, overrides = [], None, []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+    if name == "config" or (name or "").startswith("config."):
+      if "=" in arg:
+        value = arg.split("=", 1)[1]
+      elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        i += 1
+        value = argv[i]
+      else:
+        raise UserError(f"missing value for flag --{name}")
+      if name == "config":
+        spec = value
+      else:
+        overrides.append((name[len("config."):], value))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, spec, overrides
+
+
+def help_text(doc: str, fv: flags.FlagValues, config) -> str:
+  """``--help``: the command's docstring, its flags, and the config keys."""
+  lines = [doc.strip(), "", "Flags:"]
+  for name in sorted(fv):
+    lines.append(f"  --{name} (default {fv[name].default!r}): {fv[name].help}")
+  if config is not None:
+    from cnnjax import config as config_lib
+    lines += ["", "Config keys (--config.KEY=VALUE; values of the given --config, else the defaults):"]
+    for key, value in config_lib.flat(config).items():
+      lines.append(f"  {key} = {value!r}: {config_lib.DOCS.get(key, 'an option of the model')}")
+  return "\n".join(lines)
+
+
+def run(main: Callable[..., Any], *, doc: str, fv: flags.FlagValues, config: bool = False,
+        required: Sequence[str] = (), argv: Sequence[str] | None = None) -> None:
+  """Runs a command's ``main`` (see the module docstring); never returns.
+
+  Args:
+    main: ``main(config)`` when ``config``, else ``main()``; reads its absl flags; returns
+      an exit status (None: 0).
+    doc: the command's docstring (``--help``).
+    fv: the command's flags (``command_flags``; with the multi-process flags, the command
+      starts ``jax.distributed``).
+    config: whether the command takes ``--config``.
+    required: absl flags that must be given (``--config`` is, when ``config``).
+    argv: the command line, program name first (default ``sys.argv``).
+  """
+  prepare_process()
+  from cnnjax.errors import UserError
+  argv = list(sys.argv if argv is None else argv)
+  fv.unparse_flags()  # a second run in one process starts from the defaults
+  try:
+    rest, spec, overrides = split_config_args(argv[1:]) if config else (argv[1:], None, [])
+    if any(a in ("--help", "-h", "--helpfull", "-?") for a in rest):
+      from cnnjax import config as config_lib
+      shown = (load_config_file(spec) if spec else config_lib.default_config()) if config else None
+      print(help_text(doc, fv, shown))
+      sys.exit(0)
+    try:
+      positional = fv([argv[0], *rest])[1:]
+    except flags.Error as e:
+      raise UserError(_first_line(e)) from e
+    if positional:
+      raise UserError(f"unexpected arguments {positional}; expected only --flags (see --help)")
+    missing = [f"--{name}" for name in required if fv[name].value is None]
+    if config and spec is None:
+      missing.insert(0, "--config")
+    if missing:
+      raise UserError(f"missing {', '.join(missing)} (see --help)")
+    cfg = None
+    if config:
+      cfg = load_config_file(spec)
+      for key, value in overrides:
+        apply_override(cfg, key, value)
+    logging.set_verbosity(logging.WARNING)
+    from cnnjax import parallel, runtime
+    if "coordinator_address" in fv:
+      parallel.initialize_distributed(*(fv[name].value for name in _MULTIHOST_FLAGS))
+    runtime.configure()
+    status = main(cfg) if config else main()
+  except UserError as e:
+    fail(str(e))
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(INTERRUPTED)
+  sys.exit(status or 0)

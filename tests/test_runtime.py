@@ -1,0 +1,77 @@
+"""cnnjax.runtime and experiments.entry's process setup: XLA:CPU flags and glibc's huge-page
+tunable are applied by the commands, never by an import."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cnnjax import runtime
+from experiments import entry
+
+YNN = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, f"{YNN}="),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+     f"--xla_force_host_platform_device_count=8 {YNN}="),
+    ({"XLA_FLAGS": f"{YNN}=+LIBRARY_FUSION_TYPE_REDUCE"}, f"{YNN}=+LIBRARY_FUSION_TYPE_REDUCE"),
+    ({"CNNJAX_XLA_DEFAULTS": "0"}, ""),
+    ({"CNNJAX_XLA_DEFAULTS": "0", "XLA_FLAGS": "--xla_cpu_use_xnnpack=false"},
+     "--xla_cpu_use_xnnpack=false"),
+])
+def test_xla_defaults_only_where_the_user_set_nothing(env, expected):
+  assert runtime.xla_flags(env) == expected
+
+
+def test_the_tunable_is_added_to_the_users_own_and_never_overrides_them():
+  assert runtime.tunables_with_huge_pages({}) == "glibc.malloc.hugetlb=1"
+  assert (runtime.tunables_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+          == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+  assert runtime.tunables_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+  assert runtime.tunables_with_huge_pages({"CNNJAX_HUGE_PAGES": "0"}) is None
+
+
+def test_importing_cnnjax_and_the_commands_changes_no_environment_variable():
+  # jax itself sets TF_CPP_MIN_LOG_LEVEL and TPU_SKIP_MDS_QUERY; import it first.
+  code = ("import os, importlib, jax, flax, optax, tensorflow_datasets\n"
+          "before = dict(os.environ)\n"
+          "import cnnjax, cnnjax.train, cnnjax.learner, cnnjax.interpret, cnnjax.transfer\n"
+          "import experiments, experiments.entry, experiments.train\n"
+          "print(sorted(k for k in set(before) | set(os.environ)"
+          " if before.get(k) != os.environ.get(k)))\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        check=True)
+  assert done.stdout.strip() == "[]"
+
+
+def _prepare(monkeypatch, argv, **env):
+  """``entry.prepare_process`` as a process started by ``argv`` would run it; returns the
+  arguments it restarts with (None: no restart) and its ``XLA_FLAGS``."""
+  for name in ("XLA_FLAGS", "GLIBC_TUNABLES", "CNNJAX_HUGE_PAGES", "CNNJAX_XLA_DEFAULTS"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  monkeypatch.setattr(sys, "orig_argv", argv)
+  monkeypatch.setattr(runtime, "huge_pages_supported", lambda: True)
+  restarts = []
+  monkeypatch.setattr(os, "execve", lambda path, args, environ: restarts.append(
+      (args[1:], environ.get("GLIBC_TUNABLES"))))
+  entry.prepare_process()
+  return (restarts[0] if restarts else None), os.environ.get("XLA_FLAGS")
+
+
+def test_a_command_restarts_once_with_its_arguments_and_the_tunable(monkeypatch):
+  command = [sys.executable, "-m", "experiments.train", "--flag=1", "x y"]
+  assert _prepare(monkeypatch, command) == (
+      (["-m", "experiments.train", "--flag=1", "x y"], "glibc.malloc.hugetlb=1"), f"{YNN}=")
+  # The restarted process has the tunable: no second restart.
+  assert _prepare(monkeypatch, command, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")[0] is None
+  assert _prepare(monkeypatch, command, CNNJAX_HUGE_PAGES="0")[0] is None
+
+
+def test_pytest_or_a_notebook_is_not_restarted(monkeypatch):
+  assert _prepare(monkeypatch, [sys.executable, "-m", "pytest"])[0] is None
+  assert _prepare(monkeypatch, [sys.executable, "-c", "pass"])[0] is None
