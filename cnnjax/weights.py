@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cnnjax import torch_file
+from cnnjax import runtime, torch_file
 from cnnjax.errors import UserError
 from cnnjax.models import vgg
 
@@ -351,11 +351,6 @@ def file_sha256(path: str | os.PathLike) -> str:
   return digest.hexdigest()
 
 
-def cache_dir() -> Path:
-  """Where converted weights are cached: ``$CNNJAX_CACHE`` or ``~/.cache/cnnjax``."""
-  return Path(os.environ.get("CNNJAX_CACHE", "~/.cache/cnnjax")).expanduser()
-
-
 def torch_hub_dir() -> Path:
   """torch's checkpoint directory: ``$TORCH_HOME/hub/checkpoints``, with ``TORCH_HOME``
   defaulting to ``$XDG_CACHE_HOME/torch`` or ``~/.cache/torch`` as in torch.hub."""
@@ -430,7 +425,7 @@ def converted_file(path: str | os.PathLike, model_name: str,
   _architecture(model_name)
   if not Path(path).is_file():
     raise UserError(f"weights file {path} does not exist")
-  cache = cache_dir() if cache is None else Path(cache)
+  cache = runtime.cache_dir() if cache is None else Path(cache)
   cached = cache / f"{model_name}-{file_sha256(path)}.npz"
   if cached.is_file():
     with np.load(cached, allow_pickle=False) as data:
@@ -460,7 +455,7 @@ def load_pretrained(model_name: str, spec: str | os.PathLike, model: nn.Module, 
       or 0 for none), the file's classifier is dropped (logged) and the head is freshly
       initialised from ``rng`` (default ``jax.random.key(0)``).
     input_shape: ``[B, H, W, C]`` of a dummy input to trace ``model.init`` with.
-    cache: the conversion cache directory (default ``cache_dir()``).
+    cache: the conversion cache directory (default ``runtime.cache_dir()``).
   Returns:
     ``{'params': ..., 'batch_stats': ...}`` for ``model.apply``.
   """

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax import lax
 
 from cnnjax import assemble, steps
@@ -29,6 +30,7 @@ def test_whitening_kernel_decorrelates_the_patches():
   assert np.abs(raw.T @ raw / len(raw) - np.eye(12)).max() > 0.3  # the input was not white
 
 
+@pytest.mark.slow
 def test_dirac_init_passes_the_input_channels_through():
   kernel = dirac_init()(jax.random.PRNGKey(0), (3, 3, 4, 6))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 4))
@@ -37,6 +39,7 @@ def test_dirac_init_passes_the_input_channels_through():
   assert np.abs(y[..., 4:]).max() > 0.1  # the other outputs keep the random init
 
 
+@pytest.mark.slow
 def test_setup_whitens_a_fresh_model_from_the_training_images(npz_path):
   config = cifar_fast.get_config()  # whiten/kernel frozen by its optimizer.groups
   config.data.source = str(npz_path)

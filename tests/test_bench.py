@@ -51,6 +51,7 @@ def test_input_mode_prints_the_report_and_appends_it_to_out(tmp_path, npz_path, 
   assert "- batch 8: CIFAR-10 crop + flip pipeline / mlp train step (synthetic) = " in text
 
 
+@pytest.mark.slow
 def test_input_mode_without_data_reads_synthetic_data_and_writes_nothing(
     tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
@@ -66,6 +67,7 @@ def test_input_mode_without_data_reads_synthetic_data_and_writes_nothing(
   assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_models_mode_without_torch_reports_a_failed_row_and_measures_the_others(
     monkeypatch, capsys):
   monkeypatch.setitem(model_rows.MODEL_ROWS, "broken",
@@ -104,6 +106,7 @@ def test_models_mode_compares_jax_with_torch_peers(capsys):
 
 @pytest.mark.parametrize("with_torch", [
     False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_convs_mode_times_both_lowerings_of_each_shape(monkeypatch, capsys, with_torch):
   if with_torch:
     pytest.importorskip("torch")

@@ -15,7 +15,7 @@ from cnnjax.errors import UserError
 from tests import scaleout, worker
 from tests.scaleout import end_runs, xla_cache  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.usefixtures("end_runs")
+pytestmark = [pytest.mark.usefixtures("end_runs"), pytest.mark.slow]  # subprocesses
 
 FLAGS = ["--config", "experiments/configs/runlocal.py", "--config.num_epochs=6"]  # crop + flip on
 STEPS_PER_EPOCH = 9  # runlocal on 192 training images: (192 - 38 validation) // 16

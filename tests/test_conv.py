@@ -40,6 +40,7 @@ def _pads(x_shape, k_shape, strides, padding):
   return padding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_values_and_gradients_equal_lax(name, lowerings):
   x_shape, k_shape, strides, padding = CASES[name]
@@ -63,6 +64,7 @@ def test_values_and_gradients_equal_lax(name, lowerings):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_im2col_computes_the_xla_cases_too():
   # The lowering is a choice of speed, not of result: im2col is exact on any NHWC shape.
   for name, (x_shape, k_shape, strides, padding) in CASES.items():
@@ -88,6 +90,7 @@ def test_grouped_dilated_nchw_and_bfloat16_convolutions_go_to_lax(monkeypatch):
                             (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+@pytest.mark.slow
 def test_conv_module_is_nn_conv_with_the_same_parameters_and_outputs(lowerings):
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   ours, plain = conv.Conv(5, (3, 3), strides=2), nn.Conv(5, (3, 3), strides=2)

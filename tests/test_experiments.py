@@ -14,6 +14,7 @@ from experiments import entry
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_file", ["cifar_seed", "cifar_bn"])
 def test_cifar_config_runs_one_step_on_tfds_mock_data(tmp_path, config_file):
   config = entry.load_config_file(os.path.join(ROOT, f"experiments/configs/{config_file}.py"))
@@ -52,6 +53,7 @@ def _assert_one_line_error(proc, pattern):
   assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, npz_path):
   base = ["--config", "experiments/configs/runlocal.py", "--workdir", str(tmp_path / "w")]
   _assert_one_line_error(_run(*base, "--config.optimizer.lrr=3"),
@@ -74,6 +76,7 @@ def test_cli_errors_are_one_line(tmp_path, npz_path):
                          r"unknown optimizer 'adagrad'")
 
 
+@pytest.mark.slow
 def test_mnist_config_runs_from_a_folder_of_idx_files(tmp_path):
   """Fashion-MNIST is distributed as idx files, like MNIST: a folder of them is a source."""
   from cnnjax.data import idx

@@ -164,6 +164,7 @@ def test_gradient_ascent_raises_each_target_channel():
   assert unit.min() == 0.0 and unit.max() == 1.0
 
 
+@pytest.mark.slow
 def test_pictures_of_a_run(tmp_path, npz_path, monkeypatch):
   """The glue of ``write_pictures`` on a freshly initialised SeedCNN run (restoring a
   trained run is ``assemble.restore``'s job, covered by the report's end-to-end test)."""

@@ -15,6 +15,7 @@ from tests.conftest import make_images
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_learner_matches_the_experiment_config_for_the_same_seed(npz_path, tmp_path):
   config = cifar_seed.get_config()
   config.data.source = str(npz_path)
@@ -30,6 +31,7 @@ def test_learner_matches_the_experiment_config_for_the_same_seed(npz_path, tmp_p
   assert result["confusion_matrix"] == expected["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_fit_predict_history_save_load(tmp_path):
   x, y = make_images(96, seed=4)
   learner = cnnjax.Learner("seed_cnn", (x, y), optimizer="adam", lr=3e-3, batch_size=16, val_size=32)
@@ -57,6 +59,7 @@ def test_fit_predict_history_save_load(tmp_path):
   assert again.epoch == 4 and len(again.history) == 4
 
 
+@pytest.mark.slow
 def test_bad_calls_are_one_clear_error():
   x, y = make_images(40)
   with pytest.raises(UserError, match=r"unknown optimizer 'adagrad'"):
@@ -76,6 +79,7 @@ def test_bad_calls_are_one_clear_error():
     learner.evaluate()
 
 
+@pytest.mark.slow
 def test_example_script_runs_end_to_end(npz_path, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setattr(sys, "argv", ["cifar_seed.py", str(npz_path)])
@@ -86,6 +90,7 @@ def test_example_script_runs_end_to_end(npz_path, tmp_path, monkeypatch):
   assert (tmp_path / "cifar_seed_curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_freeze_trains_only_the_head_and_unfreeze_everything():
   x, y = make_images(64, seed=5)
   learner = cnnjax.Learner("bn_cnn", (x, y), batch_size=16, val_size=16)

@@ -143,6 +143,7 @@ def test_plot_lr_find(tmp_path):
     plots.plot_lr_find(lrs, losses[:3], losses, {}, tmp_path / "b.png")
 
 
+@pytest.mark.slow
 def test_find_lr_on_a_config_writes_the_curve_and_repeats(tmp_path, npz_path):
   config = entry.load_config_file(os.path.join(ROOT, "experiments/configs/runlocal.py"))
   config.data.source, config.data.val_size = str(npz_path), 32.0
@@ -159,6 +160,7 @@ def test_find_lr_on_a_config_writes_the_curve_and_repeats(tmp_path, npz_path):
   assert lr_finder.find_lr(config, s, lr_finder.Sweep(num_steps=40)).to_json() == saved
 
 
+@pytest.mark.slow
 def test_command_errors_are_one_line(tmp_path, npz_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.lr_find", "--config", "experiments/configs/runlocal.py",
@@ -168,6 +170,7 @@ def test_command_errors_are_one_line(tmp_path, npz_path):
       "error: start_lr=1.0, end_lr=0.5; expected 0 < start_lr < end_lr"), proc.stderr
 
 
+@pytest.mark.slow
 def test_peak_lr_auto_trains_at_the_finders_suggestion(npz_path):
   from experiments.configs import default
   config = default.get_config()

@@ -21,6 +21,7 @@ def _count(tree) -> int:
   return sum(x.size for x in jax.tree.leaves(tree))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SMALL_MODELS)
 @pytest.mark.parametrize("image_shape", [(28, 28, 1), (32, 32, 3)])
 def test_logits_shape_for_two_batch_sizes(name, image_shape):
@@ -53,10 +54,12 @@ def test_logits_shape_for_two_batch_sizes(name, image_shape):
     ("bn_cnn", (32, 32, 3), 2237610),
     ("airbench", (32, 32, 3), 1971640),
 ])
+@pytest.mark.slow
 def test_parameter_counts_match_pytorch(name, image_shape, count):
   assert _count(_init(create_model(name), (1, *image_shape))["params"]) == count
 
 
+@pytest.mark.slow
 def test_flatten_size_follows_input_shape():
   model = create_model("seed_cnn")
   feats = {}
@@ -67,6 +70,7 @@ def test_flatten_size_follows_input_shape():
     assert feats[shape] == (2, size)
 
 
+@pytest.mark.slow
 def test_bn_cnn_keeps_batch_stats_apart_and_updates_them_only_in_train_mode():
   model = create_model("bn_cnn")
   variables = _init(model, (1, 32, 32, 3))
@@ -81,6 +85,7 @@ def test_bn_cnn_keeps_batch_stats_apart_and_updates_them_only_in_train_mode():
   np.testing.assert_array_equal(a, b)  # eval mode: no dropout, running statistics
 
 
+@pytest.mark.slow
 def test_dropout_is_active_only_in_train_mode():
   model = create_model("seed_cnn")
   variables = _init(model, (1, 32, 32, 3))
@@ -90,6 +95,7 @@ def test_dropout_is_active_only_in_train_mode():
   np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, reference", [("max", nn.max_pool), ("avg", nn.avg_pool)])
 @pytest.mark.parametrize("size", [8, 7])  # 7: the last row and column dropped, as flax does
 def test_pooling_equals_flax_values_and_gradients(kind, reference, size):
@@ -101,6 +107,7 @@ def test_pooling_equals_flax_values_and_gradients(kind, reference, size):
   np.testing.assert_allclose(g, g_ref, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window, size", [(2, 8), (3, 7), (4, 9)])
 def test_max_pooling_gradient_is_reduce_max_s_with_ties_shared(window, size):
   # Rounded inputs tie often inside a window; reduce_max shares the gradient among ties.

@@ -11,7 +11,7 @@ import pytest
 from tests import scaleout
 from tests.scaleout import end_runs, xla_cache  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.usefixtures("end_runs")
+pytestmark = [pytest.mark.usefixtures("end_runs"), pytest.mark.slow]  # subprocesses
 
 # No augmentation: each process draws its own, so only without it do 2 processes match 1.
 FLAGS = ["--config", "experiments/configs/runlocal.py", "--config.data.augment.crop_padding=0",

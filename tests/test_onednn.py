@@ -73,6 +73,7 @@ CONV_CASES = {
 }
 
 
+@pytest.mark.slow
 @needs_onednn
 @pytest.mark.parametrize("name", CONV_CASES)
 def test_conv_values_and_gradients_equal_lax(name):
@@ -106,6 +107,7 @@ def _reference_norm(x, scale, shift, epsilon):
   return (x - mean) / jnp.sqrt(var + epsilon) * scale + shift, mean, var
 
 
+@pytest.mark.slow
 @needs_onednn
 @pytest.mark.parametrize("shape", [(4, 5, 6, 8), (16, 7)])
 @pytest.mark.parametrize("differentiate_statistics", [False, True])
@@ -130,6 +132,7 @@ def test_batch_norm_values_and_gradients_equal_the_formula(shape, differentiate_
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @needs_onednn
 @pytest.mark.parametrize("options", [{}, {"use_scale": False, "epsilon": 1e-12, "momentum": 0.4}])
 @pytest.mark.parametrize("shape", [(8, 4, 4, 6), (32, 5)])
@@ -160,6 +163,7 @@ def test_batch_norm_module_trains_as_flax_does(options, shape, monkeypatch):
                              plain.apply(variables, x, use_running_average=True), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_batch_norm_module_leaves_other_dtypes_and_axes_to_flax(monkeypatch):
   monkeypatch.setattr(onednn, "batch_norm", lambda *a: pytest.fail("oneDNN used"))
   x = jnp.ones((4, 3, 5))

@@ -57,6 +57,7 @@ def test_weight_decay_skips_biases_and_batch_norm():
       np.testing.assert_array_equal(leaf, 0)
 
 
+@pytest.mark.slow
 def test_one_cycle_peaks_at_lr_and_ends_near_zero():
   for anneal in ("cos", "linear"):
     c = _cfg(schedule__name="one_cycle", schedule__anneal=anneal, schedule__pct_start=0.3)

@@ -9,7 +9,7 @@ from cnnjax.errors import UserError
 from tests import scaleout
 from tests.scaleout import end_runs, xla_cache  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.usefixtures("end_runs")
+pytestmark = [pytest.mark.usefixtures("end_runs"), pytest.mark.slow]  # subprocesses
 
 LAUNCHER_VARS = ["JAX_COORDINATOR_ADDRESS", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
                  "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES",

@@ -121,6 +121,7 @@ def test_folder_epoch_process_shards_split_each_global_batch(tmp_path):
   assert sorted(np.concatenate([p["label"] for p in parts])) == sorted(whole)
 
 
+@pytest.mark.slow
 def test_workers_give_the_in_process_batches_and_stop_when_left_early():
   x, y = make_images(80)
   augment = KerasAugment(crop_padding=4, horizontal_flip=True)
@@ -139,6 +140,7 @@ def test_workers_give_the_in_process_batches_and_stop_when_left_early():
   assert not multiprocessing.active_children()
 
 
+@pytest.mark.slow
 def test_folder_epoch_with_workers_gives_the_in_process_batches(tmp_path):
   ds = pipeline.folder_epoch(_make_folder(tmp_path), 4, seed=0, epoch=0, image_size=8)
   with_workers = list(pipeline.prefetch(ds, workers=2))

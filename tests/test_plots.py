@@ -62,6 +62,7 @@ def test_plot_confusion(tmp_path, normalize):
   _open_png(path)
 
 
+@pytest.mark.slow
 def test_plot_confusion_large_is_bounded(tmp_path):
   rng = np.random.default_rng(0)
   cm = rng.integers(0, 20, size=(100, 100))

@@ -47,6 +47,7 @@ def test_evaluate_agrees_with_scikit_learn():
   assert all(m["true"] != m["pred"] and m["p"] == probs[m["index"]].max() for m in result["mistakes"])
 
 
+@pytest.mark.slow
 def test_report_of_a_one_epoch_run(tmp_path, npz_path):
   config = default.get_config()
   config.data.source, config.data.val_size = str(npz_path), 32.0
@@ -92,6 +93,7 @@ def test_bad_checkpoint_name_is_one_line_error(tmp_path):
     evaluate.write_report(tmp_path, "last")
 
 
+@pytest.mark.slow
 def test_command_on_a_folder_that_is_no_run_is_one_line(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "experiments.report", "--workdir", str(tmp_path)],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -78,6 +78,7 @@ def test_resnet_cifar_stem_keeps_32x32_and_feature_mode_returns_pooled():
   chex.assert_shape(features, (2, 512))
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_shapes():
   logits, inter = _shapes(EfficientNetLite(num_classes=5), (2, 96, 96, 3), train=True)
   chex.assert_shape(logits, (2, 5))
@@ -112,6 +113,7 @@ def test_bad_input_raises_user_error(model, bad_input, message):
     jax.eval_shape(lambda: model.init(KEY, jnp.zeros(bad_input)))
 
 
+@pytest.mark.slow
 def test_resnet_batchnorm_momentum_is_torch_0_1_and_eval_uses_running_stats():
   # One stage of one block: the same ResNet code as ResNet18, compiled in a second.
   model = ResNet(stage_sizes=(1,), block_cls=BasicBlock, num_classes=3, cifar_stem=True)
@@ -153,6 +155,7 @@ def test_depthwise_conv_equals_flax_grouped_conv(height, width, kernel, strides)
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mbconv_drop_connect_drops_whole_residual_branches_while_training():
   x = jax.random.normal(KEY, (32, 4, 4, 8))
 
@@ -178,6 +181,7 @@ def test_mbconv_drop_connect_drops_whole_residual_branches_while_training():
   np.testing.assert_allclose(evaluated, full, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [EfficientNetLite(), EfficientNetLite(num_classes=0)])
 def test_efficientnet_dropout_uses_the_dropout_rng_only_while_training(model):
   x = jnp.zeros((2, 32, 32, 3))

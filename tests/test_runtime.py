@@ -33,6 +33,7 @@ def test_the_tunable_is_added_to_the_users_own_and_never_overrides_them():
   assert runtime.tunables_with_huge_pages({"CNNJAX_HUGE_PAGES": "0"}) is None
 
 
+@pytest.mark.slow
 def test_importing_cnnjax_and_the_commands_changes_no_environment_variable():
   # jax itself sets TF_CPP_MIN_LOG_LEVEL and TPU_SKIP_MDS_QUERY; import it first.
   code = ("import os, importlib, jax, flax, optax, tensorflow_datasets\n"

@@ -25,6 +25,7 @@ def _batch(n=16, seed=0):
   return {"image": jnp.asarray(x), "label": jnp.asarray(y)}
 
 
+@pytest.mark.slow
 def test_train_step_lowers_the_loss_and_updates_batch_stats():
   state = _state("bn_cnn")
   runner = steps.Runner.create(IDENTITY)
@@ -41,6 +42,7 @@ def test_train_step_lowers_the_loss_and_updates_batch_stats():
   assert all(jax.tree.leaves(moved))
 
 
+@pytest.mark.slow
 def test_dropout_key_changes_every_step():
   state = _state("seed_cnn", lr=0.0)  # lr 0: params fixed, only the dropout key moves
   step = jax.jit(steps.make_train_step(IDENTITY))
@@ -58,6 +60,7 @@ def test_label_smoothing_raises_the_loss_of_a_confident_right_answer():
   assert float(smooth[0]) > float(plain[0])
 
 
+@pytest.mark.slow
 def test_evaluate_masks_padding_exactly():
   state = _state("bn_cnn")
   runner = steps.Runner.create(IDENTITY)
@@ -70,6 +73,7 @@ def test_evaluate_masks_padding_exactly():
   np.testing.assert_array_equal(padded["pred"], whole["pred"])
 
 
+@pytest.mark.slow
 def test_eval_flip_averages_the_logits_of_image_and_mirror():
   state = _state("seed_cnn")
   batch = dict(_batch(8), mask=jnp.ones(8, bool))
@@ -123,6 +127,7 @@ def _config(npz_path, **kw):
   return c
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_writes_the_workdir_and_learns(npz_path, tmp_path):
   config = _config(npz_path, num_epochs=4)
   config.optimizer.lr = 3e-3
@@ -143,6 +148,7 @@ def test_train_and_evaluate_writes_the_workdir_and_learns(npz_path, tmp_path):
   assert {"macro_precision", "macro_recall", "macro_f1", "accuracy_lossless"} <= set(result)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(npz_path, tmp_path, monkeypatch):
   config = _config(npz_path)
   straight = train.train_and_evaluate(config, tmp_path / "straight")
@@ -173,6 +179,7 @@ def test_interrupted_run_resumes_to_the_same_result(npz_path, tmp_path, monkeypa
   assert resumed["confusion_matrix"] == straight["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_workdir_of_a_different_model_is_refused(npz_path, tmp_path):
   config = _config(npz_path, num_epochs=1)
   train.train_and_evaluate(config, tmp_path / "run")
@@ -181,6 +188,7 @@ def test_workdir_of_a_different_model_is_refused(npz_path, tmp_path):
     train.train_and_evaluate(config, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_workdir_written_before_a_config_key_existed_resumes(npz_path, tmp_path):
   config = _config(npz_path, num_epochs=1)
   train.train_and_evaluate(config, tmp_path / "run")
@@ -205,6 +213,7 @@ def test_epoch_line_format():
                                          "val_loss 0.6000 | val_acc 0.7500 | 41.2s")
 
 
+@pytest.mark.slow
 def test_restore_gives_the_trained_state(npz_path, tmp_path):
   config = _config(npz_path, num_epochs=1)
   result = train.train_and_evaluate(config, tmp_path / "run")

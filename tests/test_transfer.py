@@ -56,6 +56,7 @@ def _batch(seed):
   return {"image": jnp.asarray(x), "label": jnp.asarray(y)}
 
 
+@pytest.mark.slow
 def test_frozen_backbone_params_and_batch_stats_stay_bit_identical_without_optimizer_state():
   cfg = optim.default_optimizer_config()
   cfg.groups = GROUPS
@@ -80,6 +81,7 @@ def test_frozen_backbone_params_and_batch_stats_stay_bit_identical_without_optim
       leaf.size for leaf in jax.tree.leaves(state.params["head"])) + 2  # Adam mu, nu + counts
 
 
+@pytest.mark.slow
 def test_frozen_modules_run_in_inference_mode_while_training():
   model = _Net()
   x = _batch(0)["image"].astype(jnp.float32) / 255
@@ -164,6 +166,7 @@ def test_pretrained_weights_go_to_the_backbone_of_a_transfer_net(tmp_path):
     np.testing.assert_array_equal(_flat(loaded)[(key[0], "backbone", *key[1:])], value)
 
 
+@pytest.mark.slow
 def test_head_classes_take_their_rows_of_the_pretrained_classifier(tmp_path, npz_path):
   variables = _random_variables(ResNet18())  # with ImageNet's 1000-way fc
   path = tmp_path / "resnet18.npz"
@@ -198,6 +201,7 @@ def tiny_backbone(monkeypatch):
   monkeypatch.setattr(models, "BACKBONES", (*models.BACKBONES, "tiny"))
 
 
+@pytest.mark.slow
 def test_feature_extraction_equals_running_the_frozen_backbone_and_is_cached(
     npz_path, tmp_path, capsys, tiny_backbone):
   config = _transfer_config(npz_path, backbone="tiny", extract_features=True,
@@ -224,6 +228,7 @@ def test_feature_extraction_refuses_augmentation(npz_path):
     assemble.build(config)
 
 
+@pytest.mark.slow
 def test_init_from_another_run_takes_its_latest_weights(npz_path, tmp_path):
   config = _config(npz_path, model__name="seed_cnn")
   first = assemble.build(config).state
@@ -257,6 +262,7 @@ def test_binary_cross_entropy_loss_and_prediction():
   np.testing.assert_array_equal(pred, [1, 0, 1])
 
 
+@pytest.mark.slow
 def test_binary_run_reports_a_two_by_two_confusion_matrix(tmp_path):
   x, y = make_images(96, num_classes=2, seed=1)
   xt, yt = make_images(32, num_classes=2, seed=2)
@@ -282,6 +288,7 @@ def _image_folder(root, splits=("train", "val"), per_class=6, size=(20, 14)):
   return root
 
 
+@pytest.mark.slow
 def test_image_folder_source_with_train_and_val(tmp_path):
   data = sources.load(str(_image_folder(tmp_path / "hym")), image_size=8)
   assert data.class_names == ["a", "b"] and data.train[0].shape == (12, 8, 8, 3)
@@ -292,6 +299,7 @@ def test_image_folder_source_with_train_and_val(tmp_path):
   assert len(s.train[1]) == 12 and len(s.val[1]) == 12  # data.val_size is not used
 
 
+@pytest.mark.slow
 def test_image_folder_source_with_val_and_test_and_class_folders_only(tmp_path):
   data = sources.load(str(_image_folder(tmp_path / "three", ("train", "val", "test"), 3)),
                       image_size=8)

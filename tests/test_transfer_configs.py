@@ -46,6 +46,7 @@ def test_config_argument_is_checked():
   assert _config("resnet50_cifar").model.dropout_rate == 0.2
 
 
+@pytest.mark.slow
 def test_vgg16_feature_extraction_runs_end_to_end(tmp_path):
   for split in ("train", "val"):
     for label, level in (("ants", 40), ("bees", 200)):

@@ -118,6 +118,7 @@ def test_convert_layouts():
     ("resnet18", ResNet18(), False),
     ("efficientnet_lite0", EfficientNetLite(), True),
 ])
+@pytest.mark.slow
 def test_round_trip_through_files(tmp_path, suffix, model_name, model, underscore):
   variables = _random_variables(model)
   path = tmp_path / f"weights{suffix}"
