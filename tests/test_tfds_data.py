@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 
 from cnnjax.data import idx
 from cnnjax.data import sources
-from cnnjax.data import tfds_data
+from cnnjax.data import tfds_builders, tfds_data
 from cnnjax.errors import UserError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -54,11 +54,11 @@ def _write_tar_gz(path, top: str, members: dict[str, object | bytes]) -> None:
       tar.addfile(info, io.BytesIO(data))
 
 
-def trust(monkeypatch, builder: type[tfds_data._OfficialFilesBuilder], path) -> None:
+def trust(monkeypatch, builder: type[tfds_builders._OfficialFilesBuilder], path) -> None:
   """Makes ``builder`` take the fake archive ``path`` for the official one (its sha256)."""
   (url,) = builder.FILES.values()
   data = path.read_bytes()
-  monkeypatch.setattr(builder, "url_infos", {url: tfds_data._UrlInfo(
+  monkeypatch.setattr(builder, "url_infos", {url: tfds_builders._UrlInfo(
       size=len(data), checksum=hashlib.sha256(data).hexdigest(), filename=path.name)})
 
 
@@ -93,7 +93,7 @@ def _assert_arrays(arrays, expected, class_names):
 def test_cifar10_prepared_from_source_dir_reads_back_exactly(tmp_path, monkeypatch):
   (tmp_path / "src").mkdir()
   expected = _fake_cifar10(tmp_path / "src")
-  trust(monkeypatch, tfds_data.CnnjaxCifar10, tmp_path / "src" / "cifar-10-python.tar.gz")
+  trust(monkeypatch, tfds_builders.CnnjaxCifar10, tmp_path / "src" / "cifar-10-python.tar.gz")
   path = tfds_data.prepare("cifar10", data_dir=tmp_path / "tfds", source_dir=tmp_path / "src")
   assert path == str(tmp_path / "tfds" / "cnnjax_cifar10" / "1.0.0")
   _assert_arrays(tfds_data.load_arrays("cifar10", data_dir=tmp_path / "tfds"), expected,
@@ -107,14 +107,14 @@ def test_cifar100_uses_fine_labels(tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
   train_x, test_x = _images(rng, 4, (32, 32, 3)), _images(rng, 2, (32, 32, 3))
   fine_train, fine_test = [99, 0, 57, 3], [12, 98]
-  names = list(tfds_data.CnnjaxCifar100.CLASS_NAMES)
+  names = list(tfds_builders.CnnjaxCifar100.CLASS_NAMES)
   _write_tar_gz(tmp_path / "cifar-100-python.tar.gz", "cifar-100-python", {
       "train": _cifar_batch(train_x, fine_labels=fine_train, coarse_labels=[1, 2, 3, 4]),
       "test": _cifar_batch(test_x, fine_labels=fine_test, coarse_labels=[5, 6]),
       "meta": {b"fine_label_names": [n.encode() for n in names],
                b"coarse_label_names": [b"c%d" % i for i in range(20)]},
   })
-  trust(monkeypatch, tfds_data.CnnjaxCifar100, tmp_path / "cifar-100-python.tar.gz")
+  trust(monkeypatch, tfds_builders.CnnjaxCifar100, tmp_path / "cifar-100-python.tar.gz")
   tfds_data.prepare("cifar100", data_dir=tmp_path / "tfds", source_dir=tmp_path)
   arrays = tfds_data.load_arrays("cifar100", data_dir=tmp_path / "tfds")
   _assert_arrays(arrays, {"train": (train_x, fine_train), "test": (test_x, fine_test)}, names)
@@ -214,7 +214,7 @@ def _serve_fake_download(monkeypatch, archive) -> list[dict[str, str]]:
     self._download_dir.mkdir(parents=True, exist_ok=True)
     return {f: shutil.copy(archive, self._download_dir / f) for f in files}
 
-  monkeypatch.setattr(tfds_data, "_unreachable", lambda url: None)
+  monkeypatch.setattr(tfds_builders, "_unreachable", lambda url: None)
   monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
   return requests
 
@@ -225,7 +225,7 @@ def test_first_use_prepares_then_loads(tmp_path, monkeypatch, capsys):
   requests = _serve_fake_download(monkeypatch, tmp_path / "src" / "cifar-10-python.tar.gz")
   arrays = tfds_data.load_arrays("cifar10", data_dir=tmp_path / "tfds")
   _assert_arrays(arrays, expected, CIFAR10_NAMES)
-  assert requests == [tfds_data.CnnjaxCifar10.FILES]
+  assert requests == [tfds_builders.CnnjaxCifar10.FILES]
   assert "Generating splits" in capsys.readouterr().err  # tfds' progress bars
   assert (tmp_path / "tfds" / "cnnjax_cifar10" / "1.0.0" / "dataset_info.json").is_file()
   tfds_data.load_arrays("cifar10", data_dir=tmp_path / "tfds")  # Prepared: no download.
@@ -236,7 +236,7 @@ def test_first_use_offline_fails_fast_and_leaves_nothing(tmp_path, monkeypatch):
   def download(self, files):
     raise AssertionError("no download may be tried when the server is unreachable")
 
-  monkeypatch.setattr(tfds_data, "_unreachable", lambda url: "URLError: no route to host")
+  monkeypatch.setattr(tfds_builders, "_unreachable", lambda url: "URLError: no route to host")
   monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
   start = time.monotonic()
   with pytest.raises(UserError) as e:
@@ -259,7 +259,7 @@ def test_failed_download_leaves_no_partial_files(tmp_path, monkeypatch):
     (partial / "cifar-10-python.tar.gz").write_bytes(b"half an archive")
     raise ConnectionError("connection reset")
 
-  monkeypatch.setattr(tfds_data, "_unreachable", lambda url: None)
+  monkeypatch.setattr(tfds_builders, "_unreachable", lambda url: None)
   monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
   with pytest.raises(UserError, match=r"cannot download cifar10's .* \(ConnectionError\); "
                      "offline, pass a local .npz"):
@@ -278,12 +278,12 @@ def http_server():
 
 
 def test_unreachable_asks_the_server_once(http_server):
-  assert tfds_data._unreachable(http_server) is None  # Even a 501 answer is an answer.
+  assert tfds_builders._unreachable(http_server) is None  # Even a 501 answer is an answer.
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]  # Closed once the block ends: nothing listens there.
   start = time.monotonic()
-  reason = tfds_data._unreachable(f"http://127.0.0.1:{port}/x", timeout=2)
+  reason = tfds_builders._unreachable(f"http://127.0.0.1:{port}/x", timeout=2)
   assert reason.startswith("URLError") and time.monotonic() - start < 3
 
 
@@ -315,7 +315,7 @@ def test_idx_files_with_fewer_labels_than_images_are_rejected(tmp_path):
 
 def test_archive_with_other_class_names_is_rejected(tmp_path, monkeypatch):
   _fake_cifar10(tmp_path, names=CIFAR10_NAMES[::-1])
-  trust(monkeypatch, tfds_data.CnnjaxCifar10, tmp_path / "cifar-10-python.tar.gz")
+  trust(monkeypatch, tfds_builders.CnnjaxCifar10, tmp_path / "cifar-10-python.tar.gz")
   with pytest.raises(UserError, match="class names .* differ from the official cifar10"):
     tfds_data.prepare("cifar10", data_dir=tmp_path / "tfds", source_dir=tmp_path)
 
@@ -328,7 +328,7 @@ def test_mnist_without_a_tfds_copy_is_read_from_the_shipped_files(tmp_path, capl
   assert data.train[1][:3].tolist() == [5, 0, 4] and data.test[1][:3].tolist() == [7, 2, 1]
   assert np.bincount(data.train[1]).tolist()[:2] == [5923, 6742]
   assert abs(data.train[0].mean() / 255 - 0.1307) < 1e-4
-  assert data.class_names == list(tfds_data.CnnjaxMnist.CLASS_NAMES)
+  assert data.class_names == list(tfds_builders.CnnjaxMnist.CLASS_NAMES)
   lines = [r.getMessage() for r in caplog.records if r.name.startswith("cnnjax")]
   assert lines == [f"mnist: not prepared in TFDS ({tmp_path}); reading the official files "
                    f"shipped in {sources.MNIST_DIR}"]

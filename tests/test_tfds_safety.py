@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from cnnjax.data import tfds_data
+from cnnjax.data import tfds_builders, tfds_data
 from cnnjax.errors import UserError
 from tests.test_tfds_data import (CIFAR10_NAMES, _cifar_batch, _fake_cifar10, _images,
                                   _write_tar_gz, trust)
@@ -45,7 +45,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch, function):
   assert marker.exists()
   marker.unlink()
   _cifar10_archive(tmp_path, {b"data": payload, b"labels": [0]})
-  trust(monkeypatch, tfds_data.CnnjaxCifar10, tmp_path / "cifar-10-python.tar.gz")
+  trust(monkeypatch, tfds_builders.CnnjaxCifar10, tmp_path / "cifar-10-python.tar.gz")
   with pytest.raises(UserError) as e:
     tfds_data.prepare("cifar10", data_dir=tmp_path / "tfds", source_dir=tmp_path)
   message = str(e.value)
@@ -65,7 +65,7 @@ def test_numpy_1_pickles_are_read(tmp_path, monkeypatch):
   assert b"cnumpy._core.multiarray\n_reconstruct\n" in batch
   _cifar10_archive(tmp_path, batch.replace(b"cnumpy._core.multiarray\n",
                                            b"cnumpy.core.multiarray\n"))
-  trust(monkeypatch, tfds_data.CnnjaxCifar10, tmp_path / "cifar-10-python.tar.gz")
+  trust(monkeypatch, tfds_builders.CnnjaxCifar10, tmp_path / "cifar-10-python.tar.gz")
   tfds_data.prepare("cifar10", data_dir=tmp_path / "tfds", source_dir=tmp_path)
   train_images, train_labels = tfds_data.load_arrays("cifar10", data_dir=tmp_path / "tfds")["train"]
   np.testing.assert_array_equal(train_images[:2], images)
@@ -75,7 +75,7 @@ def test_numpy_1_pickles_are_read(tmp_path, monkeypatch):
 def test_a_local_archive_with_another_sha256_is_refused(tmp_path):
   _fake_cifar10(tmp_path)
   path = tmp_path / "cifar-10-python.tar.gz"
-  (official,) = tfds_data.CnnjaxCifar10.url_infos.values()
+  (official,) = tfds_builders.CnnjaxCifar10.url_infos.values()
   with pytest.raises(UserError) as e:
     tfds_data.prepare("cifar10", data_dir=tmp_path / "tfds", source_dir=tmp_path)
   assert str(e.value) == (
