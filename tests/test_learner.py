@@ -87,7 +87,7 @@ def test_example_script_runs_end_to_end(npz_path, tmp_path, monkeypatch):
   code_lines = [line for line in source.split('"""')[2].splitlines() if line.strip()]
   assert len(code_lines) < 15
   runpy.run_path(os.path.join(ROOT, "examples/cifar_seed.py"), run_name="__main__")
-  assert (tmp_path / "cifar_seed_curves.png").stat().st_size > 0
+  assert (tmp_path / "runs/cifar_seed_example/curves.png").stat().st_size > 0
 
 
 @pytest.mark.slow
