@@ -241,6 +241,8 @@ def prefetch(ds: grain.MapDataset, buffer: int = 4,
     raise UserError(f"prefetch buffer={buffer!r}; expected a positive number of batches")
   batches = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer))
   if workers:
+    # grain's worker processes read absl's global FLAGS; cnnjax's commands keep their own
+    # FlagValues (experiments.entry), so this only matters to a caller that never parses.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     batches = batches.mp_prefetch(
