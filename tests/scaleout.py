@@ -2,8 +2,7 @@
 
 JAX fixes its device count and its process group when it starts, so runs on 8 fake CPU
 devices or in several processes happen in subprocesses (``python -m tests.worker ...``).
-They share a persistent compilation cache and compile with LLVM at -O1 instead of -O3
-(the same XLA graphs, ~7x faster to compile here; results agree with -O3 to ~1e-7, while
+They share a persistent compilation cache and inherit the suite's LLVM -O1 (tests/conftest.py;
 -O0 was seen to give NaNs), so each run costs little beyond its imports.
 """
 import json
@@ -25,8 +24,8 @@ TIMEOUT = 240  # seconds for one run, generous for a loaded 2-core machine
 
 def env(cache_dir: pathlib.Path, devices: int = 1, **extra: str) -> dict[str, str]:
   """The environment of a subprocess with ``devices`` CPU devices; ``extra`` variables added."""
-  flags = os.environ.get("XLA_FLAGS", "")  # keeps cnnjax's defaults (tests/conftest.py)
-  flags += f" --xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
+  flags = os.environ.get("XLA_FLAGS", "")  # cnnjax's defaults and -O1 (tests/conftest.py)
+  flags += f" --xla_force_host_platform_device_count={devices}"
   return {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
 
