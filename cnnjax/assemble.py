@@ -82,7 +82,14 @@ class Run:
 
 
 def check_labels(data: sources.Dataset, num_classes: int, loss: str) -> None:
-  """Labels of every split integer and in ``[0, num_classes)`` (0/1 with one sigmoid output)."""
+  """A training split, labels of every split in ``[0, num_classes)`` (0/1 with one sigmoid
+  output), and as many classes as the model has outputs."""
+  if not len(data.train[1]):
+    raise UserError("the training split is empty; expected at least one batch of examples")
+  if loss == "cross_entropy" and num_classes == 1:
+    raise UserError("config.model.num_classes=1 with config.loss='cross_entropy' learns nothing "
+                    "(the softmax of one output is 1); expected num_classes >= 2, or "
+                    "loss='binary_cross_entropy' for one sigmoid output")
   splits = [data.train, data.test] + ([data.val] if data.val is not None else [])
   labels = [lab for _, lab in splits if len(lab)]
   low, high = min(int(lab.min()) for lab in labels), max(int(lab.max()) for lab in labels)
@@ -95,6 +102,11 @@ def check_labels(data: sources.Dataset, num_classes: int, loss: str) -> None:
     bad = low if low < 0 else high
     raise UserError(f"data has label {bad} but config.model.num_classes={num_classes}; "
                     f"expected labels in [0, {num_classes})")
+  classes = len(data.class_names)
+  if classes != (2 if loss == "binary_cross_entropy" else num_classes):
+    raise UserError(f"data has {classes} classes ({', '.join(data.class_names[:5])}"
+                    f"{', ...' if classes > 5 else ''}) but config.model.num_classes={num_classes}"
+                    f"; expected num_classes={1 if loss == 'binary_cross_entropy' else classes}")
 
 
 def load_data(config: ml_collections.ConfigDict) -> sources.Dataset:
@@ -180,7 +192,8 @@ def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
 
 def restore(workdir: str | pathlib.Path, which: str = "best") -> Run:
   """The run in ``workdir`` rebuilt, its state restored from the ``'best'`` (lowest
-  validation loss) or ``'latest'`` checkpoint, on the mesh."""
+  validation loss) or ``'latest'`` checkpoint, on the mesh; if that one cannot be read, from
+  the newest that can (said in ``run.notes``)."""
   if which not in CHECKPOINTS:
     raise UserError(f"checkpoint {which!r}; expected one of {list(CHECKPOINTS)}")
   run = build(read_config(workdir), workdir)
@@ -188,6 +201,8 @@ def restore(workdir: str | pathlib.Path, which: str = "best") -> Run:
   step = checkpoints.best_step() if which == "best" else checkpoints.latest_step()
   if step is None:
     raise UserError(f"{workdir}/checkpoints holds no checkpoint to restore")
-  run.state = checkpoints.restore(step, run.state, parallel.replicated(run.runner.mesh))
+  _, run.state, skipped = checkpoints.restore_intact(run.state, parallel.replicated(run.runner.mesh),
+                                                     prefer=step)
+  run.notes += skipped
   checkpoints.close()
   return run

@@ -6,14 +6,20 @@ train state *is* the iterator state, and restoring it resumes the exact batch se
 
 Every process of a multi-host run makes the same calls (orbax coordinates the writes);
 restores go straight into this run's mesh, whatever the device count that wrote them.
+
+A damaged checkpoint (a truncated or scrambled file, a lost manifest) is skipped for the
+newest intact one (``restore_intact``); a full disk ends in a UserError with the earlier
+checkpoints intact, and the half-written temporary directory is removed on the next start.
 """
+import json
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from cnnjax import workdir as workdir_lib
 from cnnjax.errors import UserError
 
 BEST_METRIC = "val_loss"
@@ -40,7 +46,7 @@ class Checkpoints:
     # best_fn too: without it orbax neither writes the metrics nor answers best_step().
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_metric,
                                            best_mode="min", enable_async_checkpointing=True,
-                                           create=True)
+                                           create=True, cleanup_tmp_directories=True)
     self.directory = pathlib.Path(directory).absolute()
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -53,7 +59,11 @@ class Checkpoints:
 
   def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
     """Starts writing ``state`` as ``step``; returns before the write finishes."""
-    self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
+    try:
+      self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
+    except Exception as e:  # the previous save's error surfaces here
+      self._raise_if_disk_full(e)
+      raise
 
   def restore(self, step: int, target: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     """Restores ``step`` into the structure and shapes of ``target``, each array with
@@ -69,10 +79,43 @@ class Checkpoints:
                               if isinstance(a, jax.ShapeDtypeStruct) else a, abstract)
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError, TypeError) as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise UserError(f"checkpoint {self.directory}/{step} does not match this model/optimizer "
-                      f"({first[:300]}); use a new --workdir or the config it was written with") from e
+    except Exception as e:
+      if _damaged(e):
+        raise UserError(f"checkpoint {self.directory}/{step} cannot be read "
+                        f"({_first_line(e)})") from e
+      if isinstance(e, (ValueError, KeyError, TypeError)):
+        raise UserError(f"checkpoint {self.directory}/{step} does not match this model/optimizer "
+                        f"({_first_line(e)}); use a new --workdir or the config it was written "
+                        "with") from e
+      raise
+
+  def restore_intact(self, target: Any, sharding: jax.sharding.Sharding | None = None,
+                     prefer: int | None = None, set_aside: bool = False
+                     ) -> tuple[int | None, Any, list[str]]:
+    """``(step, state, skipped)``: ``prefer`` (default: the latest) restored as ``restore``
+    does, or if it cannot be read the newest checkpoint that can; ``skipped`` says in one
+    line each which could not and why. ``set_aside``: those move to
+    ``<directory>/../corrupt_checkpoints/<step>`` (so a resumed run can save that step again;
+    nothing is deleted). ``(None, target, [])`` when there is no checkpoint; a UserError
+    when none can be read."""
+    newest_first = sorted(self._manager.all_steps(), reverse=True)
+    order = ([prefer] if prefer is not None else []) + [s for s in newest_first if s != prefer]
+    skipped = []
+    for step in order:
+      try:
+        state = self.restore(step, target, sharding)
+      except UserError as e:
+        skipped.append(str(e))
+        continue
+      if set_aside and skipped:
+        self._set_aside(order[:len(skipped)])
+      return step, state, skipped
+    if not skipped:
+      return None, target, []
+    if "cannot be read" not in skipped[0]:
+      raise UserError(skipped[0])
+    raise UserError(f"{skipped[0]}; no intact checkpoint to fall back on; expected a new "
+                    "--workdir or --new_run")
 
   def restore_saved(self, step: int) -> dict[str, Any]:
     """The saved tree of ``step`` as nested dicts of arrays, with no target: e.g. the
@@ -81,7 +124,41 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Blocks until pending async writes are on disk."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      self._raise_if_disk_full(e)
+      raise
+
+  def _raise_if_disk_full(self, e: BaseException) -> None:
+    if workdir_lib.is_disk_full(e):
+      raise UserError(f"no space left on the device of {self.directory}: a checkpoint could not "
+                      "be written, the earlier checkpoints are intact; free space and run again "
+                      "to resume") from e
+
+  def _set_aside(self, bad: Sequence[int]) -> None:
+    target = self.directory.parent / "corrupt_checkpoints"
+    target.mkdir(exist_ok=True)
+    for step in bad:
+      n, name = 1, str(step)
+      while (target / name).exists():
+        n, name = n + 1, f"{step}.{n + 1}"
+      (self.directory / str(step)).rename(target / name)
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _damaged(e: BaseException) -> bool:
+  """Whether a restore failed on a damaged file (tensorstore's read errors, a truncated
+  JSON) rather than on a state of another structure."""
+  text = str(e)
+  return isinstance(e, json.JSONDecodeError) or type(e) is Exception or any(
+      mark in text for mark in ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS", "Error reading",
+                                "Encountered error while reading"))
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0].split(" See full TensorStore")[0][:300] if lines else type(e).__name__

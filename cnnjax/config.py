@@ -4,6 +4,8 @@ Experiment configs (``experiments/configs/*.py``) start from ``default_config()`
 what their study changes; keys are locked, so an override of a key that does not exist is
 an error, not a silent no-op.
 """
+import numbers
+
 import ml_collections
 
 from cnnjax import optim
@@ -155,9 +157,10 @@ def flat(config: ml_collections.ConfigDict) -> dict[str, object]:
   return out
 
 
-def _number(key: str, value, low: float, high: float = float("inf"), *, low_open: bool = False,
-            high_open: bool = False, integer: bool = False) -> None:
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+def check_number(key: str, value, low: float, high: float = float("inf"), *, low_open: bool = False,
+                 high_open: bool = False, integer: bool = False) -> None:
+  """A UserError ``key=value; expected a number in [low, high)`` unless ``value`` is in range."""
+  ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
   if ok and integer:
     ok = float(value).is_integer()
   if ok:
@@ -165,40 +168,40 @@ def _number(key: str, value, low: float, high: float = float("inf"), *, low_open
   if not ok:
     lo, hi = "(" if low_open else "[", ")" if high_open or high == float("inf") else "]"
     kind = "an integer" if integer else "a number"
-    raise UserError(f"config.{key}={value!r}; expected {kind} in {lo}{low:g}, {high:g}{hi}")
+    raise UserError(f"{key}={value!r}; expected {kind} in {lo}{low:g}, {high:g}{hi}")
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Ranges of the keys a run reads; a bad value is a UserError naming it and its range."""
-  _number("batch_size", config.batch_size, 1, integer=True)
-  _number("eval_batch_size", config.eval_batch_size, 1, integer=True)
-  _number("num_epochs", config.num_epochs, 1, integer=True)
-  _number("model.num_classes", config.model.num_classes, 1, integer=True)
-  _number("label_smoothing", config.label_smoothing, 0, 1, high_open=True)
-  _number("optimizer.lr", config.optimizer.lr, 0, low_open=True)
-  _number("optimizer.weight_decay", config.optimizer.weight_decay, 0)
-  _number("optimizer.momentum", config.optimizer.momentum, 0, 1, high_open=True)
+  check_number("config.batch_size", config.batch_size, 1, integer=True)
+  check_number("config.eval_batch_size", config.eval_batch_size, 1, integer=True)
+  check_number("config.num_epochs", config.num_epochs, 1, integer=True)
+  check_number("config.model.num_classes", config.model.num_classes, 1, integer=True)
+  check_number("config.label_smoothing", config.label_smoothing, 0, 1, high_open=True)
+  check_number("config.optimizer.lr", config.optimizer.lr, 0, low_open=True)
+  check_number("config.optimizer.weight_decay", config.optimizer.weight_decay, 0)
+  check_number("config.optimizer.momentum", config.optimizer.momentum, 0, 1, high_open=True)
   for key in ("rho", "b1", "b2"):
-    _number(f"optimizer.{key}", config.optimizer[key], 0, 1, high_open=True)
-  _number("optimizer.eps", config.optimizer.eps, 0, low_open=True)
-  _number("schedule.pct_start", config.schedule.pct_start, 0, 1, low_open=True, high_open=True)
-  _number("schedule.div_factor", config.schedule.div_factor, 0, low_open=True)
-  _number("schedule.final_div_factor", config.schedule.final_div_factor, 0, low_open=True)
-  _number("schedule.warmup_steps", config.schedule.warmup_steps, 0, integer=True)
-  _number("schedule.end_lr", config.schedule.end_lr, 0)
-  _number("data.val_size", config.data.val_size, 0)
-  _number("data.limit", config.data.limit, 0, integer=True)
-  _number("data.workers", config.data.workers, 0, integer=True)
-  _number("data.image_size", config.data.image_size, 1, integer=True)
-  _number("data.input_size", config.data.input_size, 0, integer=True)
-  _number("eval_shift", config.eval_shift, 0, integer=True)
-  _number("eval_rotation", config.eval_rotation, 0, 180)
-  _number("log_every_steps", config.log_every_steps, 1, integer=True)
+    check_number(f"config.optimizer.{key}", config.optimizer[key], 0, 1, high_open=True)
+  check_number("config.optimizer.eps", config.optimizer.eps, 0, low_open=True)
+  check_number("config.schedule.pct_start", config.schedule.pct_start, 0, 1, low_open=True, high_open=True)
+  check_number("config.schedule.div_factor", config.schedule.div_factor, 0, low_open=True)
+  check_number("config.schedule.final_div_factor", config.schedule.final_div_factor, 0, low_open=True)
+  check_number("config.schedule.warmup_steps", config.schedule.warmup_steps, 0, integer=True)
+  check_number("config.schedule.end_lr", config.schedule.end_lr, 0)
+  check_number("config.data.val_size", config.data.val_size, 0)
+  check_number("config.data.limit", config.data.limit, 0, integer=True)
+  check_number("config.data.workers", config.data.workers, 0, integer=True)
+  check_number("config.data.image_size", config.data.image_size, 1, integer=True)
+  check_number("config.data.input_size", config.data.input_size, 0, integer=True)
+  check_number("config.eval_shift", config.eval_shift, 0, integer=True)
+  check_number("config.eval_rotation", config.eval_rotation, 0, 180)
+  check_number("config.log_every_steps", config.log_every_steps, 1, integer=True)
   a = config.data.augment
   for key in ("rotation", "shear"):
-    _number(f"data.augment.{key}", a[key], 0, 180)
+    check_number(f"config.data.augment.{key}", a[key], 0, 180)
   for key in ("width_shift", "height_shift", "zoom"):
-    _number(f"data.augment.{key}", a[key], 0, 1, high_open=True)
-  _number("data.augment.crop_padding", a.crop_padding, 0, integer=True)
+    check_number(f"config.data.augment.{key}", a[key], 0, 1, high_open=True)
+  check_number("config.data.augment.crop_padding", a.crop_padding, 0, integer=True)
   if config.test_with not in ("last", "best"):
     raise UserError(f"config.test_with={config.test_with!r}; expected 'last' or 'best'")

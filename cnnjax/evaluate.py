@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnjax import assemble, plots, steps
+from cnnjax import assemble, logs, plots, steps
 from cnnjax import metrics as metrics_lib
 from cnnjax.data import augment as augment_lib
 from cnnjax.data import sources
@@ -121,6 +121,8 @@ def write_report(workdir: str | pathlib.Path, which: str = "best",
   writes ``report.json``, ``confusion.png`` and ``mistakes.png`` (when there are mistakes)
   into ``workdir/report/``. Returns the JSON's content (``metrics``), plus ``which``."""
   run = assemble.restore(workdir, which)
+  for note in run.notes:
+    logs.say(note)
   inputs, labels = run.data.test  # images, or a backbone's features (config.extract_features)
   if not len(labels):
     raise UserError(f"the run in {workdir} has no test examples; expected a test split")

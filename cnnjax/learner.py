@@ -63,7 +63,7 @@ def as_dataset(data: DataLike, image_size: int | None = None) -> sources.Dataset
     test = data.get("test", (np.zeros((0, *np.shape(data["train"][0])[1:]), np.uint8), np.zeros(0, np.int64)))
     train_split = sources.checked_arrays("train", *data["train"])
     test_split = sources.checked_arrays("test", *test)
-    num_classes = int(max(train_split[1].max(), test_split[1].max(initial=0))) + 1
+    num_classes = int(max(train_split[1].max(initial=0), test_split[1].max(initial=0))) + 1
     return sources.Dataset(train_split, test_split, data.get("class_names", [str(i) for i in range(num_classes)]))
   if isinstance(data, (tuple, list)) and len(data) == 2:
     return as_dataset({"train": tuple(data)})
@@ -102,9 +102,15 @@ class Learner:
                optimizer_options: dict[str, Any] | None = None):
     if loss != "cross_entropy":
       raise UserError(f"unknown loss {loss!r}; expected 'cross_entropy'")
+    for name, value, low, integer in (("batch_size", batch_size, 1, True),
+                                      ("eval_batch_size", eval_batch_size, 1, True),
+                                      ("val_size", val_size, 0, False)):
+      config_lib.check_number(name, value, low, integer=integer)
+    config_lib.check_number("lr", lr, 0, low_open=True)
+    config_lib.check_number("label_smoothing", label_smoothing, 0, 1, high_open=True)
     runtime.configure()
     self.data = as_dataset(data, image_size)
-    labels_max = int(self.data.train[1].max())
+    labels_max = int(self.data.train[1].max(initial=-1))
     num_classes = num_classes or max(len(self.data.class_names), labels_max + 1)
     c = config_lib.default_config()
     c.model.num_classes = num_classes
@@ -156,10 +162,13 @@ class Learner:
   def fit(self, epochs: int, lr: float | None = None) -> History:
     """Trains ``epochs`` more epochs at a constant ``lr`` (default: the learner's);
     returns the whole history."""
-    self._set_schedule(optax.constant_schedule(lr or self.config.optimizer.lr))
+    lr = self.config.optimizer.lr if lr is None else lr
+    config_lib.check_number("lr", lr, 0, low_open=True)
+    self._set_schedule(optax.constant_schedule(lr))
     return self._run(epochs)
 
   def _run(self, epochs: int) -> History:
+    config_lib.check_number("epochs", epochs, 1, integer=True)
     c = self.config
     self._target_epoch = self.epoch + epochs
     self.state = train.fit(self.run.runner, self.state, self.train_data, self.val_data,
@@ -171,6 +180,8 @@ class Learner:
   def fit_one_cycle(self, epochs: int, max_lr: float, pct_start: float = 0.25) -> History:
     """``epochs`` more epochs of a one-cycle (cosine) schedule peaking at ``max_lr``; the
     optimizer keeps its moments (as fastai's ``fit_one_cycle``)."""
+    config_lib.check_number("max_lr", max_lr, 0, low_open=True)
+    config_lib.check_number("pct_start", pct_start, 0, 1, low_open=True, high_open=True)
     start = int(self.state.step)
     cfg = optim.default_schedule_config()
     cfg.update({"name": "one_cycle", "pct_start": pct_start})
@@ -236,17 +247,33 @@ class Learner:
     return result
 
   def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-    """Class probabilities ``[N, K]`` for uint8 images ``[N, H, W, C]``."""
+    """Class probabilities ``[N, K]`` for uint8 images ``[N, H, W, C]``; ``[K]`` for one
+    image ``[H, W, C]`` (``[H, W]`` if grey)."""
+    images, shape = np.asarray(images), self.data.image_shape
+    one = images.shape == shape or (shape[-1] == 1 and images.shape == shape[:-1])
+    if one:
+      images = images.reshape(1, *shape)
+    if batch_size is not None:
+      config_lib.check_number("batch_size", batch_size, 1, integer=True)
     images = sources.checked_arrays("images", images, np.zeros(len(images), np.int64))[0]
-    if images.shape[1:] != self.data.image_shape:
-      raise UserError(f"images have shape {images.shape[1:]}; expected {self.data.image_shape} as trained")
-    return steps.predict_proba(self.state, self.run.normalize, images,
-                               batch_size or self.config.eval_batch_size, mesh=self.run.runner.mesh)
+    if images.shape[1:] != shape:
+      raise UserError(f"images have shape {images.shape[1:]}; expected [N, {', '.join(map(str, shape))}] "
+                      f"or one image {shape}, as trained")
+    if not len(images):
+      return np.zeros((0, self.config.model.num_classes), np.float32)
+    probs = steps.predict_proba(self.state, self.run.normalize, images,
+                                batch_size or self.config.eval_batch_size, mesh=self.run.runner.mesh)
+    return probs[0] if one else probs
 
   def save(self, path: str | pathlib.Path) -> pathlib.Path:
     """Writes the train state (``Checkpoints``, as a run's) and what ``Learner.load`` needs
-    to rebuild it (``learner.json``)."""
+    to rebuild it (``learner.json``) in the directory ``path``: a new one, or an earlier save
+    (updated)."""
     path = pathlib.Path(path).absolute()
+    if path.exists() and not path.is_dir():
+      raise UserError(f"{path} is a file; expected a directory to save the learner in")
+    if path.is_dir() and any(path.iterdir()) and not (path / "learner.json").exists():
+      raise UserError(f"{path} holds other files; expected a new directory or an earlier save")
     checkpoints = Checkpoints(path / "checkpoints")
     checkpoints.save(int(self.state.step), self.state)
     checkpoints.wait()

@@ -71,6 +71,12 @@ def any_process(flag: bool) -> bool:
   return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches ``barrier(name)``; nothing with one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def cluster_environment(environ: Mapping[str, str] = os.environ) -> str | None:
   """The multi-process launcher ``environ`` shows, if any, by name; None for a single process.
 

@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import traverse_util
 
 from cnnjax import assemble, evaluate, logs, lr_finder, parallel, plots, progress, steps
-from cnnjax import config as config_lib
+from cnnjax import workdir as workdir_lib
 from cnnjax.checkpoint import Checkpoints
 from cnnjax.data import pipeline
 from cnnjax.errors import UserError
@@ -58,25 +57,6 @@ class StopRequested:
     stopped alone would leave the others waiting in the next step's all-reduce)."""
     self.requested = parallel.any_process(self.requested)
     return self.requested
-
-
-def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """A workdir with checkpoints of a different model or data shape cannot be resumed.
-
-  The saved config is read through ``config.merged``, so keys added to the schema since the
-  run was written take their defaults instead of counting as differences."""
-  path = workdir / "config.json"
-  if not path.exists():
-    return
-  saved = config_lib.merged(json.loads(path.read_text()))
-  for key in ("model", "data"):
-    was = traverse_util.flatten_dict(saved[key].to_dict(), sep=".")
-    now = traverse_util.flatten_dict(config[key].to_dict(), sep=".")
-    changed = [f"{key}.{k}: {was.get(k)!r} -> {now.get(k)!r}"
-               for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
-    if changed:
-      raise UserError(f"workdir {workdir} holds a run with a different config "
-                      f"({'; '.join(changed)}); use a new --workdir or the same config")
 
 
 def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arrays,
@@ -156,18 +136,49 @@ def use_lr_finder(run: assemble.Run, workdir: pathlib.Path | None) -> assemble.R
   return run.with_peak_lr(curve.lr_min_div10)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                       new_run: bool = False) -> dict[str, Any]:
   """Trains ``config.model`` on ``config.data``, checkpointing to ``workdir`` every epoch.
 
-  Rerunning with the same workdir resumes from the latest checkpoint with the exact next
-  batch. Returns the final test metrics (also written to ``workdir/test_metrics.json``),
-  or ``{'interrupted': True, 'step': ...}`` if a signal stopped the run.
+  The workdir is locked while the run writes there (``workdir.Lock``). Rerunning with the
+  same workdir resumes from the newest intact checkpoint with the exact next batch, if the
+  config is the run's (``workdir.compare``); a finished run is left as it is. ``new_run``:
+  the run the workdir holds moves to ``workdir/previous/<n>/`` and a new one starts.
+
+  Returns the test metrics (also in ``workdir/test_metrics.json``), or
+  ``{'interrupted': True, 'step': ...}`` if a signal stopped the run.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = workdir_lib.checked(workdir)
+  if jax.process_index() != 0:  # process 0 holds the lock for all
+    return _train_and_evaluate(config, workdir, new_run)
+  with workdir_lib.Lock(workdir) as lock:
+    if lock.taken_over:
+      was = lock.taken_over
+      logs.say(f"The run that held {workdir} stopped without ending (pid {was.get('pid')} on "
+               f"{was.get('host')}, started {was.get('started')}); this run takes over")
+    return _train_and_evaluate(config, workdir, new_run)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        new_run: bool) -> dict[str, Any]:
   is_main = jax.process_index() == 0
-  ckpt_dir = workdir / "checkpoints"
-  if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-    _check_workdir_config(workdir, config)
+  holds_run = workdir_lib.holds_run(workdir)
+  parallel.barrier("cnnjax-workdir-checked")  # before process 0 moves anything
+  if holds_run and new_run:
+    if is_main:
+      logs.say(f"New run: the run {workdir} held is now in {workdir_lib.set_aside(workdir)}")
+    parallel.barrier("cnnjax-workdir-set-aside")
+  elif holds_run:
+    changed = workdir_lib.compare(workdir_lib.saved_config(workdir), config)
+    if changed:
+      raise UserError(f"--workdir {workdir} holds a different run ({'; '.join(changed)}); "
+                      "expected the same config to resume it, a new --workdir, or --new_run "
+                      f"to move it to {workdir / workdir_lib.PREVIOUS}/ and start afresh")
+    if (workdir / "test_metrics.json").exists():
+      result = json.loads((workdir / "test_metrics.json").read_text())
+      logs.say(f"{workdir} holds this run, finished: {evaluate.format_test(result)}; nothing "
+               "to do (--new_run trains it again)")
+      return result
   start = time.time()
   run = assemble.build(config, workdir)
   if is_main:
@@ -179,11 +190,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     run = use_lr_finder(run, workdir)
   for line in header(run):
     logs.say(line)
+  ckpt_dir = workdir / "checkpoints"
   checkpoints = Checkpoints(ckpt_dir)
-  state = run.state
-  start_step = checkpoints.latest_step() or 0
+  start_step, state, skipped = checkpoints.restore_intact(
+      run.state, parallel.replicated(run.runner.mesh), set_aside=is_main)
+  for line in skipped:
+    logs.say(f"{line}: set aside in {workdir / 'corrupt_checkpoints'}")
+  start_step = start_step or 0
   if start_step:
-    state = checkpoints.restore(start_step, state, parallel.replicated(run.runner.mesh))
     logs.say(f"Resumed from {ckpt_dir}/{start_step} (epoch {start_step // run.steps_per_epoch + 1}, "
              f"batch {start_step % run.steps_per_epoch})")
   history = logs.read_history(workdir, start_step // run.steps_per_epoch)

@@ -231,13 +231,24 @@ def run(main: Callable[..., Any], *, doc: str, fv: flags.FlagValues, config: boo
       for key, value in overrides:
         apply_override(cfg, key, value)
     logging.set_verbosity(logging.WARNING)
+    # orbax logs a failed background write with its traceback, then raises it to the
+    # caller, which reports it in one line: its own copy is noise.
+    logging.get_absl_logger().addFilter(lambda r: "/orbax/" not in r.pathname)
     from cnnjax import parallel, runtime
     if "coordinator_address" in fv:
       parallel.initialize_distributed(*(fv[name].value for name in _MULTIHOST_FLAGS))
     runtime.configure()
     status = main(cfg) if config else main()
-  except UserError as e:
-    fail(str(e))
+  except Exception as e:
+    from cnnjax import workdir
+    if workdir.is_disk_full(e):  # the checkpoints before are intact: a rerun resumes
+      message = str(e) if isinstance(e, UserError) else f"no space left on the device: {_first_line(e)}"
+      print(f"error: {message}", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      os._exit(2)  # orbax's writer threads would print their failures again at exit
+    if isinstance(e, UserError):
+      fail(str(e))
+    raise
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(INTERRUPTED)

@@ -5,8 +5,10 @@ r"""Train and evaluate any study from its config file.
 
 The config file chooses the model, the data and the recipe (``experiments/configs``; each
 opens with its command and result). Rerunning with the same ``--workdir`` resumes from the
-last checkpoint with the exact next batch; Ctrl-C or SIGTERM saves a checkpoint first and
-exits with status 130. Training uses every local device with no flag; on several machines
+last intact checkpoint with the exact next batch (a finished run is left as it is; another
+config is refused, ``--new_run`` moves the earlier run to ``WORKDIR/previous/N/``); one run
+at a time holds a workdir. Ctrl-C or SIGTERM saves a checkpoint first and exits with status
+130. Training uses every local device with no flag; on several machines
 every process runs the same command (``--coordinator_address``, ``--num_processes``,
 ``--process_id``, or nothing under SLURM, Open MPI or on a TPU slice).
 """
@@ -17,11 +19,14 @@ from experiments import entry
 FLAGS = entry.command_flags(distributed=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.",
                                flag_values=FLAGS)
+_NEW_RUN = flags.DEFINE_bool("new_run", False, "Start a new run in a --workdir that holds "
+                             "another: that run moves to WORKDIR/previous/N/ first.",
+                             flag_values=FLAGS)
 
 
 def main(config) -> int:
   from cnnjax import train  # after the entry's restart and distributed start
-  result = train.train_and_evaluate(config, _WORKDIR.value)
+  result = train.train_and_evaluate(config, _WORKDIR.value, _NEW_RUN.value)
   return entry.INTERRUPTED if result.get("interrupted") else 0
 
 

@@ -49,3 +49,42 @@ def npz_path(tmp_path):
   np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
            test_is_lossless=lossless, class_names=np.array([f"c{i}" for i in range(10)]))
   return path
+
+
+def tiny_config(npz_path, **kw):
+  """A run config on ``npz_path``: seed_cnn, 128 training images in batches of 32 (4 steps
+  per epoch), 2 epochs, crops and flips; ``kw`` overrides top-level keys."""
+  from cnnjax import config as config_lib
+  c = config_lib.default_config()
+  c.data.source = str(npz_path)
+  c.data.val_size = 64.0
+  c.batch_size = 32
+  c.eval_batch_size = 32
+  c.num_epochs = 2
+  c.data.augment.crop_padding = 2
+  c.data.augment.horizontal_flip = True
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def stop_at_step(monkeypatch, n: int) -> None:
+  """Runs built after this send themselves SIGTERM (as a preemption would) in their ``n``-th
+  training step, so ``train_and_evaluate`` saves a checkpoint there and stops."""
+  import signal
+  from cnnjax import steps
+  calls = {"n": 0}
+  real_create = steps.Runner.create
+
+  def create(*args, **kwargs):
+    runner = real_create(*args, **kwargs)
+    step = runner.train_step
+
+    def counting_step(state, batch):
+      calls["n"] += 1
+      if calls["n"] == n:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step(state, batch)
+    runner.train_step = counting_step
+    return runner
+  monkeypatch.setattr(steps.Runner, "create", create)

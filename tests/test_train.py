@@ -9,8 +9,7 @@ import pytest
 from cnnjax import assemble, steps, train
 from cnnjax.errors import UserError
 from cnnjax.models import create_model
-from experiments.configs import default
-from tests.conftest import make_images
+from tests.conftest import make_images, stop_at_step, tiny_config
 
 IDENTITY = steps.make_normalize(np.zeros(3), np.full(3, 255.0))
 
@@ -105,7 +104,7 @@ def test_test_time_logits_weigh_the_translated_views_a_quarter_each(flip):
 def test_eval_shift_beyond_the_image_is_one_clear_error(npz_path):
   with pytest.raises(UserError, match=r"config.eval_shift=32; expected 0 <= eval_shift < the "
                                       r"image side 32"):
-    assemble.build(_config(npz_path, eval_shift=32), None)
+    assemble.build(tiny_config(npz_path, eval_shift=32), None)
 
 
 def test_image_shape_that_does_not_fit_the_model_is_one_clear_error():
@@ -113,23 +112,9 @@ def test_image_shape_that_does_not_fit_the_model_is_one_clear_error():
     steps.create_train_state(create_model("bn_cnn"), optax.adam(1e-3), (8, 8, 3), 0)
 
 
-def _config(npz_path, **kw):
-  c = default.get_config()
-  c.data.source = str(npz_path)
-  c.data.val_size = 64.0
-  c.batch_size = 32
-  c.eval_batch_size = 32
-  c.num_epochs = 2
-  c.data.augment.crop_padding = 2
-  c.data.augment.horizontal_flip = True
-  for k, v in kw.items():
-    c[k] = v
-  return c
-
-
 @pytest.mark.slow
 def test_train_and_evaluate_writes_the_workdir_and_learns(npz_path, tmp_path):
-  config = _config(npz_path, num_epochs=4)
+  config = tiny_config(npz_path, num_epochs=4)
   config.optimizer.lr = 3e-3
   result = train.train_and_evaluate(config, tmp_path / "run")
   files = {p.name for p in (tmp_path / "run").iterdir()}
@@ -150,27 +135,11 @@ def test_train_and_evaluate_writes_the_workdir_and_learns(npz_path, tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(npz_path, tmp_path, monkeypatch):
-  config = _config(npz_path)
+  config = tiny_config(npz_path)
   straight = train.train_and_evaluate(config, tmp_path / "straight")
 
-  # Request a stop (as SIGTERM would) after the 3rd step of the first epoch.
-  calls = {"n": 0}
   real_create = steps.Runner.create
-
-  def create(*args, **kwargs):
-    runner = real_create(*args, **kwargs)
-    step = runner.train_step
-
-    def counting_step(state, batch):
-      calls["n"] += 1
-      if calls["n"] == 3:
-        import os, signal
-        os.kill(os.getpid(), signal.SIGTERM)
-      return step(state, batch)
-    runner.train_step = counting_step
-    return runner
-
-  monkeypatch.setattr(steps.Runner, "create", create)
+  stop_at_step(monkeypatch, 3)  # as SIGTERM would, in the first epoch
   stopped = train.train_and_evaluate(config, tmp_path / "resumed")
   assert stopped == {"interrupted": True, "step": 3}
   monkeypatch.setattr(steps.Runner, "create", real_create)
@@ -181,26 +150,26 @@ def test_interrupted_run_resumes_to_the_same_result(npz_path, tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_workdir_of_a_different_model_is_refused(npz_path, tmp_path):
-  config = _config(npz_path, num_epochs=1)
+  config = tiny_config(npz_path, num_epochs=1)
   train.train_and_evaluate(config, tmp_path / "run")
   config.model.name = "lenet"
-  with pytest.raises(UserError, match="different config \\(model.name: 'seed_cnn' -> 'lenet'\\)"):
+  with pytest.raises(UserError, match="holds a different run \\(model.name: 'seed_cnn' -> 'lenet'\\)"):
     train.train_and_evaluate(config, tmp_path / "run")
 
 
 @pytest.mark.slow
 def test_workdir_written_before_a_config_key_existed_resumes(npz_path, tmp_path):
-  config = _config(npz_path, num_epochs=1)
+  config = tiny_config(npz_path, num_epochs=1)
   train.train_and_evaluate(config, tmp_path / "run")
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   del saved["data"]["workers"]  # as written by a version without data.workers
   (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
-  config.num_epochs = 2
+  (tmp_path / "run" / "test_metrics.json").unlink()  # a run stopped before its test
   assert train.train_and_evaluate(config, tmp_path / "run")["count"] > 0
 
 
 def test_labels_beyond_num_classes_are_refused(npz_path, tmp_path):
-  config = _config(npz_path)
+  config = tiny_config(npz_path)
   config.model.num_classes = 5
   with pytest.raises(UserError, match=r"data has label 9 but config.model.num_classes=5"):
     train.train_and_evaluate(config, tmp_path / "run")
@@ -215,7 +184,7 @@ def test_epoch_line_format():
 
 @pytest.mark.slow
 def test_restore_gives_the_trained_state(npz_path, tmp_path):
-  config = _config(npz_path, num_epochs=1)
+  config = tiny_config(npz_path, num_epochs=1)
   result = train.train_and_evaluate(config, tmp_path / "run")
   run = assemble.restore(tmp_path / "run", "latest")
   assert run.config.model.name == config.model.name and int(run.state.step) == 4

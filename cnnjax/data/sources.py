@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import zipfile
 
 import numpy as np
 
@@ -58,7 +59,13 @@ class Dataset:
 def checked_arrays(name: str, images: np.ndarray, labels: np.ndarray) -> Arrays:
   """``(images [N, H, W, C] uint8, labels [N] int64)``, or a UserError naming ``name``;
   greyscale ``[N, H, W]`` images gain a channel axis."""
-  images, labels = np.asarray(images), np.asarray(labels).astype(np.int64).reshape(-1)
+  images, labels = np.asarray(images), np.asarray(labels).reshape(-1)
+  if labels.dtype.kind not in "iub":
+    bad = labels[~np.isclose(labels, np.round(labels))] if labels.dtype.kind == "f" else labels
+    if labels.dtype.kind != "f" or len(bad):
+      raise UserError(f"{name} labels have dtype {labels.dtype} (e.g. {bad.flat[0].item()!r}); expected "
+                      "integer class indices 0..K-1")
+  labels = labels.astype(np.int64)
   if images.ndim == 3:  # [N, H, W] grey images
     images = images[..., None]
   if images.ndim != 4 or images.dtype != np.uint8:
@@ -72,13 +79,16 @@ def checked_arrays(name: str, images: np.ndarray, labels: np.ndarray) -> Arrays:
 def load_npz(path: str | os.PathLike) -> Dataset:
   """Reads ``x_train, y_train, x_test, y_test`` (and optional ``class_names``,
   ``test_is_lossless``) from an ``.npz`` file, the layout of ../shared/data."""
+  if not zipfile.is_zipfile(path):
+    raise UserError(f"{path} is not an .npz archive; expected numpy.savez's zip of arrays "
+                    f"{list(NPZ_KEYS)}")
   with np.load(path) as f:
     missing = [k for k in NPZ_KEYS if k not in f]
     if missing:
       raise UserError(f"{path} has no array(s) {missing}; expected {list(NPZ_KEYS)}")
     train = checked_arrays(f"{path}:train", f["x_train"], f["y_train"])
     test = checked_arrays(f"{path}:test", f["x_test"], f["y_test"])
-    num_classes = int(max(train[1].max(), test[1].max())) + 1
+    num_classes = int(max(train[1].max(initial=0), test[1].max(initial=0))) + 1
     names = [str(n) for n in f["class_names"]] if "class_names" in f else [str(i) for i in range(num_classes)]
     subsets = {"lossless": f["test_is_lossless"].astype(bool)} if "test_is_lossless" in f else {}
   return Dataset(train, test, names, subsets)
@@ -89,7 +99,7 @@ def load_idx(folder: str | os.PathLike) -> Dataset:
   from cnnjax.data import idx
   splits = idx.load_idx_folder(folder)
   train, test = (checked_arrays(f"{folder}:{s}", *splits[s]) for s in ("train", "test"))
-  return Dataset(train, test, [str(i) for i in range(int(train[1].max()) + 1)])
+  return Dataset(train, test, [str(i) for i in range(int(train[1].max(initial=0)) + 1)])
 
 
 def load_tfds(name: str, data_dir: str | None) -> Dataset:

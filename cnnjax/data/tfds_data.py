@@ -28,7 +28,6 @@ import pathlib
 import shutil
 import sys
 from typing import Any
-import urllib.error
 
 import numpy as np
 import tensorflow_datasets as tfds
