@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run: the latest and the best (by validation loss) kept together.
+"""Orbax checkpoints of a run: the two latest and the best (by validation loss) kept together.
 
 The data pipeline needs no iterator state of its own: batch ``k`` of epoch ``e`` is a
 function of the seed (``cnnjax.data.pipeline.train_epoch``), so the ``step`` saved in the
@@ -32,15 +32,16 @@ def _metric(metrics: dict[str, float]) -> float:
 class Checkpoints:
   """Saves and restores train states under ``directory`` (async writes).
 
-  Keeps the newest checkpoint and the one with the lowest ``val_loss``: a preservation
-  policy of LatestN(1) or BestN(1), so a newest checkpoint with a worse metric is never
-  deleted (``max_to_keep`` + ``best_fn`` would delete it). A checkpoint saved without a
-  metric (a run stopped mid-epoch) is kept while it is the newest.
+  Keeps the two newest checkpoints (one to fall back on if the newest is damaged) and the
+  one with the lowest ``val_loss``: a preservation policy of LatestN(2) or BestN(1), so a
+  newest checkpoint with a worse metric is never deleted (``max_to_keep`` + ``best_fn``
+  would delete it). A checkpoint saved without a metric (a run stopped mid-epoch) is kept
+  while it is one of the two newest.
   """
 
   def __init__(self, directory: str | pathlib.Path):
     policy = pp.AnyPreservationPolicy([
-        pp.LatestN(n=1),
+        pp.LatestN(n=2),
         pp.BestN(get_metric_fn=_metric, reverse=True, n=1, keep_checkpoints_without_metrics=False),
     ])
     # best_fn too: without it orbax neither writes the metrics nor answers best_step().
@@ -161,4 +162,5 @@ def _damaged(e: BaseException) -> bool:
 
 def _first_line(e: BaseException) -> str:
   lines = str(e).strip().splitlines()
-  return lines[0].split(" See full TensorStore")[0][:300] if lines else type(e).__name__
+  line = lines[0].split(" See full TensorStore")[0] if lines else type(e).__name__
+  return line if len(line) <= 160 else line[:157] + "..."

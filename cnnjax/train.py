@@ -5,7 +5,7 @@ checkpoint every epoch, test.
 
 A workdir holds: ``config.json``, ``run_info.json`` (machine, versions, devices),
 ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch), ``curves.png``,
-``test_metrics.json``, ``confusion.png``, ``predictions.png`` and ``checkpoints/`` (latest
+``test_metrics.json``, ``confusion.png``, ``predictions.png`` and ``checkpoints/`` (the two latest
 and best).
 """
 import json

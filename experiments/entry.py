@@ -19,6 +19,7 @@ one error path.
 """
 import ast
 import importlib.util
+import logging as std_logging
 import os
 import pathlib
 import sys
@@ -234,6 +235,9 @@ def run(main: Callable[..., Any], *, doc: str, fv: flags.FlagValues, config: boo
     # orbax logs a failed background write with its traceback, then raises it to the
     # caller, which reports it in one line: its own copy is noise.
     logging.get_absl_logger().addFilter(lambda r: "/orbax/" not in r.pathname)
+    # The reads of a damaged checkpoint fail in several of orbax's tasks; the first is
+    # reported (and the checkpoint before restored), the others are dropped unawaited.
+    std_logging.getLogger("asyncio").addFilter(lambda r: "never retrieved" not in r.getMessage())
     from cnnjax import parallel, runtime
     if "coordinator_address" in fv:
       parallel.initialize_distributed(*(fv[name].value for name in _MULTIHOST_FLAGS))

@@ -6,6 +6,7 @@ The faults (a second run in a workdir, a damaged checkpoint, a full disk) are in
 ``test_workdir.py``; a crafted CIFAR archive in ``test_tfds_safety.py``.
 """
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -167,3 +168,10 @@ def test_save_refuses_a_file_or_a_folder_of_other_files(learner, tmp_path):
     learner.save(tmp_path / "folder")
   assert (tmp_path / "file").read_text() == "mine"
   assert [p.name for p in (tmp_path / "folder").iterdir()] == ["notes.txt"]
+
+
+def test_load_of_a_save_without_its_state_is_one_user_error(learner, tmp_path):
+  learner.save(tmp_path / "saved")
+  shutil.rmtree(tmp_path / "saved" / "checkpoints")
+  with pytest.raises(UserError, match=r"saved/checkpoints holds no saved state"):
+    cnnjax.Learner.load(tmp_path / "saved")

@@ -25,13 +25,13 @@ def _steps(directory) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def test_latest_and_best_are_kept_together(tmp_path):
+def test_two_latest_and_best_are_kept_together(tmp_path):
   checkpoints = Checkpoints(tmp_path)
   for step, val_loss in [(1, 1.0), (2, 0.5), (3, 0.9), (4, 0.8)]:
     checkpoints.save(step, {"w": jnp.full(3, step)}, {"val_loss": val_loss})
   checkpoints.wait()
-  # The newest (4) survives although its loss is worse than the best (2); 1 and 3 go.
-  assert _steps(tmp_path) == [2, 4]
+  # The newest two (3, 4) survive although their losses are worse than the best (2); 1 goes.
+  assert _steps(tmp_path) == [2, 3, 4]
   assert (checkpoints.best_step(), checkpoints.latest_step()) == (2, 4)
   assert int(checkpoints.restore(2, {"w": jnp.zeros(3, jnp.int32)})["w"][0]) == 2
   checkpoints.close()
@@ -40,10 +40,10 @@ def test_latest_and_best_are_kept_together(tmp_path):
   assert (checkpoints.best_step(), checkpoints.latest_step()) == (2, 4)
   checkpoints.save(5, {"w": jnp.full(3, 5)})  # an interrupted run: no metric
   checkpoints.wait()
-  assert _steps(tmp_path) == [2, 5] and checkpoints.best_step() == 2
+  assert _steps(tmp_path) == [2, 4, 5] and checkpoints.best_step() == 2
   checkpoints.save(6, {"w": jnp.full(3, 6)}, {"val_loss": 0.4})
   checkpoints.wait()
-  assert _steps(tmp_path) == [6] and checkpoints.best_step() == 6
+  assert _steps(tmp_path) == [5, 6] and checkpoints.best_step() == 6
   with pytest.raises(UserError, match=r"checkpoint .*/6 does not match this model/optimizer"):
     checkpoints.restore(6, {"v": jnp.zeros(3)})
   checkpoints.close()

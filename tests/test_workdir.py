@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import steps, train, workdir
+from cnnjax import assemble, steps, train, workdir
 from cnnjax.checkpoint import Checkpoints
 from cnnjax.errors import UserError
 from tests.conftest import stop_at_step, tiny_config
@@ -93,6 +93,9 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "6"]
   for f in (run / "checkpoints/6/default").rglob("d/*"):
     f.write_bytes(f.read_bytes()[:10])  # truncated array data
+  report_run = assemble.restore(run, "latest")  # as `experiments.report --which=latest`
+  assert int(report_run.state.step) == 4 and "checkpoints/6 cannot be read" in report_run.notes[-1]
+  assert (run / "checkpoints/6").is_dir()  # a report moves nothing
   capsys.readouterr()
   result = train.train_and_evaluate(config, run)
   out = capsys.readouterr().out
@@ -163,3 +166,10 @@ def test_a_full_disk_ends_in_one_line_with_the_earlier_checkpoint_intact(small_d
   step, restored, _ = ckpt.restore_intact(small)
   assert step == 1 and np.array_equal(restored["w"], small["w"])
   ckpt.close()
+
+
+def test_a_read_only_workdir_is_one_clear_error(small_disk, npz_path):
+  (small_disk / "run").mkdir()
+  subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+  with pytest.raises(UserError, match=r"cannot write to --workdir .*run \(Read-only file system\)"):
+    train.train_and_evaluate(tiny_config(npz_path), small_disk / "run")
