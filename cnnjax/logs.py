@@ -1,9 +1,8 @@
 """What a run writes besides checkpoints: per-epoch metrics as JSON lines and CSV, and the
 machine, versions and devices it ran on.
 
-Plain files rather than TensorBoard event files: TensorBoard would add TensorFlow-sized
-dependencies for curves that ``metrics.jsonl``/``curves.png`` already give, and CSV opens
-in any spreadsheet or ``pandas.read_csv``.
+TensorBoard event files are ``cnnjax.tensorboard``'s; these plain files open in any
+spreadsheet or ``pandas.read_csv``.
 """
 import csv
 import json

@@ -5,8 +5,8 @@ checkpoint every epoch, test.
 
 A workdir holds: ``config.json``, ``run_info.json`` (machine, versions, devices),
 ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch), ``curves.png``,
-``test_metrics.json``, ``confusion.png``, ``predictions.png`` and ``checkpoints/`` (the two latest
-and best).
+``test_metrics.json``, ``confusion.png``, ``predictions.png``, TensorBoard event files
+(``cnnjax.tensorboard``) and ``checkpoints/`` (the two latest and the best).
 """
 import json
 import pathlib
@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from cnnjax import assemble, evaluate, logs, lr_finder, parallel, plots, progress, steps
+from cnnjax import (assemble, evaluate, logs, lr_finder, parallel, plots, progress, steps,
+                    tensorboard)
 from cnnjax import workdir as workdir_lib
 from cnnjax.checkpoint import Checkpoints
 from cnnjax.data import pipeline
@@ -63,6 +64,7 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
         val_data: pipeline.Arrays, *, num_epochs: int, batch_size: int, eval_batch_size: int,
         seed: int, augment: pipeline.BatchAugment | None, schedule: optax.Schedule,
         on_epoch_end: Callable[[steps.TrainState, dict[str, Any]], None] = lambda state, row: None,
+        on_log: Callable[[int, dict[str, float]], None] = lambda step, values: None,
         stop: "StopRequested | None" = None, log_every_steps: int = 10,
         workers: int = 0) -> steps.TrainState:
   """The epoch loop, from ``state.step`` (mid-epoch after a resume) to ``num_epochs``.
@@ -70,7 +72,8 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
   Each epoch trains on ``pipeline.train_epoch(train_data, ..., seed, epoch)``, evaluates
   on ``val_data`` (if any) and calls ``on_epoch_end(state, row)`` with the epoch's
   metrics row (``epoch, step, train_loss, train_accuracy, val_loss, val_accuracy, lr,
-  seconds``). Returns the final state, or the state at the step where ``stop`` was
+  seconds``), and every ``log_every_steps`` ``on_log(step, {'loss', 'accuracy', 'lr'})``
+  with the epoch's running means. Returns the final state, or the state at the step where ``stop`` was
   requested (check ``stop.requested``). ``workers`` > 0 prepares batches in that many
   grain worker processes (``pipeline.prefetch``) instead of a background thread.
   """
@@ -87,7 +90,11 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
       state, step_sums = runner.train_step(state, runner.to_global(batch))
       sums = jax.tree.map(jnp.add, sums, step_sums)
       if (k + 1) % log_every_steps == 0:
-        bar.update(log_every_steps, loss=f"{float(sums['loss']) / int(sums['count']):.4f}")
+        count, step = int(sums["count"]), epoch * steps_per_epoch + k + 1
+        loss = float(sums["loss"]) / count
+        bar.update(log_every_steps, loss=f"{loss:.4f}")
+        on_log(step, {"loss": loss, "accuracy": int(sums["correct"]) / count,
+                      "lr": float(schedule(step - 1))})
       stopped = stop is not None and stop.agreed()
       if stopped:
         break
@@ -201,7 +208,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     logs.say(f"Resumed from {ckpt_dir}/{start_step} (epoch {start_step // run.steps_per_epoch + 1}, "
              f"batch {start_step % run.steps_per_epoch})")
   history = logs.read_history(workdir, start_step // run.steps_per_epoch)
+  events = tensorboard.Events(workdir, start_step) if is_main else None
   logs.say(f"Ready to train in {time.time() - start:.1f}s (the first step compiles)")
+
+  def on_log(step: int, values: dict[str, float]) -> None:
+    if events is not None:
+      events.scalars("train", values, step)
 
   def on_epoch_end(state: steps.TrainState, row: dict[str, Any]) -> None:
     history.append(row)
@@ -210,17 +222,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       print(format_epoch(row, config.num_epochs), flush=True)
       logs.write_history(history, workdir)
       plots.plot_curves(history, workdir / "curves.png")
+      if "val_loss" in row:
+        events.scalars("val", {"loss": row["val_loss"], "accuracy": row["val_accuracy"]}, row["step"])
+      events.scalars("epoch", {k: row[k] for k in ("train_loss", "train_accuracy", "seconds")},
+                     row["step"])
+      events.image("curves", workdir / "curves.png", row["step"])
+      events.flush()
 
   with StopRequested() as stop:
     state = fit(run.runner, run.runner.put_state(state), run.train, run.val,
                 num_epochs=config.num_epochs, batch_size=config.batch_size,
                 eval_batch_size=config.eval_batch_size, seed=config.seed, augment=run.augment,
-                schedule=run.schedule, on_epoch_end=on_epoch_end, stop=stop,
+                schedule=run.schedule, on_epoch_end=on_epoch_end, on_log=on_log, stop=stop,
                 log_every_steps=config.log_every_steps, workers=config.data.workers)
   if stop.agreed():
     checkpoints.save(int(state.step), state)
     checkpoints.wait()
     checkpoints.close()
+    if events is not None:
+      events.close()
     return {"interrupted": True, "step": int(state.step)}
 
   checkpoints.wait()
@@ -231,6 +251,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   if is_main:
     (workdir / "test_metrics.json").write_text(json.dumps(result, indent=2))
     evaluate.write_test_pictures(workdir, run.images, result, pred)
+    step = int(state.step)
+    events.scalars("test", {k: v for k, v in result.items()
+                            if k == "test_loss" or k.startswith(("accuracy", "macro_"))}, step)
+    for name in ("confusion", "predictions"):
+      events.image(name, workdir / f"{name}.png", step)
+    events.close()
     print(evaluate.format_test(result), flush=True)
   return result
 

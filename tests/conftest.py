@@ -88,3 +88,21 @@ def stop_at_step(monkeypatch, n: int) -> None:
     runner.train_step = counting_step
     return runner
   monkeypatch.setattr(steps.Runner, "create", create)
+
+
+def read_events(directory) -> dict[str, list[int]]:
+  """Tag -> steps of the scalars and images in the TensorBoard event files under
+  ``directory`` (TFRecord framing: length, CRC, an ``Event`` proto, CRC)."""
+  import pathlib
+  import struct
+  from tensorboardX.proto import event_pb2
+  tags: dict[str, list[int]] = {}
+  for path in sorted(pathlib.Path(directory).glob("events.out.tfevents.*")):
+    data, at = path.read_bytes(), 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 12 + length + 4
+      for value in event.summary.value:
+        tags.setdefault(value.tag, []).append(event.step)
+  return tags

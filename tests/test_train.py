@@ -9,7 +9,7 @@ import pytest
 from cnnjax import assemble, steps, train
 from cnnjax.errors import UserError
 from cnnjax.models import create_model
-from tests.conftest import make_images, stop_at_step, tiny_config
+from tests.conftest import make_images, read_events, stop_at_step, tiny_config
 
 IDENTITY = steps.make_normalize(np.zeros(3), np.full(3, 255.0))
 
@@ -114,12 +114,16 @@ def test_image_shape_that_does_not_fit_the_model_is_one_clear_error():
 
 @pytest.mark.slow
 def test_train_and_evaluate_writes_the_workdir_and_learns(npz_path, tmp_path):
-  config = tiny_config(npz_path, num_epochs=4)
+  config = tiny_config(npz_path, num_epochs=4, log_every_steps=2)
   config.optimizer.lr = 3e-3
   result = train.train_and_evaluate(config, tmp_path / "run")
   files = {p.name for p in (tmp_path / "run").iterdir()}
   assert {"config.json", "run_info.json", "metrics.jsonl", "metrics.csv", "curves.png",
           "test_metrics.json", "confusion.png", "predictions.png", "checkpoints"} <= files
+  tags = read_events(tmp_path / "run")
+  assert tags["train/loss"] == [2, 4, 6, 8, 10, 12, 14, 16]  # every 2 steps (log_every_steps)
+  assert tags["val/loss"] == [4, 8, 12, 16] and tags["curves"] == [4, 8, 12, 16]
+  assert tags["test/accuracy"] == [16] and tags["confusion"] == tags["predictions"] == [16]
   info = json.loads((tmp_path / "run/run_info.json").read_text())
   assert info["packages"]["jax"] and info["devices"] and info["cpu_count"]
   csv_lines = (tmp_path / "run/metrics.csv").read_text().splitlines()
