@@ -12,12 +12,14 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from cnnjax.errors import UserError
+
+if TYPE_CHECKING:  # matplotlib is imported at the first figure: not on a run's way to its first step
+  from matplotlib.figure import Figure
 
 _DPI = 100
 _MISTAKE_COLOR = "tab:red"
@@ -25,14 +27,16 @@ _MISTAKE_COLOR = "tab:red"
 _MAX_ANNOTATED_CLASSES = 30
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def _new_figure(width: float, height: float) -> "Figure":
   """A figure of ``width x height`` inches attached to an Agg canvas."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
   fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
   FigureCanvasAgg(fig)
   return fig
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> pathlib.Path:
+def _save(fig: "Figure", path: str | os.PathLike) -> pathlib.Path:
   """Writes ``fig`` as a PNG to ``path`` and returns it as a ``pathlib.Path``."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +56,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]],
   return _save(curves_figure(history), path)
 
 
-def curves_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
+def curves_figure(history: Sequence[Mapping[str, Any]]) -> "Figure":
   """Loss and accuracy per epoch, train vs validation, plus the learning rate if logged.
 
   Args:
@@ -93,8 +97,9 @@ def curves_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
     if min(values) > 0 and max(values) / min(values) > 100:
       axes[2].set_yscale("log")
     axes[2].grid(alpha=0.3)
+  from matplotlib import ticker
   for ax in axes:
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   return fig
 
 

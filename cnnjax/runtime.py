@@ -12,6 +12,9 @@
   norm where the extension builds and the computation runs on one device, else XLA's),
   building the oneDNN extension now rather than at the first trace. The commands, the
   Learner and the benchmarks call it; until then the layers use XLA's kernels.
+  It also turns on JAX's persistent compilation cache in ``cache_dir()/xla`` (unless
+  ``JAX_COMPILATION_CACHE_DIR`` chooses another place, or is set empty to turn it off), so
+  a second run of a study skips XLA's compiles.
 - ``cache_dir()``: where cnnjax keeps built and converted files.
 """
 import os
@@ -81,6 +84,9 @@ def configure(onednn: bool = True) -> bool:
   global _onednn
   import jax  # pylint: disable=import-outside-toplevel
   from cnnjax import onednn as onednn_lib  # pylint: disable=import-outside-toplevel
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   _onednn = bool(onednn) and jax.device_count() == 1 and onednn_lib.available()
   return _onednn
 

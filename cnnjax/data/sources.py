@@ -76,22 +76,43 @@ def checked_arrays(name: str, images: np.ndarray, labels: np.ndarray) -> Arrays:
   return images, labels
 
 
-def load_npz(path: str | os.PathLike) -> Dataset:
+def load_npz(path: str | os.PathLike, limit: int = 0) -> Dataset:
   """Reads ``x_train, y_train, x_test, y_test`` (and optional ``class_names``,
-  ``test_is_lossless``) from an ``.npz`` file, the layout of ../shared/data."""
+  ``test_is_lossless``) from an ``.npz`` file, the layout of ../shared/data. ``limit`` > 0:
+  the first ``limit`` examples of each split, read alone (the class count still comes from
+  all the labels)."""
   if not zipfile.is_zipfile(path):
     raise UserError(f"{path} is not an .npz archive; expected numpy.savez's zip of arrays "
                     f"{list(NPZ_KEYS)}")
-  with np.load(path) as f:
+  with np.load(path) as f, zipfile.ZipFile(path) as zf:
     missing = [k for k in NPZ_KEYS if k not in f]
     if missing:
       raise UserError(f"{path} has no array(s) {missing}; expected {list(NPZ_KEYS)}")
-    train = checked_arrays(f"{path}:train", f["x_train"], f["y_train"])
-    test = checked_arrays(f"{path}:test", f["x_test"], f["y_test"])
-    num_classes = int(max(train[1].max(initial=0), test[1].max(initial=0))) + 1
-    names = [str(n) for n in f["class_names"]] if "class_names" in f else [str(i) for i in range(num_classes)]
-    subsets = {"lossless": f["test_is_lossless"].astype(bool)} if "test_is_lossless" in f else {}
+    labels = {k: f[k] for k in ("y_train", "y_test")}
+    images = {k: _npy_head(zf, k, limit) if limit else f[k] for k in ("x_train", "x_test")}
+    cut = slice(None, limit or None)
+    train = checked_arrays(f"{path}:train", images["x_train"], labels["y_train"][cut])
+    test = checked_arrays(f"{path}:test", images["x_test"], labels["y_test"][cut])
+    largest = max(int(np.max(v, initial=0)) for v in labels.values())  # dtypes checked above
+    names = ([str(n) for n in f["class_names"]] if "class_names" in f
+             else [str(i) for i in range(int(largest) + 1)])
+    subsets = {"lossless": f["test_is_lossless"][cut].astype(bool)} if "test_is_lossless" in f else {}
   return Dataset(train, test, names, subsets)
+
+
+def _npy_head(zf: zipfile.ZipFile, key: str, rows: int) -> np.ndarray:
+  """The first ``rows`` rows of array ``key`` of an open .npz, without reading the rest."""
+  with zf.open(f"{key}.npy") as f:
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran_order, dtype = read_header(f)
+    if fortran_order or dtype.hasobject or not shape:
+      raise UserError(f"{zf.filename}:{key} is not a C-ordered numeric array; expected "
+                      "numpy.savez's layout")
+    count = min(rows, shape[0])
+    row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
+    return np.frombuffer(bytearray(f.read(count * row_bytes)), dtype).reshape(count, *shape[1:])
 
 
 def load_idx(folder: str | os.PathLike) -> Dataset:
@@ -145,10 +166,12 @@ def load_image_folders(root: str | os.PathLike, image_size: int) -> Dataset:
   return Dataset(splits["train"], test, names, val=splits.get("val"))
 
 
-def load(source: str, data_dir: str | None = None, image_size: int | None = None) -> Dataset:
+def load(source: str, data_dir: str | None = None, image_size: int | None = None,
+         limit: int = 0) -> Dataset:
   """Dispatches on ``source``: an ``.npz`` file, a folder of idx files, an image folder
   (a folder with sub-folders; see ``load_image_folders``, which uses ``image_size``), or a
-  TFDS name.
+  TFDS name. ``limit`` > 0: an .npz reads only the first ``limit`` examples of each split
+  (other sources are cut by ``Dataset.head``).
 
   Anything that looks like a path (has a separator or a file suffix) must exist; any
   other string is taken as a TFDS dataset name (see ``load_tfds``: ``cifar10`` is
@@ -156,7 +179,7 @@ def load(source: str, data_dir: str | None = None, image_size: int | None = None
   """
   path = pathlib.Path(os.path.expanduser(source))
   if path.is_file():
-    return load_npz(path)
+    return load_npz(path, limit)
   if path.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
     return load_image_folders(path, image_size)
   if path.is_dir():
