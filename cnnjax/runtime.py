@@ -14,7 +14,7 @@
   Learner and the benchmarks call it; until then the layers use XLA's kernels.
   It also turns on JAX's persistent compilation cache in ``cache_dir()/xla`` (unless
   ``JAX_COMPILATION_CACHE_DIR`` chooses another place, or is set empty to turn it off), so
-  a second run of a study skips XLA's compiles.
+  a second run of a study skips XLA's compiles (at most 2 GiB, least recently used evicted).
 - ``cache_dir()``: where cnnjax keeps built and converted files.
 """
 import os
@@ -87,6 +87,7 @@ def configure(onednn: bool = True) -> bool:
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_compilation_cache_max_size", 2 << 30)  # least recently used go first
   _onednn = bool(onednn) and jax.device_count() == 1 and onednn_lib.available()
   return _onednn
 
