@@ -121,6 +121,7 @@ def header(run: assemble.Run) -> list[str]:
   mesh = run.runner.mesh
   return [f"Data: {c.data.source} | train {len(run.train[1])}, val {len(run.val[1])}, "
           f"test {len(d.test[1])} | {len(d.class_names)} classes | inputs {d.image_shape}",
+          *([f"Data read from {run.images.origin}"] if run.images.origin else []),
           f"Model: {c.model.name} | {params:,} parameters",
           *run.notes,
           f"Devices: {mesh.size} x {mesh.devices.flat[0].platform} ({jax.process_count()} "

@@ -320,8 +320,7 @@ def test_archive_with_other_class_names_is_rejected(tmp_path, monkeypatch):
     tfds_data.prepare("cifar10", data_dir=tmp_path / "tfds", source_dir=tmp_path)
 
 
-def test_mnist_without_a_tfds_copy_is_read_from_the_shipped_files(tmp_path, caplog):
-  caplog.set_level(logging.INFO)
+def test_mnist_without_a_tfds_copy_is_read_from_the_shipped_files(tmp_path):
   data = sources.load("mnist", data_dir=str(tmp_path))
   assert data.train[0].shape == (60000, 28, 28, 1) and data.test[0].shape == (10000, 28, 28, 1)
   assert data.train[0].dtype == np.uint8 and data.train[1].dtype == np.int64
@@ -329,9 +328,8 @@ def test_mnist_without_a_tfds_copy_is_read_from_the_shipped_files(tmp_path, capl
   assert np.bincount(data.train[1]).tolist()[:2] == [5923, 6742]
   assert abs(data.train[0].mean() / 255 - 0.1307) < 1e-4
   assert data.class_names == list(tfds_builders.CnnjaxMnist.CLASS_NAMES)
-  lines = [r.getMessage() for r in caplog.records if r.name.startswith("cnnjax")]
-  assert lines == [f"mnist: not prepared in TFDS ({tmp_path}); reading the official files "
-                   f"shipped in {sources.MNIST_DIR}"]
+  assert data.origin == (f"the official files shipped in {sources.MNIST_DIR} (no TFDS copy in "
+                         f"{tmp_path})")
   assert list(tmp_path.iterdir()) == []
 
 
@@ -347,6 +345,7 @@ def test_mnist_prepared_in_tfds_is_preferred(tmp_path, caplog):
   np.testing.assert_array_equal(data.test[1], expected["test"][1])
   lines = [r.getMessage() for r in caplog.records if r.name.startswith("cnnjax")]
   assert lines == [f"mnist: reading TFDS's cnnjax_mnist from {tmp_path / 'tfds'}"]
+  assert data.origin == f"TFDS in {tmp_path / 'tfds'}"
 
 
 @pytest.mark.parametrize("name, shape, class_names", [

@@ -8,7 +8,6 @@ names, optional named subsets of the test set to report apart and, if the source
 a validation split.
 """
 import dataclasses
-import logging
 import os
 import pathlib
 import zipfile
@@ -22,7 +21,6 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 # The four official MNIST idx files (60k train, 10k test, official order), shipped as package data.
 MNIST_DIR = pathlib.Path(__file__).parent / "mnist"
 
-_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -43,13 +41,15 @@ class Dataset:
   class_names: list[str]
   test_subsets: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   val: Arrays | None = None
+  origin: str = ""  # where a named dataset was read from (TFDS's copy or the shipped MNIST)
 
   def head(self, n: int) -> "Dataset":
     """The first ``n`` train, validation and test examples (for quick runs)."""
     def first(split: Arrays | None) -> Arrays | None:
       return None if split is None else (split[0][:n], split[1][:n])
-    return Dataset(first(self.train), first(self.test), self.class_names,
-                   {k: v[:n] for k, v in self.test_subsets.items()}, first(self.val))
+    return dataclasses.replace(self, train=first(self.train), test=first(self.test),
+                               test_subsets={k: v[:n] for k, v in self.test_subsets.items()},
+                               val=first(self.val))
 
   @property
   def image_shape(self) -> tuple[int, ...]:
@@ -132,11 +132,12 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
   except tfds_data.NotPreparedError:
     if name != "mnist":
       raise
-    _log.info("mnist: not prepared in TFDS (%s); reading the official files shipped in %s",
-              tfds_data.data_dir_or_default(data_dir), MNIST_DIR)
-    return load_idx(MNIST_DIR)
+    return dataclasses.replace(load_idx(MNIST_DIR), origin=(
+        f"the official files shipped in {MNIST_DIR} (no TFDS copy in "
+        f"{tfds_data.data_dir_or_default(data_dir)})"))
   train, test = (checked_arrays(f"tfds:{name}:{s}", *arrays[s]) for s in ("train", "test"))
-  return Dataset(train, test, list(arrays["class_names"]))
+  return Dataset(train, test, list(arrays["class_names"]),
+                 origin=f"TFDS in {tfds_data.data_dir_or_default(data_dir)}")
 
 
 def load_image_folders(root: str | os.PathLike, image_size: int) -> Dataset:
