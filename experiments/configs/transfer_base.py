@@ -23,6 +23,7 @@ from experiments.configs import default
 BACKBONES = {
     "efficientnet_lite0": ("package", "lite", r"(blocks_15/\w+_conv|conv_head)/kernel"),
     "resnet18": ("torchvision", "imagenet", r"layer4_\d+/(conv\d|downsample_0)/kernel"),
+    "resnet34": ("torchvision", "imagenet", r"layer4_\d+/(conv\d|downsample_0)/kernel"),
     "resnet50": ("torchvision", "imagenet", r"layer4_\d+/(conv\d|downsample_0)/kernel"),
     "vgg16": ("torchvision", "imagenet", r"block5_conv\d/(kernel|bias)"),
 }
