@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cnnjax import assemble, optim, plots, steps
+from cnnjax import assemble, optim, plots, progress, steps
 from cnnjax.data import pipeline
 from cnnjax.errors import UserError
 
@@ -184,14 +184,17 @@ def lr_sweep(runner: steps.Runner, state: steps.TrainState, batches: Iterable[di
   """
   sweep_state = _fresh_state(runner, state, make_tx(sweep.schedule))
   losses, best, diverged = [], math.inf, False
+  bar = progress.Progress(sweep.num_steps, "LR finder")
   for batch in itertools.islice(batches, sweep.num_steps):
     sweep_state, sums = runner.train_step(sweep_state, runner.to_global(batch))
     losses.append(float(sums["loss"]) / int(sums["count"]))
     last = smooth(np.asarray(losses), sweep.beta)[-1]
+    bar.update(1, lr=f"{sweep.lrs[len(losses) - 1]:.2e}", loss=f"{last:.4f}")
     if not math.isfinite(last) or last > sweep.diverge_factor * best:
       diverged = True
       break
     best = min(best, last)
+  bar.close()
   if len(losses) < 2:
     raise UserError(f"the sweep took {len(losses)} step(s); expected at least 2 batches and "
                     f"a loss that does not diverge at start_lr={sweep.start_lr}")

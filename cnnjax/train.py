@@ -107,7 +107,7 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
            "train_accuracy": int(sums["correct"]) / int(sums["count"]),
            "lr": float(schedule(int(state.step) - 1))}
     if len(val_data[1]):
-      val = runner.evaluate(state, val_data, eval_batch_size)
+      val = runner.evaluate(state, val_data, eval_batch_size, "Validation")
       row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
     row["seconds"] = time.time() - start
     on_epoch_end(state, row)
