@@ -39,8 +39,10 @@ def init_variables(model: nn.Module, input_shape: tuple[int, ...], rng: jax.Arra
   truncated-normal sampler)."""
   dummy = jnp.zeros(input_shape, jnp.float32)
   try:
-    init = jax.jit(lambda r: model.init(r, dummy, train=False)).lower(rng)
-    return init.compile({"xla_backend_optimization_level": "0"})(rng)
+    init = jax.jit(lambda r: model.init(r, dummy, train=False))
+    if isinstance(rng, jax.core.Tracer):  # under eval_shape or jit: traced, not compiled here
+      return init(rng)
+    return init.lower(rng).compile({"xla_backend_optimization_level": "0"})(rng)
   except (TypeError, ValueError, ZeroDivisionError) as e:  # shape errors: input does not fit
     first = str(e).strip().splitlines()[0][:200]
     raise UserError(f"images of shape {tuple(input_shape[1:])} do not fit model "
