@@ -215,7 +215,8 @@ class Learner:
 
   def lr_find(self, sweep: lr_finder.Sweep = lr_finder.Sweep()) -> lr_finder.LRCurve:
     """The learning-rate range test from the current weights (left untouched); the curve
-    has ``.lr_steepest``, ``.lr_min_div10`` and ``.write(dir)`` (plot + JSON)."""
+    has ``.suggested`` (fastai's valley), ``.lr_steepest``, ``.lr_min_div10`` and
+    ``.write(dir)`` (plot + JSON)."""
     c = self.config
     batches = lr_finder.sweep_batches(self.train_data, c.batch_size, c.seed, self.run.augment)
     return lr_finder.lr_sweep(self.run.runner, self.state, batches,

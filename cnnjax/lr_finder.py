@@ -4,8 +4,9 @@ Leslie Smith's range test as fastai runs it: starting from the current weights, 
 optimizer step per batch with the learning rate growing from ``start_lr`` to ``end_lr``
 (1e-7 to 10 over 100 steps by default), record the loss, smooth it with a bias-corrected
 exponential moving average and stop once the smoothed loss exceeds 4x its minimum (the
-run diverged). Two suggestions come from the smoothed curve: the learning rate of its
-steepest descent (per unit of log lr) and the learning rate at its minimum divided by 10.
+run diverged). Three suggestions come from the smoothed curve (``suggest``): fastai's
+``valley`` (the default, ``LRCurve.suggested``), the steepest descent inside that valley, and
+the minimum divided by 10; each lies within the swept range.
 
 The sweep runs the run's own compiled ``train_step`` (``steps.make_train_step`` through
 ``steps.Runner``) and the config's optimizer (``optim.make_optimizer``) driven by the
@@ -43,27 +44,37 @@ class LRCurve:
     smoothed: ``[T]`` bias-corrected exponential moving average of ``losses``.
     diverged: True if the sweep stopped early because the smoothed loss exceeded
       ``diverge_factor`` times its minimum (or became NaN/inf).
-    lr_steepest: the lr where the smoothed loss falls fastest per unit of ``log(lr)``,
-      searched up to the minimum of the smoothed loss (see ``suggest``).
+    lr_valley: fastai's ``valley``: part-way down the longest stretch over which the smoothed
+      loss keeps falling (see ``suggest``); what ``schedule.peak_lr='auto'`` uses.
+    lr_steepest: the lr where the smoothed loss falls fastest per unit of ``log(lr)``
+      inside that stretch (outside it the slope is mostly noise).
     lr_min_div10: the lr at the minimum of the smoothed loss, divided by 10.
   """
   lrs: np.ndarray
   losses: np.ndarray
   smoothed: np.ndarray
   diverged: bool
+  lr_valley: float
   lr_steepest: float
   lr_min_div10: float
 
   @property
+  def suggested(self) -> float:
+    """The suggestion to use: ``lr_valley``."""
+    return self.lr_valley
+
+  @property
   def suggestions(self) -> dict[str, float]:
-    """``{'steepest': lr_steepest, 'minimum / 10': lr_min_div10}`` (labels of the plot)."""
-    return {"steepest": self.lr_steepest, "minimum / 10": self.lr_min_div10}
+    """Label -> lr of the three suggestions (the plot's legend)."""
+    return {"valley": self.lr_valley, "steepest": self.lr_steepest,
+            "minimum / 10": self.lr_min_div10}
 
   def summary(self) -> str:
-    """One line: steps taken, where the sweep ended, both suggestions."""
+    """One line: steps taken, where the sweep ended, the suggestions."""
     end = "diverged" if self.diverged else "did not diverge"
-    return (f"LR finder | {len(self.lrs)} steps, {end} at lr {self.lrs[-1]:.3g} | steepest "
-            f"{self.lr_steepest:.3g} | minimum/10 {self.lr_min_div10:.3g}")
+    return (f"LR finder | {len(self.lrs)} steps, {end} at lr {self.lrs[-1]:.3g} | valley "
+            f"{self.lr_valley:.3g} | steepest {self.lr_steepest:.3g} | minimum/10 "
+            f"{self.lr_min_div10:.3g}")
 
   def write(self, workdir: str | os.PathLike) -> None:
     """``workdir/lr_find.json`` (``to_json()``) and ``workdir/lr_find.png`` (the curve)."""
@@ -77,8 +88,8 @@ class LRCurve:
     def floats(values: np.ndarray) -> list[float | None]:
       return [float(v) if math.isfinite(v) else None for v in values]
     return {"lr": floats(self.lrs), "loss": floats(self.losses), "smoothed_loss": floats(self.smoothed),
-            "diverged": self.diverged, "lr_steepest": self.lr_steepest,
-            "lr_min_div10": self.lr_min_div10}
+            "diverged": self.diverged, "lr_valley": self.lr_valley,
+            "lr_steepest": self.lr_steepest, "lr_min_div10": self.lr_min_div10}
 
 
 def smooth(losses: np.ndarray, beta: float) -> np.ndarray:
@@ -98,21 +109,46 @@ def smooth(losses: np.ndarray, beta: float) -> np.ndarray:
   return out
 
 
-def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, float]:
-  """``(lr_steepest, lr_min_div10)`` of a smoothed loss curve ``[T]`` over ``lrs`` ``[T]``.
+def valley(smoothed: np.ndarray) -> tuple[int, int, int]:
+  """fastai's ``valley``: ``(start, end, index)`` of the longest decreasing subsequence of the
+  smoothed loss ``[T]`` (its first and last steps) and the step ``index`` half-way into its
+  middle third."""
+  n = len(smoothed)
+  length = np.ones(n, int)  # length[i]: the longest decreasing subsequence ending at i
+  for i in range(1, n):
+    lower = smoothed[:i] > smoothed[i]
+    if lower.any():
+      length[i] = length[:i][lower].max() + 1
+  end = int(np.argmax(length))
+  start = end - int(length[end]) + 1
+  third = (end - start) / 3
+  return start, end, start + int(third) + int(third / 2)
 
-  As in fastai, the first tenth of the curve is skipped: its moving average rests on
-  too few losses. The steepest descent is the most negative finite difference of the
-  smoothed loss per unit of ``log(lr)`` between there and the curve's minimum, taken at
-  the left end of that interval (the lr of the step whose update made the drop).
+
+def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, float, float]:
+  """``(lr_valley, lr_steepest, lr_min_div10)`` of a smoothed loss curve ``[T]`` over
+  ``lrs`` ``[T]``, each clipped to ``[lrs[0], lrs[-1]]``.
+
+  The valley is fastai's (``valley``), over the finite part of the curve. The steepest descent
+  is the most negative finite difference of the smoothed loss per unit of ``log(lr)`` inside
+  the valley's stretch, taken at the left end of that interval (the lr of the step whose
+  update made the drop). The minimum skips the first tenth of the curve, as fastai does: its
+  moving average rests on too few losses.
   """
-  start = len(smoothed) // 10
-  best = start + int(np.nanargmin(smoothed[start:]))
+  bad = ~np.isfinite(smoothed)  # a diverged sweep's last step may be NaN/inf
+  finite = int(np.argmax(bad)) if bad.any() else len(smoothed)
+  curve = smoothed[:finite]
+  start = len(curve) // 10
+  best = start + int(np.argmin(curve[start:]))
   if best == start:
     raise UserError(f"the loss never decreased during the sweep from lr {lrs[start]:.3g} to "
-                    f"{lrs[-1]:.3g}; expected a lower start_lr or a learnable problem")
-  slopes = np.diff(smoothed[start:best + 1]) / np.diff(np.log(lrs[start:best + 1]))
-  return float(lrs[start + int(np.argmin(slopes))]), float(lrs[best] / 10.0)
+                    f"{lrs[finite - 1]:.3g}; expected a lower start_lr or a learnable problem")
+  low, high, at = valley(curve)
+  if high == low:  # no decrease at all: the steepest descent is searched up to the minimum
+    low, high = start, best
+  slopes = np.diff(curve[low:high + 1]) / np.diff(np.log(lrs[low:high + 1]))
+  clip = lambda lr: float(np.clip(lr, lrs[0], lrs[-1]))
+  return clip(lrs[at]), clip(lrs[low + int(np.argmin(slopes))]), clip(lrs[best] / 10.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +236,7 @@ def lr_sweep(runner: steps.Runner, state: steps.TrainState, batches: Iterable[di
                     f"a loss that does not diverge at start_lr={sweep.start_lr}")
   lrs, losses = sweep.lrs[:len(losses)], np.asarray(losses)
   smoothed = smooth(losses, sweep.beta)
-  lr_steepest, lr_min_div10 = suggest(lrs, smoothed)
-  return LRCurve(lrs, losses, smoothed, diverged, lr_steepest, lr_min_div10)
+  return LRCurve(lrs, losses, smoothed, diverged, *suggest(lrs, smoothed))
 
 
 def sweep_batches(data: pipeline.Arrays, batch_size: int, seed: int,

@@ -226,8 +226,8 @@ def plot_lr_find(lrs: Any, losses: Any, smoothed: Any, suggestions: Mapping[str,
   Args:
     lrs: ``[T]`` positive learning rates, increasing.
     losses: ``[T]`` raw loss per step (drawn faintly; NaN/inf points are skipped).
-    smoothed: ``[T]`` smoothed loss; the y-axis stops at its largest finite value, so a
-      diverging raw loss does not flatten the curve.
+    smoothed: ``[T]`` smoothed loss; the y-axis stops at its largest value before its
+      minimum, so the divergence after it does not flatten the curve.
     suggestions: label -> lr, each drawn as a vertical line and a dot on the smoothed curve.
     path: where to write the PNG.
   Returns:
@@ -253,8 +253,11 @@ def plot_lr_find(lrs: Any, losses: Any, smoothed: Any, suggestions: Mapping[str,
     ax.axvline(lr, color=color, linestyle="--", linewidth=1)
     ax.plot([lr], [np.interp(np.log(lr), np.log(lrs[finite]), smoothed[finite])], "o",
             color=color, label=f"{label}: {lr:.2g}")
+  # y from the lowest loss to the highest smoothed loss before the curve's minimum: the
+  # divergence after it (and the raw losses' spikes) would flatten the useful part.
   low = min(smoothed[finite].min(), losses[np.isfinite(losses)].min(initial=np.inf))
-  high = smoothed[finite].max()
+  curve = np.where(finite, smoothed, np.nan)
+  high = np.nanmax(curve[:int(np.nanargmin(curve)) + 1])
   margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
   ax.set_ylim(low - margin, high + margin)
   ax.set_xscale("log")

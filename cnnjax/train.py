@@ -140,8 +140,8 @@ def use_lr_finder(run: assemble.Run, workdir: pathlib.Path | None) -> assemble.R
   curve = lr_finder.find_lr(c, run)
   if workdir is not None and jax.process_index() == 0:
     curve.write(workdir)
-  logs.say(f"LR finder: peak learning rate {curve.lr_min_div10:.3g}")
-  return run.with_peak_lr(curve.lr_min_div10)
+  logs.say(f"{curve.summary()}: peak learning rate {curve.suggested:.3g} (valley)")
+  return run.with_peak_lr(curve.suggested)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,

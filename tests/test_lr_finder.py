@@ -133,6 +133,23 @@ def test_a_loss_that_only_rises_has_no_suggestion():
     lr_finder.suggest(lrs, np.linspace(1.0, 3.0, 20))
 
 
+def test_valley_is_part_way_down_the_longest_fall_and_every_suggestion_in_the_sweep():
+  lrs = np.geomspace(1e-7, 10.0, 100)
+  # flat (with noise) to 1e-4, falling from 1e-4 to 1e-1, then diverging
+  x = np.log10(lrs)
+  noise = np.random.default_rng(0).normal(0.0, 0.01, 100)
+  loss = np.where(x < -4, 2.3, np.where(x < -1, 2.3 - 0.6 * (x + 4), 0.5 + 5 * (x + 1) ** 2))
+  smoothed = lr_finder.smooth(loss + noise, 0.9)
+  start, end, at = lr_finder.valley(smoothed)
+  assert lrs[start] < 3e-4 and 3e-2 < lrs[end] < 0.3 and start < at < end
+  valley, steepest, min_div10 = lr_finder.suggest(lrs, smoothed)
+  assert 1e-4 < valley < 1e-2 and 1e-4 < steepest < 1e-1  # not in the flat, noisy start
+  # A minimum at the sweep's start: a tenth of it would lie below the sweep; clipped.
+  lrs = np.geomspace(1e-3, 1.0, 30)
+  falling_then_flat = np.concatenate([np.linspace(2.0, 1.0, 5), np.linspace(1.0, 1.2, 25)])
+  assert min(lr_finder.suggest(lrs, falling_then_flat)) >= lrs[0]
+
+
 def test_plot_lr_find(tmp_path):
   lrs = np.geomspace(1e-5, 1.0, 30)
   losses = np.concatenate([np.linspace(2.0, 0.5, 25), [1.0, 3.0, 9.0, np.inf, np.nan]])
@@ -154,7 +171,7 @@ def test_find_lr_on_a_config_writes_the_curve_and_repeats(tmp_path, npz_path):
   saved = json.loads((tmp_path / "lr/lr_find.json").read_text())
   assert (tmp_path / "lr/lr_find.png").read_bytes()[:4] == b"\x89PNG"
   assert len(saved["lr"]) == len(saved["loss"]) == len(saved["smoothed_loss"]) <= 40
-  assert saved["lr_steepest"] in saved["lr"]
+  assert saved["lr_steepest"] in saved["lr"] and saved["lr_valley"] in saved["lr"]
   assert curve.summary().startswith(f"LR finder | {len(saved['lr'])} steps")
   # Seeded end to end: the same batches, dropout keys and so the same curve again.
   assert lr_finder.find_lr(config, s, lr_finder.Sweep(num_steps=40)).to_json() == saved
@@ -180,7 +197,7 @@ def test_peak_lr_auto_trains_at_the_finders_suggestion(npz_path):
   config.schedule.peak_lr = "auto"
   run = train.use_lr_finder(assemble.build(config), None)
   expected = lr_finder.find_lr(config, assemble.build(default_with(config, peak_lr=None)))
-  assert float(run.schedule(0)) == pytest.approx(expected.lr_min_div10, rel=1e-6)
+  assert float(run.schedule(0)) == pytest.approx(expected.suggested, rel=1e-6)
   assert float(run.schedule(0)) != config.optimizer.lr
   config.schedule.peak_lr = "fast"
   with pytest.raises(UserError, match="config.schedule.peak_lr='fast'; expected 'auto'"):
