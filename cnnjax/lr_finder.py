@@ -216,7 +216,7 @@ def lr_sweep(runner: steps.Runner, state: steps.TrainState, batches: Iterable[di
     make_tx: builds the optimizer from a schedule, e.g. ``partial(optim.make_optimizer, cfg)``.
     sweep: the learning rates and the stopping rule.
   Returns:
-    The curve up to and including the step where it diverged, and both suggestions.
+    The curve up to and including the step where it diverged, and its suggestions.
   """
   sweep_state = _fresh_state(runner, state, make_tx(sweep.schedule))
   losses, best, diverged = [], math.inf, False

@@ -5,7 +5,7 @@ r"""Learning-rate finder for any study: a short run with the learning rate growi
 
 Starts from the config's initial weights with its optimizer, batch size and augmentation,
 stops when the smoothed loss exceeds 4x its minimum, and writes ``lr_find.png`` (loss
-against lr, both suggestions marked) and ``lr_find.json`` (the curve and the suggestions)
+against lr, the three suggestions marked) and ``lr_find.json`` (the curve and the suggestions)
 into the workdir. Nothing is trained for real and no checkpoint is written.
 """
 from absl import flags
