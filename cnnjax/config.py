@@ -62,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer = optim.default_optimizer_config()
   c.schedule = optim.default_schedule_config()
   c.log_every_steps = 10  # progress-bar refresh
+  # patience > 0: stop when `monitor` has not improved for that many epochs (callbacks.EarlyStopping)
+  c.early_stopping = ml_collections.ConfigDict(
+      {"patience": 0, "monitor": "val_loss", "min_delta": 0.0, "mode": "min"})
   return c
 
 
@@ -142,7 +145,11 @@ DOCS = {
     "schedule.warmup_steps": "warmup_cosine's linear warmup steps",
     "schedule.end_lr": "warmup_cosine's final rate",
     "schedule.peak_lr": "'auto': the LR finder's suggestion replaces optimizer.lr",
-    "log_every_steps": "steps between progress updates",
+    "log_every_steps": "steps between progress updates and TensorBoard's training scalars",
+    "early_stopping.patience": "stop after this many epochs without improvement (0: off)",
+    "early_stopping.monitor": "the epoch metric watched: val_loss, val_accuracy, train_loss, ...",
+    "early_stopping.min_delta": "the least change that counts as an improvement",
+    "early_stopping.mode": "'min' (lower is better) or 'max'",
 }
 
 
@@ -203,5 +210,13 @@ def check(config: ml_collections.ConfigDict) -> None:
   for key in ("width_shift", "height_shift", "zoom"):
     check_number(f"config.data.augment.{key}", a[key], 0, 1, high_open=True)
   check_number("config.data.augment.crop_padding", a.crop_padding, 0, integer=True)
+  check_number("config.early_stopping.patience", config.early_stopping.patience, 0, integer=True)
+  check_number("config.early_stopping.min_delta", config.early_stopping.min_delta, 0)
+  if config.early_stopping.monitor not in ("val_loss", "val_accuracy", "train_loss", "train_accuracy"):
+    raise UserError(f"config.early_stopping.monitor={config.early_stopping.monitor!r}; expected "
+                    "val_loss, val_accuracy, train_loss or train_accuracy")
+  if config.early_stopping.mode not in ("min", "max"):
+    raise UserError(f"config.early_stopping.mode={config.early_stopping.mode!r}; expected "
+                    "'min' or 'max'")
   if config.test_with not in ("last", "best"):
     raise UserError(f"config.test_with={config.test_with!r}; expected 'last' or 'best'")

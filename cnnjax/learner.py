@@ -21,6 +21,7 @@ import optax
 
 from cnnjax import (assemble, evaluate, logs, lr_finder, optim, parallel, plots, runtime, steps,
                     train)
+from cnnjax import callbacks as callbacks_lib
 from cnnjax import config as config_lib
 from cnnjax.checkpoint import Checkpoints
 from cnnjax.data import sources
@@ -126,6 +127,7 @@ class Learner:
     self.model_spec = {"name": model, "num_classes": num_classes} if isinstance(model, str) else None
     self.run = assemble.build(c, data=self.data, model=None if isinstance(model, str) else model)
     self.history = History()
+    self._opt_start = 0  # state.step at which the optimizer state (and its step count) restarted
     self._schedule = optax.constant_schedule(lr)
     self._set_schedule(self._schedule)
     self.state = self.run.runner.put_state(self.state)
@@ -159,35 +161,57 @@ class Learner:
     """Epochs trained so far (over all calls to ``fit``)."""
     return int(self.state.step) // self.steps_per_epoch
 
-  def fit(self, epochs: int, lr: float | None = None) -> History:
-    """Trains ``epochs`` more epochs at a constant ``lr`` (default: the learner's);
-    returns the whole history."""
+  def fit(self, epochs: int, lr: float | None = None,
+          callbacks: Sequence[callbacks_lib.Callback] = ()) -> History:
+    """Trains ``epochs`` more epochs at a constant ``lr`` (default: the learner's), with
+    ``callbacks`` (``cnnjax.callbacks``, e.g. ``EarlyStopping``); returns the whole history."""
     lr = self.config.optimizer.lr if lr is None else lr
     config_lib.check_number("lr", lr, 0, low_open=True)
     self._set_schedule(optax.constant_schedule(lr))
-    return self._run(epochs)
+    return self._run(epochs, callbacks)
 
-  def _run(self, epochs: int) -> History:
+  def _run(self, epochs: int, callbacks: Sequence[callbacks_lib.Callback]) -> History:
     config_lib.check_number("epochs", epochs, 1, integer=True)
     c = self.config
-    self._target_epoch = self.epoch + epochs
-    self.state = train.fit(self.run.runner, self.state, self.train_data, self.val_data,
-                           num_epochs=self.epoch + epochs, batch_size=c.batch_size,
-                           eval_batch_size=c.eval_batch_size, seed=c.seed, augment=self.run.augment,
-                           schedule=self._schedule, on_epoch_end=self._log)
+    log = _Log(self.history, self.epoch + epochs)
+    state = train.fit(self.run.runner, self.state, self.train_data, self.val_data,
+                      num_epochs=self.epoch + epochs, batch_size=c.batch_size,
+                      eval_batch_size=c.eval_batch_size, seed=c.seed, augment=self.run.augment,
+                      schedule=self._schedule, callbacks=[log, *callbacks])
+    self.state = self.run.runner.put_state(state)  # a callback may have given host arrays
     return self.history
 
-  def fit_one_cycle(self, epochs: int, max_lr: float, pct_start: float = 0.25) -> History:
-    """``epochs`` more epochs of a one-cycle (cosine) schedule peaking at ``max_lr``; the
-    optimizer keeps its moments (as fastai's ``fit_one_cycle``)."""
+  def fit_one_cycle(self, epochs: int, max_lr: float, pct_start: float = 0.25,
+                    div_factor: float = 25.0,
+                    callbacks: Sequence[callbacks_lib.Callback] = ()) -> History:
+    """``epochs`` more epochs of a one-cycle (cosine) schedule peaking at ``max_lr`` (from
+    ``max_lr / div_factor``); the optimizer keeps its moments (as fastai's ``fit_one_cycle``)."""
     config_lib.check_number("max_lr", max_lr, 0, low_open=True)
     config_lib.check_number("pct_start", pct_start, 0, 1, low_open=True, high_open=True)
-    start = int(self.state.step)
+    config_lib.check_number("div_factor", div_factor, 0, low_open=True)
+    start = int(self.state.step) - self._opt_start  # schedules see the optimizer's own count
     cfg = optim.default_schedule_config()
-    cfg.update({"name": "one_cycle", "pct_start": pct_start})
+    cfg.update({"name": "one_cycle", "pct_start": pct_start, "div_factor": div_factor})
     cycle = optim.make_schedule(cfg, max_lr, epochs * self.steps_per_epoch)
     self._set_schedule(lambda step: cycle(step - start))
-    return self._run(epochs)
+    return self._run(epochs, callbacks)
+
+  def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
+                lr_mult: float = 100.0,
+                callbacks: Sequence[callbacks_lib.Callback] = ()) -> History:
+    """fastai's ``fine_tune`` for a pretrained model: ``freeze_epochs`` one-cycle epochs of
+    the head alone at ``base_lr`` (``freeze()``), then ``unfreeze()`` and ``epochs`` one-cycle
+    epochs at ``base_lr / 2`` for the head and ``base_lr / 2 / lr_mult`` for the rest
+    (discriminative rates), starting from a fifth of that (``div_factor=5``)."""
+    config_lib.check_number("freeze_epochs", freeze_epochs, 0, integer=True)
+    config_lib.check_number("lr_mult", lr_mult, 1)
+    if freeze_epochs:
+      self.freeze()
+      self.fit_one_cycle(freeze_epochs, base_lr, pct_start=0.99, callbacks=callbacks)
+    head = re.escape(list(self.state.params)[-1])
+    self._set_groups((f"(?!{head}/).*:{1 / lr_mult:g}", f"{head}/.*:1.0"))
+    return self.fit_one_cycle(epochs, base_lr / 2, pct_start=0.3, div_factor=5.0,
+                              callbacks=callbacks)
 
   def freeze(self, groups: Sequence[str] | None = None) -> None:
     """Freezes parameters for transfer learning: by ``optim.group_labels`` rules
@@ -212,6 +236,7 @@ class Learner:
                                           c.loss, frozen, c.eval_flip, c.eval_shift)
     tx = optim.make_optimizer(c.optimizer, self._schedule)
     self.state = self.run.runner.put_state(self.state.replace(tx=tx, opt_state=tx.init(self.state.params)))
+    self._opt_start = int(self.state.step)
 
   def lr_find(self, sweep: lr_finder.Sweep = lr_finder.Sweep()) -> lr_finder.LRCurve:
     """The learning-rate range test from the current weights (left untouched); the curve
@@ -227,11 +252,6 @@ class Learner:
     on it, so the moments carry over."""
     self._schedule = schedule
     self.state = self.state.replace(tx=optim.make_optimizer(self.config.optimizer, schedule))
-
-  def _log(self, state: steps.TrainState, row: dict[str, Any]) -> None:
-    del state
-    self.history.rows.append(row)
-    print(train.format_epoch(row, self._target_epoch), flush=True)
 
   def evaluate(self, data: DataLike | None = None) -> dict[str, Any]:
     """Test metrics (as ``test_metrics.json``) on the learner's test split, on
@@ -321,6 +341,17 @@ class Learner:
     checkpoints.close()
     learner.history = History(meta["history"])
     return learner
+
+
+class _Log(callbacks_lib.Callback):
+  """Appends each epoch's row to the learner's history and prints its line."""
+
+  def __init__(self, history: History, last_epoch: int):
+    self.history, self.last_epoch = history, last_epoch
+
+  def on_epoch_end(self, state: steps.TrainState, row: dict[str, Any]) -> None:
+    self.history.rows.append(row)
+    print(train.format_epoch(row, self.last_epoch), flush=True)
 
 
 __all__ = ["Learner", "History", "as_dataset"]

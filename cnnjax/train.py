@@ -12,7 +12,8 @@ import json
 import pathlib
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ import optax
 
 from cnnjax import (assemble, evaluate, logs, lr_finder, parallel, plots, progress, steps,
                     tensorboard)
+from cnnjax import callbacks as callbacks_lib
 from cnnjax import workdir as workdir_lib
 from cnnjax.checkpoint import Checkpoints
 from cnnjax.data import pipeline
@@ -63,19 +65,16 @@ class StopRequested:
 def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arrays,
         val_data: pipeline.Arrays, *, num_epochs: int, batch_size: int, eval_batch_size: int,
         seed: int, augment: pipeline.BatchAugment | None, schedule: optax.Schedule,
-        on_epoch_end: Callable[[steps.TrainState, dict[str, Any]], None] = lambda state, row: None,
-        on_log: Callable[[int, dict[str, float]], None] = lambda step, values: None,
-        stop: "StopRequested | None" = None, log_every_steps: int = 10,
-        workers: int = 0) -> steps.TrainState:
+        callbacks: Sequence[callbacks_lib.Callback] = (), stop: "StopRequested | None" = None,
+        log_every_steps: int = 10, workers: int = 0) -> steps.TrainState:
   """The epoch loop, from ``state.step`` (mid-epoch after a resume) to ``num_epochs``.
 
-  Each epoch trains on ``pipeline.train_epoch(train_data, ..., seed, epoch)``, evaluates
-  on ``val_data`` (if any) and calls ``on_epoch_end(state, row)`` with the epoch's
-  metrics row (``epoch, step, train_loss, train_accuracy, val_loss, val_accuracy, lr,
-  seconds``), and every ``log_every_steps`` ``on_log(step, {'loss', 'accuracy', 'lr'})``
-  with the epoch's running means. Returns the final state, or the state at the step where ``stop`` was
-  requested (check ``stop.requested``). ``workers`` > 0 prepares batches in that many
-  grain worker processes (``pipeline.prefetch``) instead of a background thread.
+  Each epoch trains on ``pipeline.train_epoch(train_data, ..., seed, epoch)`` and evaluates
+  on ``val_data`` (if any); ``callbacks`` (``cnnjax.callbacks``) see every
+  ``log_every_steps``-th step and every epoch's metrics row, may end the loop after an
+  epoch, and may replace the final state. Returns the final state, or the state at the
+  step where ``stop`` was requested (check ``stop.requested``). ``workers`` > 0 prepares
+  batches in that many grain worker processes (``pipeline.prefetch``) instead of a thread.
   """
   steps_per_epoch = len(train_data[0]) // batch_size
   shard = parallel.process_shard()
@@ -93,8 +92,10 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
         count, step = int(sums["count"]), epoch * steps_per_epoch + k + 1
         loss = float(sums["loss"]) / count
         bar.update(log_every_steps, loss=f"{loss:.4f}")
-        on_log(step, {"loss": loss, "accuracy": int(sums["correct"]) / count,
-                      "lr": float(schedule(step - 1))})
+        values = {"loss": loss, "accuracy": int(sums["correct"]) / count,
+                  "lr": float(schedule(step - 1))}
+        for callback in callbacks:
+          callback.on_step_end(step, values)
       stopped = stop is not None and stop.agreed()
       if stopped:
         break
@@ -110,7 +111,12 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
       val = runner.evaluate(state, val_data, eval_batch_size, "Validation")
       row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
     row["seconds"] = time.time() - start
-    on_epoch_end(state, row)
+    for callback in callbacks:
+      callback.on_epoch_end(state, row)
+    if any(callback.stop_training for callback in callbacks):
+      break
+  for callback in callbacks:
+    state = callback.on_train_end(state) or state
   return state
 
 
@@ -212,29 +218,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   events = tensorboard.Events(workdir, start_step) if is_main else None
   logs.say(f"Ready to train in {time.time() - start:.1f}s (the first step compiles)")
 
-  def on_log(step: int, values: dict[str, float]) -> None:
-    if events is not None:
-      events.scalars("train", values, step)
-
-  def on_epoch_end(state: steps.TrainState, row: dict[str, Any]) -> None:
-    history.append(row)
-    checkpoints.save(row["step"], state, {"val_loss": row.get("val_loss", row["train_loss"])})
-    if is_main:
-      print(format_epoch(row, config.num_epochs), flush=True)
-      logs.write_history(history, workdir)
-      plots.plot_curves(history, workdir / "curves.png")
-      if "val_loss" in row:
-        events.scalars("val", {"loss": row["val_loss"], "accuracy": row["val_accuracy"]}, row["step"])
-      events.scalars("epoch", {k: row[k] for k in ("train_loss", "train_accuracy", "seconds")},
-                     row["step"])
-      events.image("curves", workdir / "curves.png", row["step"])
-      events.flush()
+  recorder = _Recorder(workdir, config.num_epochs, history, checkpoints, events)
+  callbacks = [recorder]
+  num_epochs = config.num_epochs
+  if config.early_stopping.patience:
+    e = config.early_stopping
+    stopper = callbacks_lib.EarlyStopping(e.monitor, e.patience, e.min_delta, e.mode,
+                                          history=history)
+    callbacks.append(stopper)
+    if stopper.stop_training:  # it stopped this run before, and the test did not follow
+      num_epochs = len(history)
 
   with StopRequested() as stop:
     state = fit(run.runner, run.runner.put_state(state), run.train, run.val,
-                num_epochs=config.num_epochs, batch_size=config.batch_size,
+                num_epochs=num_epochs, batch_size=config.batch_size,
                 eval_batch_size=config.eval_batch_size, seed=config.seed, augment=run.augment,
-                schedule=run.schedule, on_epoch_end=on_epoch_end, on_log=on_log, stop=stop,
+                schedule=run.schedule, callbacks=callbacks, stop=stop,
                 log_every_steps=config.log_every_steps, workers=config.data.workers)
   if stop.agreed():
     checkpoints.save(int(state.step), state)
@@ -260,6 +259,35 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     events.close()
     print(evaluate.format_test(result), flush=True)
   return result
+
+
+class _Recorder(callbacks_lib.Callback):
+  """What a run writes as it trains: a checkpoint every epoch (all processes), and on
+  process 0 the epoch line, ``metrics.jsonl``/``.csv``, ``curves.png`` and TensorBoard."""
+
+  def __init__(self, workdir: pathlib.Path, num_epochs: int, history: list[dict[str, Any]],
+               checkpoints: Checkpoints, events: "tensorboard.Events | None"):
+    self.workdir, self.num_epochs, self.history = workdir, num_epochs, history
+    self.checkpoints, self.events = checkpoints, events
+
+  def on_step_end(self, step: int, values: dict[str, float]) -> None:
+    if self.events is not None:
+      self.events.scalars("train", values, step)
+
+  def on_epoch_end(self, state: steps.TrainState, row: dict[str, Any]) -> None:
+    self.history.append(row)
+    self.checkpoints.save(row["step"], state, {"val_loss": row.get("val_loss", row["train_loss"])})
+    if self.events is None:  # not process 0
+      return
+    print(format_epoch(row, self.num_epochs), flush=True)
+    logs.write_history(self.history, self.workdir)
+    plots.plot_curves(self.history, self.workdir / "curves.png")
+    step, events = row["step"], self.events
+    if "val_loss" in row:
+      events.scalars("val", {"loss": row["val_loss"], "accuracy": row["val_accuracy"]}, step)
+    events.scalars("epoch", {k: row[k] for k in ("train_loss", "train_accuracy", "seconds")}, step)
+    events.image("curves", self.workdir / "curves.png", step)
+    events.flush()
 
 
 def format_epoch(row: dict[str, Any], num_epochs: int) -> str:
