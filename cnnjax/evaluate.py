@@ -98,13 +98,24 @@ def test_report(run: assemble.Run, state: steps.TrainState) -> tuple[dict[str, A
 
 def write_test_pictures(workdir: pathlib.Path, data: sources.Dataset, result: dict[str, Any],
                         pred: np.ndarray, count: int = 32) -> None:
-  """``confusion.png`` and ``predictions.png``: the first ``count`` test images with their
-  true and predicted labels, mistakes marked."""
+  """``confusion.png`` and ``predictions.png``: ``count`` test images, the classes in turn
+  (``stratified``), each titled ``true -> predicted``, mistakes marked."""
   plots.plot_confusion(np.array(result["confusion_matrix"]), data.class_names, workdir / "confusion.png")
-  images, labels = data.test[0][:count], data.test[1][:count]
-  names = data.class_names
-  titles = [f"{names[t]} / {names[p]}" for t, p in zip(labels, pred[:count])]
-  plots.image_grid(images, workdir / "predictions.png", titles=titles, mistakes=labels != pred[:count])
+  pick = stratified(data.test[1], count)
+  images, labels, names = data.test[0][pick], data.test[1][pick], data.class_names
+  titles = [f"{names[t]} -> {names[p]}" for t, p in zip(labels, pred[pick])]
+  plots.image_grid(images, workdir / "predictions.png", titles=titles, mistakes=labels != pred[pick])
+
+
+def stratified(labels: np.ndarray, count: int) -> np.ndarray:
+  """Indices of up to ``count`` examples of ``labels`` ``[N]`` taking the classes in turn
+  (the first of each class, then the second, ...), so a sorted folder shows every class."""
+  labels = np.asarray(labels)
+  rank = np.zeros(len(labels), np.int64)  # position of each example within its class
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    rank[members] = np.arange(len(members))
+  return np.lexsort((labels, rank))[:count]
 
 
 def format_test(result: dict[str, Any]) -> str:

@@ -19,8 +19,8 @@ import flax.linen as nn
 import numpy as np
 import optax
 
-from cnnjax import (assemble, evaluate, logs, lr_finder, optim, parallel, plots, runtime, steps,
-                    train)
+from cnnjax import (assemble, evaluate, interpretation, logs, lr_finder, optim, parallel, plots,
+                    runtime, steps, train)
 from cnnjax import callbacks as callbacks_lib
 from cnnjax import config as config_lib
 from cnnjax.checkpoint import Checkpoints
@@ -253,9 +253,10 @@ class Learner:
     self._schedule = schedule
     self.state = self.state.replace(tx=optim.make_optimizer(self.config.optimizer, schedule))
 
-  def evaluate(self, data: DataLike | None = None) -> dict[str, Any]:
-    """Test metrics (as ``test_metrics.json``) on the learner's test split, on
-    ``(images, labels)``, or on the test split of any other accepted data form."""
+  def evaluate(self, data: DataLike | None = None) -> interpretation.Metrics:
+    """Test metrics (as ``test_metrics.json``, a dict shown as a per-class table) on the
+    learner's test split, on ``(images, labels)``, or on the test split of any other
+    accepted data form."""
     if data is None:
       dataset = self.data
     elif isinstance(data, (tuple, list)):
@@ -265,7 +266,21 @@ class Learner:
     if not len(dataset.test[1]):
       raise UserError("no test data: pass (images, labels) to evaluate() or data with a test split")
     result, _ = evaluate.test_report(dataclasses.replace(self.run, data=dataset), self.state)
-    return result
+    return interpretation.Metrics(result)
+
+  def interpret(self, data: DataLike | None = None) -> interpretation.ClassificationInterpretation:
+    """The predictions on the test split (or on ``data``'s, or on ``(images, labels)``) to
+    look at: ``most_confused``, ``plot_top_losses``, ``plot_confusion_matrix``, ``table``."""
+    if data is None:
+      images, labels = self.data.test if len(self.data.test[1]) else self.val_data
+    elif isinstance(data, (tuple, list)):
+      images, labels = sources.checked_arrays("data", *data)
+    else:
+      images, labels = as_dataset(data).test
+    if not len(labels):
+      raise UserError("no labelled data to interpret: pass (images, labels) or data with a test split")
+    probs = evaluate.probabilities(self.run, self.state, images, "Interpret")
+    return interpretation.ClassificationInterpretation(probs, labels, images, self.data.class_names)
 
   def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """Class probabilities ``[N, K]`` for uint8 images ``[N, H, W, C]``; ``[K]`` for one

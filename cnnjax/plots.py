@@ -36,8 +36,11 @@ def _new_figure(width: float, height: float) -> "Figure":
   return fig
 
 
-def _save(fig: "Figure", path: str | os.PathLike) -> pathlib.Path:
-  """Writes ``fig`` as a PNG to ``path`` and returns it as a ``pathlib.Path``."""
+def _save(fig: "Figure", path: str | os.PathLike | None) -> "pathlib.Path | Figure":
+  """Writes ``fig`` as a PNG to ``path`` and returns it as a ``pathlib.Path``; with no path,
+  returns the figure (a notebook shows it)."""
+  if path is None:
+    return fig
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, format="png")
@@ -103,18 +106,19 @@ def curves_figure(history: Sequence[Mapping[str, Any]]) -> "Figure":
   return fig
 
 
-def plot_confusion(cm: Any, class_names: Sequence[str], path: str | os.PathLike,
+def plot_confusion(cm: Any, class_names: Sequence[str], path: str | os.PathLike | None,
                    normalize: bool = True) -> pathlib.Path:
   """Heatmap of a confusion matrix, true class down the rows, prediction across.
 
   Args:
     cm: ``[K, K]`` non-negative counts, rows = true class, columns = predicted class.
     class_names: ``K`` tick labels.
-    path: where to write the PNG.
-    normalize: divide each row by its total (the class's recall on the diagonal); rows
-      with no examples stay 0. Otherwise raw counts are shown.
+    path: where to write the PNG (None: return the figure).
+    normalize: colour and label each cell by its row's fraction (the class's recall on the
+      diagonal), its count beneath; rows with no examples stay 0. Otherwise counts alone.
   Returns:
     ``path``. Each cell shows its value when ``K <= 30``; larger matrices are colour only.
+    The title gives the accuracy and the number of examples.
   """
   cm = np.asarray(cm)
   if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
@@ -142,15 +146,19 @@ def plot_confusion(cm: Any, class_names: Sequence[str], path: str | os.PathLike,
   ticks = np.arange(k)
   ax.set_xticks(ticks, [str(name) for name in class_names], rotation=45, ha="right")
   ax.set_yticks(ticks, [str(name) for name in class_names])
+  total = int(cm.sum())
+  accuracy = np.trace(cm) / total if total else 0.0
   ax.set(xlabel="predicted", ylabel="true",
-         title="Confusion matrix" + (" (row-normalised)" if normalize else ""))
+         title=f"Confusion matrix: accuracy {accuracy:.2%} of {total:,}"
+               + (" (rows: fractions, counts)" if normalize else ""))
   if k <= _MAX_ANNOTATED_CLASSES:
-    fontsize = 10 if k <= 10 else 7
+    fontsize = 9 if k <= 10 else 6
+    counts = normalize and k <= 12  # room for a second line
     for i in range(k):
       for j in range(k):
         color = "white" if values[i, j] > 0.5 * vmax else "black"
-        ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", color=color,
-                fontsize=fontsize)
+        text = fmt.format(values[i, j]) + (f"\n{int(cm[i, j])}" if counts else "")
+        ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fontsize)
   return _save(fig, path)
 
 
@@ -169,14 +177,14 @@ def _as_float_images(images: Any) -> np.ndarray:
   return images.astype(np.float64)
 
 
-def image_grid(images: Any, path: str | os.PathLike, titles: Sequence[str] | None = None,
+def image_grid(images: Any, path: str | os.PathLike | None, titles: Sequence[str] | None = None,
                mistakes: Any = None, ncols: int = 8) -> pathlib.Path:
   """Images in a grid, optionally titled, wrong predictions framed and titled in red.
 
   Args:
     images: ``[N, H, W, C]``, uint8 or float in ``[0, 1]``, ``C`` 1 (grey) or 3 (RGB).
-    path: where to write the PNG.
-    titles: ``N`` strings, e.g. ``"true: cat / pred: dog"``.
+    path: where to write the PNG (None: return the figure).
+    titles: ``N`` strings (may hold line breaks), e.g. ``"cat -> dog"``.
     mistakes: ``[N]`` bool, True for a wrong prediction.
     ncols: images per row; the grid has ``ceil(N / ncols)`` rows.
   Returns:
@@ -197,7 +205,8 @@ def image_grid(images: Any, path: str | os.PathLike, titles: Sequence[str] | Non
   cols = min(int(ncols), n)
   rows = math.ceil(n / cols)
   cell = 1.6
-  fig = _new_figure(cols * cell, rows * (cell + (0.35 if titles is not None else 0.0)))
+  lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
+  fig = _new_figure(cols * cell, rows * (cell + 0.3 * lines))
   axes = np.asarray(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
   for i, ax in enumerate(axes):
     if i >= n:
