@@ -53,22 +53,25 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
   return [float(row["epoch"]) for row in rows], [float(row[key]) for row in rows]
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]],
-                path: str | os.PathLike) -> pathlib.Path:
-  """Writes ``curves_figure(history)`` as a PNG to ``path`` and returns ``path``."""
-  return _save(curves_figure(history), path)
+def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                step_lrs: Any = None) -> pathlib.Path:
+  """Writes ``curves_figure(history, step_lrs)`` as a PNG to ``path`` and returns ``path``."""
+  return _save(curves_figure(history, step_lrs), path)
 
 
-def curves_figure(history: Sequence[Mapping[str, Any]]) -> "Figure":
-  """Loss and accuracy per epoch, train vs validation, plus the learning rate if logged.
+def curves_figure(history: Sequence[Mapping[str, Any]], step_lrs: Any = None) -> "Figure":
+  """Loss and accuracy per epoch, train vs validation, plus the learning rate if it varies.
 
   Args:
     history: one dict per epoch with ``epoch``, ``train_loss``, ``train_accuracy`` and
       optionally ``val_loss``, ``val_accuracy`` and ``lr``; an optional key is drawn at
       the epochs that hold it (e.g. validation every few epochs).
+    step_lrs: ``[S]`` the learning rate of every step so far, drawn against fractional
+      epochs (``S`` steps over ``history[-1]['epoch']`` epochs): a one-cycle schedule's
+      shape, which one value per epoch hides. None: the rows' ``lr``.
   Returns:
-    The figure (a notebook displays it): 2 panels (loss, accuracy), or 3 when some
-    epoch has ``lr``.
+    The figure (a notebook displays it): loss, accuracy, and the learning rate unless it
+    was constant.
   """
   if isinstance(history, Mapping) or not isinstance(history, Sequence) or not history:
     raise UserError(f"history={history!r:.80}; expected a non-empty list of per-epoch dicts")
@@ -80,7 +83,12 @@ def curves_figure(history: Sequence[Mapping[str, Any]]) -> "Figure":
       raise UserError(
           f"history[{i}] lacks {sorted(missing)}; expected epoch, train_loss, train_accuracy")
 
-  has_lr = any("lr" in row for row in history)
+  if step_lrs is not None:
+    lr_values = np.asarray(step_lrs, np.float64)
+    lr_epochs = np.arange(1, len(lr_values) + 1) * history[-1]["epoch"] / max(len(lr_values), 1)
+  else:
+    lr_epochs, lr_values = (np.asarray(v, np.float64) for v in _series(history, "lr"))
+  has_lr = len(lr_values) > 0 and not np.allclose(lr_values, lr_values[0], rtol=1e-6, atol=0)
   num_panels = 3 if has_lr else 2
   fig = _new_figure(4.5 * num_panels, 3.5)
   axes = fig.subplots(1, num_panels)
@@ -94,10 +102,11 @@ def curves_figure(history: Sequence[Mapping[str, Any]]) -> "Figure":
     ax.grid(alpha=0.3)
     ax.legend()
   if has_lr:
-    epochs, values = _series(history, "lr")
-    axes[2].plot(epochs, values, marker="o", markersize=3, color="tab:green")
-    axes[2].set(title="Learning rate", xlabel="epoch", ylabel="lr")
-    if min(values) > 0 and max(values) / min(values) > 100:
+    marker = {} if step_lrs is not None else {"marker": "o", "markersize": 3}
+    axes[2].plot(lr_epochs, lr_values, color="tab:green", **marker)
+    axes[2].set(title="Learning rate" + (" per step" if step_lrs is not None else ""),
+                xlabel="epoch", ylabel="lr")
+    if lr_values.min() > 0 and lr_values.max() / lr_values.min() > 100:
       axes[2].set_yscale("log")
     axes[2].grid(alpha=0.3)
   from matplotlib import ticker

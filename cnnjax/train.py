@@ -218,7 +218,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   events = tensorboard.Events(workdir, start_step) if is_main else None
   logs.say(f"Ready to train in {time.time() - start:.1f}s (the first step compiles)")
 
-  recorder = _Recorder(workdir, config.num_epochs, history, checkpoints, events)
+  recorder = _Recorder(workdir, config.num_epochs, history, checkpoints, events, run.schedule)
   callbacks = [recorder]
   num_epochs = config.num_epochs
   if config.early_stopping.patience:
@@ -266,9 +266,10 @@ class _Recorder(callbacks_lib.Callback):
   process 0 the epoch line, ``metrics.jsonl``/``.csv``, ``curves.png`` and TensorBoard."""
 
   def __init__(self, workdir: pathlib.Path, num_epochs: int, history: list[dict[str, Any]],
-               checkpoints: Checkpoints, events: "tensorboard.Events | None"):
+               checkpoints: Checkpoints, events: "tensorboard.Events | None",
+               schedule: optax.Schedule):
     self.workdir, self.num_epochs, self.history = workdir, num_epochs, history
-    self.checkpoints, self.events = checkpoints, events
+    self.checkpoints, self.events, self.schedule = checkpoints, events, schedule
 
   def on_step_end(self, step: int, values: dict[str, float]) -> None:
     if self.events is not None:
@@ -281,7 +282,8 @@ class _Recorder(callbacks_lib.Callback):
       return
     print(format_epoch(row, self.num_epochs), flush=True)
     logs.write_history(self.history, self.workdir)
-    plots.plot_curves(self.history, self.workdir / "curves.png")
+    step_lrs = jax.device_get(jax.vmap(self.schedule)(jnp.arange(row["step"])))
+    plots.plot_curves(self.history, self.workdir / "curves.png", step_lrs)
     step, events = row["step"], self.events
     if "val_loss" in row:
       events.scalars("val", {"loss": row["val_loss"], "accuracy": row["val_accuracy"]}, step)

@@ -105,3 +105,13 @@ def test_image_grid(tmp_path, channels, dtype):
 def test_image_grid_rejects_bad_input(tmp_path, images, kwargs, match):
   with pytest.raises(UserError, match=match):
     plots.image_grid(images, tmp_path / "g.png", **kwargs)
+
+
+def test_curves_show_the_per_step_rate_and_no_panel_for_a_constant_one():
+  rows = [{"epoch": e, "train_loss": 1.0 / e, "train_accuracy": 0.5, "lr": 1e-3} for e in (1, 2)]
+  assert len(plots.curves_figure(rows).axes) == 2  # constant: no learning-rate panel
+  cycle = np.concatenate([np.linspace(1e-4, 1e-3, 5), np.linspace(1e-3, 1e-6, 15)])
+  fig = plots.curves_figure(rows, step_lrs=cycle)
+  lr_axis = fig.axes[2]
+  assert lr_axis.get_title() == "Learning rate per step" and len(lr_axis.lines[0].get_xdata()) == 20
+  assert lr_axis.lines[0].get_xdata()[-1] == 2.0
