@@ -281,12 +281,12 @@ def variables_from_state_dict(state_dict: Mapping[str, Any] | Converted, model_n
 
   variables = traverse_util.unflatten_dict(
       {k: jnp.asarray(v) for k, v in arrays.items()}, sep="/")
-  if dropped:
-    _log.warning("dropped the classifier of %s (%s): %s's head differs%s", source,
+  if dropped:  # expected for a new head (the run header says what initialised it): not a warning
+    _log.info("dropped the classifier of %s (%s): %s's head differs%s", source,
                  "; ".join(described), type(model).__name__,
                  " and keeps its fresh initialisation" if fresh else "")
   elif fresh:
-    _log.warning("%s has no classifier: %s's head keeps its fresh initialisation",
+    _log.info("%s has no classifier: %s's head keeps its fresh initialisation",
                  source, type(model).__name__)
   if fresh:
     variables = _merge(variables, _init_head(model, fresh, rng, input_shape))

