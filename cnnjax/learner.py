@@ -90,17 +90,23 @@ class Learner:
     loss: 'cross_entropy' (softmax, integer labels).
     batch_size, eval_batch_size, val_size (examples, or a fraction if < 1), seed,
     label_smoothing, augment (``KerasAugment`` options, e.g. ``{'crop_padding': 4,
-    'horizontal_flip': True}``), normalize (per-channel stats of the training split; else
-    pixels / 255): as the config keys of the same names.
+    'horizontal_flip': True}``): as the config keys of the same names.
+    normalize: True: per-channel stats of the training split; False: pixels / 255; or a
+      ``data.normalization`` name ('imagenet', 'lite') matching pretrained weights.
     num_classes: the model's outputs when ``model`` is a name (default: from the labels).
+    model_options: the named model's other options, e.g. ``{'backbone':
+      'efficientnet_lite0'}`` for 'transfer'.
+    pretrained: initial weights as ``model.pretrained`` ('torchvision', 'package' or a
+      file); a 'transfer' model's backbone gets them.
   """
 
   def __init__(self, model: str | nn.Module, data: DataLike, optimizer: str = "adam", lr: float = 1e-3,
                loss: str = "cross_entropy", *, batch_size: int = 128, eval_batch_size: int = 500,
                val_size: float = 0.2, seed: int = 0, label_smoothing: float = 0.0,
-               augment: dict[str, Any] | None = None, normalize: bool = True,
+               augment: dict[str, Any] | None = None, normalize: bool | str = True,
                num_classes: int | None = None, image_size: int | None = None,
-               optimizer_options: dict[str, Any] | None = None):
+               optimizer_options: dict[str, Any] | None = None,
+               model_options: dict[str, Any] | None = None, pretrained: str | None = None):
     if loss != "cross_entropy":
       raise UserError(f"unknown loss {loss!r}; expected 'cross_entropy'")
     for name, value, low, integer in (("batch_size", batch_size, 1, True),
@@ -117,14 +123,18 @@ class Learner:
     c.model.num_classes = num_classes
     if isinstance(model, str):
       c.model.name = model
+      c.model.update(model_options or {})
+    c.model.pretrained = pretrained
     c.optimizer.update({"name": optimizer, "lr": lr, **(optimizer_options or {})})
     c.update({"batch_size": batch_size, "eval_batch_size": eval_batch_size, "seed": seed,
               "label_smoothing": label_smoothing, "num_epochs": 1})
     c.data.val_size = float(val_size)
     c.data.augment.update(augment or {})
-    c.data.normalization = "dataset" if normalize else "unit"
+    c.data.normalization = normalize if isinstance(normalize, str) else (
+        "dataset" if normalize else "unit")
     self.config = c
-    self.model_spec = {"name": model, "num_classes": num_classes} if isinstance(model, str) else None
+    self.model_spec = ({"name": model, "num_classes": num_classes, **(model_options or {})}
+                       if isinstance(model, str) else None)
     self.run = assemble.build(c, data=self.data, model=None if isinstance(model, str) else model)
     self.history = History()
     self._opt_start = 0  # state.step at which the optimizer state (and its step count) restarted
@@ -343,8 +353,11 @@ class Learner:
               "class_names": meta["class_names"]}
     opt = meta["optimizer"]
     kwargs.setdefault("val_size", 0)
+    options = {k: tuple(v) if isinstance(v, list) else v  # JSON has no tuples
+               for k, v in (meta["model"] or {}).items() if k not in ("name", "num_classes")}
     learner = cls(model or meta["model"]["name"], data, opt.pop("name"), opt.pop("lr"),
-                  optimizer_options=opt, num_classes=len(meta["class_names"]), **kwargs)
+                  optimizer_options=opt, num_classes=len(meta["class_names"]),
+                  model_options=options or None, **kwargs)
     learner.run = learner.run.with_stats(np.array(meta["mean"], np.float32),
                                          np.array(meta["std"], np.float32))
     checkpoints = Checkpoints(path / "checkpoints")

@@ -89,6 +89,16 @@ def test_example_script_runs_end_to_end(npz_path, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_fine_tune_example_runs_lr_find_to_predict(npz_path, tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(sys, "argv", ["fine_tune.py", str(npz_path), str(tmp_path / "out")])
+  runpy.run_path(os.path.join(ROOT, "examples/fine_tune.py"), run_name="__main__")
+  out = capsys.readouterr().out
+  assert "LR finder |" in out and "Epoch 3/3" in out and "image 0: " in out
+  for name in ("lr_find.png", "top_losses.png", "confusion.png"):
+    assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
 def test_freeze_trains_only_the_head_and_unfreeze_everything():
   x, y = make_images(64, seed=5)
   learner = cnnjax.Learner("bn_cnn", (x, y), batch_size=16, val_size=16)
