@@ -412,20 +412,24 @@ def write_pictures(workdir: str | os.PathLike, image: int, *, layers: Sequence[s
 
   out = pathlib.Path(workdir) / "interpret"
   written = []
+  about = f"test image {image} (true {names[labels[image]]}, predicted {names[pred]})"
   for name, acts in activations(apply_fn, variables, x, layers).items():
     panels = activation_panels(acts)
     written.append(plots.image_grid(panels, out / f"image{image}_{_file_name(name)}.png",
-                                    titles=[f"#{c}" for c in range(len(panels))], ncols=16))
+                                    titles=[f"channel {c}" for c in range(len(panels))], ncols=16,
+                                    title=f"{name}: its {len(panels)} channels on {about}"))
   path, filters = first_layer_filters(apply_fn, variables, x.shape)
   written.append(plots.image_grid(filters, out / f"filters_{_file_name(path)}.png",
-                                  titles=[f"#{c}" for c in range(len(filters))], ncols=16))
+                                  titles=[f"filter {c}" for c in range(len(filters))], ncols=16,
+                                  title=f"{path}: the first convolution's {len(filters)} kernels"))
   if num_patterns:
     channels = range(min(num_patterns, feature_map(known, pattern_layer).shape[-1]))
     found = preferred_patterns(apply_fn, variables, x.shape, pattern_layer, channels,
                                steps=steps, seed=config.seed)
     written.append(plots.image_grid(
         to_unit_range(found.images), out / f"patterns_{_file_name(pattern_layer)}.png",
-        titles=[f"#{c}: {a:.2g}" for c, a in zip(channels, found.end)], ncols=8))
+        titles=[f"channel {c}: {a:.2g}" for c, a in zip(channels, found.end)], ncols=8,
+        title=f"{pattern_layer}: inputs that excite each channel (its mean activation)"))
 
   panels = [as_rgb(images[image]),
             overlay(images[image], grad_cam(apply_fn, variables, x, cam_layer, class_id))]
@@ -437,5 +441,7 @@ def write_pictures(workdir: str | os.PathLike, image: int, *, layers: Sequence[s
   except UserError:  # not a global-average-pool model: Grad-CAM only
     pass
   written.append(plots.image_grid(np.stack(panels), out / f"image{image}_heatmaps.png",
-                                  titles=titles, ncols=len(panels)))
+                                  titles=titles, ncols=len(panels), cell=3.2,
+                                  title=f"Where the model looks: {about}",
+                                  colorbar=f"relevance for '{names[class_id]}'"))
   return written

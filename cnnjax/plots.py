@@ -187,7 +187,8 @@ def _as_float_images(images: Any) -> np.ndarray:
 
 
 def image_grid(images: Any, path: str | os.PathLike | None, titles: Sequence[str] | None = None,
-               mistakes: Any = None, ncols: int = 8) -> pathlib.Path:
+               mistakes: Any = None, ncols: int = 8, title: str | None = None, cell: float = 1.6,
+               colorbar: str | None = None) -> pathlib.Path:
   """Images in a grid, optionally titled, wrong predictions framed and titled in red.
 
   Args:
@@ -196,6 +197,9 @@ def image_grid(images: Any, path: str | os.PathLike | None, titles: Sequence[str
     titles: ``N`` strings (may hold line breaks), e.g. ``"cat -> dog"``.
     mistakes: ``[N]`` bool, True for a wrong prediction.
     ncols: images per row; the grid has ``ceil(N / ncols)`` rows.
+    title: the figure's title (what the grid shows).
+    cell: inches per image.
+    colorbar: a label: adds the 'jet' colour scale from 0 to 1 (heatmap overlays).
   Returns:
     ``path``.
   """
@@ -213,9 +217,9 @@ def image_grid(images: Any, path: str | os.PathLike | None, titles: Sequence[str
 
   cols = min(int(ncols), n)
   rows = math.ceil(n / cols)
-  cell = 1.6
   lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
-  fig = _new_figure(cols * cell, rows * (cell + 0.3 * lines))
+  fig = _new_figure(cols * cell + (0.9 if colorbar else 0.0),
+                    rows * (cell + 0.3 * lines) + (0.4 if title else 0.0))
   axes = np.asarray(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
   for i, ax in enumerate(axes):
     if i >= n:
@@ -233,7 +237,14 @@ def image_grid(images: Any, path: str | os.PathLike | None, titles: Sequence[str
       spine.set_color(_MISTAKE_COLOR)
       spine.set_linewidth(3)
     if titles is not None:
-      ax.set_title(str(titles[i]), fontsize=7, color=_MISTAKE_COLOR if wrong else "black")
+      ax.set_title(str(titles[i]), fontsize=7 if cell < 2.5 else 9,
+                   color=_MISTAKE_COLOR if wrong else "black")
+  if title:
+    fig.suptitle(title, fontsize=10)
+  if colorbar:
+    from matplotlib import cm, colors
+    mappable = cm.ScalarMappable(colors.Normalize(0.0, 1.0), "jet")
+    fig.colorbar(mappable, ax=list(axes[:n]), shrink=0.8, label=colorbar)
   return _save(fig, path)
 
 

@@ -115,3 +115,11 @@ def test_curves_show_the_per_step_rate_and_no_panel_for_a_constant_one():
   lr_axis = fig.axes[2]
   assert lr_axis.get_title() == "Learning rate per step" and len(lr_axis.lines[0].get_xdata()) == 20
   assert lr_axis.lines[0].get_xdata()[-1] == 2.0
+
+
+def test_image_grid_title_size_and_colour_bar():
+  images = np.zeros((2, 8, 8, 3), np.uint8)
+  fig = plots.image_grid(images, None, titles=["a", "b"], title="what it shows", cell=3.2,
+                         colorbar="relevance")
+  assert fig._suptitle.get_text() == "what it shows" and len(fig.axes) == 3  # 2 images + bar
+  assert fig.axes[-1].get_ylabel() == "relevance" and fig.get_size_inches()[0] > 6.4
