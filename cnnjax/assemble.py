@@ -183,12 +183,18 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
 
 
 def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a run in ``workdir`` was written with (``config.json``)."""
+  """The config a run in ``workdir`` was written with (``config.json``; keys added to the
+  schema since take their defaults)."""
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
     raise UserError(f"{workdir} is not a run directory: no config.json; expected the --workdir "
                     "of a finished experiment")
-  return config_lib.merged(json.loads(path.read_text()))
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError as e:
+    raise UserError(f"{path} is not a saved config ({e}); expected the --workdir of a cnnjax "
+                    "run") from e
+  return config_lib.merged(saved)
 
 
 def restore(workdir: str | pathlib.Path, which: str = "best") -> Run:

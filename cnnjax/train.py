@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from cnnjax import (assemble, evaluate, logs, lr_finder, parallel, plots, progress, steps,
@@ -183,7 +184,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       logs.say(f"New run: the run {workdir} held is now in {workdir_lib.set_aside(workdir)}")
     parallel.barrier("cnnjax-workdir-set-aside")
   elif holds_run:
-    changed = workdir_lib.compare(workdir_lib.saved_config(workdir), config)
+    changed = workdir_lib.compare(assemble.read_config(workdir), config)
     if changed:
       raise UserError(f"--workdir {workdir} holds a different run ({'; '.join(changed)}); "
                       "expected the same config to resume it, a new --workdir, or --new_run "
@@ -218,7 +219,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   events = tensorboard.Events(workdir, start_step) if is_main else None
   logs.say(f"Ready to train in {time.time() - start:.1f}s (the first step compiles)")
 
-  recorder = _Recorder(workdir, config.num_epochs, history, checkpoints, events, run.schedule)
+  # the rate of every step, once: the curves show the schedule's shape
+  step_lrs = np.asarray(jax.vmap(run.schedule)(jnp.arange(run.steps_per_epoch * config.num_epochs)))
+  recorder = _Recorder(workdir, config.num_epochs, history, checkpoints, events, step_lrs)
   callbacks = [recorder]
   num_epochs = config.num_epochs
   if config.early_stopping.patience:
@@ -267,9 +270,9 @@ class _Recorder(callbacks_lib.Callback):
 
   def __init__(self, workdir: pathlib.Path, num_epochs: int, history: list[dict[str, Any]],
                checkpoints: Checkpoints, events: "tensorboard.Events | None",
-               schedule: optax.Schedule):
+               step_lrs: np.ndarray):
     self.workdir, self.num_epochs, self.history = workdir, num_epochs, history
-    self.checkpoints, self.events, self.schedule = checkpoints, events, schedule
+    self.checkpoints, self.events, self.step_lrs = checkpoints, events, step_lrs
 
   def on_step_end(self, step: int, values: dict[str, float]) -> None:
     if self.events is not None:
@@ -282,8 +285,7 @@ class _Recorder(callbacks_lib.Callback):
       return
     print(format_epoch(row, self.num_epochs), flush=True)
     logs.write_history(self.history, self.workdir)
-    step_lrs = jax.device_get(jax.vmap(self.schedule)(jnp.arange(row["step"])))
-    plots.plot_curves(self.history, self.workdir / "curves.png", step_lrs)
+    plots.plot_curves(self.history, self.workdir / "curves.png", self.step_lrs[:row["step"]])
     step, events = row["step"], self.events
     if "val_loss" in row:
       events.scalars("val", {"loss": row["val_loss"], "accuracy": row["val_accuracy"]}, step)

@@ -104,15 +104,6 @@ def holds_run(workdir: pathlib.Path) -> bool:
       (workdir / "metrics.jsonl").exists() or (ckpt.is_dir() and any(ckpt.iterdir())))
 
 
-def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a run in ``workdir`` was written with (keys added since take their defaults)."""
-  try:
-    return config_lib.merged(json.loads((workdir / "config.json").read_text()))
-  except ValueError as e:
-    raise UserError(f"{workdir}/config.json is not a saved config ({e}); expected the "
-                    "--workdir of a cnnjax run") from e
-
-
 def compare(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
   """``['key: saved -> now', ...]`` for every key (but ``HARMLESS``) whose value differs."""
   was, now = config_lib.flat(saved), config_lib.flat(config)

@@ -75,6 +75,18 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def _not_orbax(record: std_logging.LogRecord) -> bool:
+  """orbax logs a failed background write with its traceback, then raises it to the caller,
+  which reports it in one line: its own copy is noise."""
+  return "/orbax/" not in record.pathname
+
+
+def _not_unretrieved(record: std_logging.LogRecord) -> bool:
+  """The reads of a damaged checkpoint fail in several of orbax's tasks; the first is
+  reported (and the checkpoint before restored), the others are dropped unawaited."""
+  return "never retrieved" not in record.getMessage()
+
+
 def _first_line(e: BaseException) -> str:
   lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()]
   return lines[-1] if lines else type(e).__name__
@@ -232,12 +244,8 @@ def run(main: Callable[..., Any], *, doc: str, fv: flags.FlagValues, config: boo
       for key, value in overrides:
         apply_override(cfg, key, value)
     logging.set_verbosity(logging.WARNING)
-    # orbax logs a failed background write with its traceback, then raises it to the
-    # caller, which reports it in one line: its own copy is noise.
-    logging.get_absl_logger().addFilter(lambda r: "/orbax/" not in r.pathname)
-    # The reads of a damaged checkpoint fail in several of orbax's tasks; the first is
-    # reported (and the checkpoint before restored), the others are dropped unawaited.
-    std_logging.getLogger("asyncio").addFilter(lambda r: "never retrieved" not in r.getMessage())
+    logging.get_absl_logger().addFilter(_not_orbax)  # once: addFilter skips a filter it has
+    std_logging.getLogger("asyncio").addFilter(_not_unretrieved)
     from cnnjax import parallel, runtime
     if "coordinator_address" in fv:
       parallel.initialize_distributed(*(fv[name].value for name in _MULTIHOST_FLAGS))
