@@ -97,7 +97,9 @@ class Learner:
     model_options: the named model's other options, e.g. ``{'backbone':
       'efficientnet_lite0'}`` for 'transfer'.
     pretrained: initial weights as ``model.pretrained`` ('torchvision', 'package' or a
-      file); a 'transfer' model's backbone gets them.
+      file); a 'transfer' model's backbone gets them. As fastai's ``vision_learner``, a
+      learner with pretrained weights starts frozen (``freeze()``: the head alone trains, and
+      ``lr_find`` finds the head's rate) until ``unfreeze()`` or ``fine_tune``.
   """
 
   def __init__(self, model: str | nn.Module, data: DataLike, optimizer: str = "adam", lr: float = 1e-3,
@@ -141,6 +143,8 @@ class Learner:
     self._schedule = optax.constant_schedule(lr)
     self._set_schedule(self._schedule)
     self.state = self.run.runner.put_state(self.state)
+    if pretrained:
+      self.freeze()
 
   @property
   def model(self) -> nn.Module:

@@ -24,14 +24,18 @@ if pretrained:
 else:
   learner = cnnjax.Learner("lenet" if data == "mnist" else "seed_cnn", data, batch_size=64)
 
-# %% The learning-rate range test, from the initial weights (left untouched)
+# %% The learning-rate range test, from the initial weights (left untouched); a pretrained
+# learner starts frozen (as fastai's), so this is the rate for its new head
 curve = learner.lr_find()
 curve.write(out)  # lr_find.png: loss against lr, the suggestions marked
 print(curve.summary())
 
-# %% One epoch of the head alone, then everything: a pretrained body at 1/100 of the rate
+# %% Epochs of the head alone, then everything: a pretrained body at 1/100 of the rate
 # (discriminative rates), a body trained from scratch at the same rate as the head
-learner.fine_tune(2, base_lr=curve.suggested, freeze_epochs=1, lr_mult=100 if pretrained else 1)
+if pretrained:
+  learner.fine_tune(1, base_lr=curve.suggested, freeze_epochs=2, lr_mult=100)
+else:
+  learner.fine_tune(2, base_lr=curve.suggested, freeze_epochs=1, lr_mult=1)
 print(learner.evaluate())  # accuracy, loss, per-class precision / recall / F1
 
 # %% What it gets wrong

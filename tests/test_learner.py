@@ -116,3 +116,21 @@ def test_freeze_trains_only_the_head_and_unfreeze_everything():
   learner.fit(1)
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), after.params, jax.device_get(learner.state).params)
   assert all(jax.tree.leaves(moved))
+
+
+@pytest.mark.slow
+def test_a_pretrained_learner_starts_frozen_as_fastais(tmp_path):
+  from cnnjax.models import ResNet18
+  from tests.test_weights import _random_variables, _state_dict
+  path = tmp_path / "resnet18.npz"
+  np.savez(path, **_state_dict(_random_variables(ResNet18())))
+  x, y = make_images(48, seed=6)
+  learner = cnnjax.Learner("transfer", (x, y), batch_size=16, val_size=16, pretrained=str(path),
+                           model_options={"backbone": "resnet18", "hidden": ()})
+  before = jax.device_get(learner.state.params)
+  learner.fit(1)
+  after = jax.device_get(learner.state.params)
+  assert set(before) == {"backbone", "head"}
+  for name, expect_same in (("backbone", True), ("head", False)):
+    same = jax.tree.leaves(jax.tree.map(np.array_equal, before[name], after[name]))
+    assert all(same) == expect_same, name
