@@ -9,7 +9,7 @@ from cnnjax.errors import UserError
 from cnnjax.models import MODELS, create_model
 from cnnjax.models.blocks import ConvBlock, pool
 
-SMALL_MODELS = ["seed_cnn", "bn_cnn", "lenet", "keras_convnet", "mlp", "airbench"]
+SMALL_MODELS = ["seed_cnn", "bn_cnn", "lenet", "keras_convnet", "mlp", "airbench", "simple_cnn"]
 
 
 def _init(model, shape):
@@ -44,19 +44,29 @@ def test_logits_shape_for_two_batch_sizes(name, image_shape):
 #   mlp 28x28x1: 784*128+128 + 128*10+10 = 101770
 #   bn_cnn 32x32x3: convs 896+9248+18496+36928+73856+147584+295168+590080, BN 2*(2*32+2*64+2*128+2*256),
 #     fc 1024*512+512, BN 1024, fc 512*1024+1024, BN 2048, fc 1024*10+10 = 2237610
+#   simple_cnn 32x32x3: 3*10*9+10=280, 10*10*9+10=910, fc 10*16*16*10+10=25610
+#   lenet padding=0 28x28x1: 156 + 2416 + 256*120+120 + 120*84+84 + 84*10+10 = 44426
+#   keras_cats_dogs 150x150x3: 896 + 18496 + 73856 + 147584 + 6272*512+512 + 513 = 3453121
+#     (the Keras book's model summary)
+#   tiny_imagenet_cnn 64x64x3: convs 1792 + 73856 + 295168 + 1180160 + 4719616,
+#     fc 2 * (1024*1024+1024) + 1024*200+200 = 8574792
 #   airbench 32x32x3 (airbench94.py's make_net): whiten 2*2*3*24+24, bias-free convs
 #     24*64*9 + 64*64*9 + 64*256*9 + 3 * 256*256*9, BN biases 2*(64+256+256), fc 256*10 = 1971640
-@pytest.mark.parametrize("name, image_shape, count", [
-    ("seed_cnn", (32, 32, 3), 17962),
-    ("lenet", (28, 28, 1), 61706),
-    ("keras_convnet", (28, 28, 1), 93322),
-    ("mlp", (28, 28, 1), 101770),
-    ("bn_cnn", (32, 32, 3), 2237610),
-    ("airbench", (32, 32, 3), 1971640),
+@pytest.mark.parametrize("name, image_shape, count, options", [
+    ("seed_cnn", (32, 32, 3), 17962, {}),
+    ("lenet", (28, 28, 1), 61706, {}),
+    ("lenet", (28, 28, 1), 44426, {"padding": 0}),
+    ("keras_convnet", (28, 28, 1), 93322, {}),
+    ("mlp", (28, 28, 1), 101770, {}),
+    ("bn_cnn", (32, 32, 3), 2237610, {}),
+    ("airbench", (32, 32, 3), 1971640, {}),
+    ("simple_cnn", (32, 32, 3), 26800, {}),
+    ("keras_cats_dogs", (150, 150, 3), 3453121, {}),
+    ("tiny_imagenet_cnn", (64, 64, 3), 8574792, {}),
 ])
 @pytest.mark.slow
-def test_parameter_counts_match_pytorch(name, image_shape, count):
-  assert _count(_init(create_model(name), (1, *image_shape))["params"]) == count
+def test_parameter_counts_match_pytorch(name, image_shape, count, options):
+  assert _count(_init(create_model(name, **options), (1, *image_shape))["params"]) == count
 
 
 @pytest.mark.slow

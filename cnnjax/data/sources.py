@@ -1,5 +1,5 @@
-"""Where the arrays come from: a local ``.npz``, a folder of idx files, an image folder, or
-TFDS by name (MNIST, without a prepared TFDS copy, from the official files shipped in
+"""Where the arrays come from: a local ``.npz``, a folder of idx files, an image folder,
+Tiny ImageNet's zip, or TFDS by name (MNIST, without a prepared TFDS copy, from the official files shipped in
 ``MNIST_DIR``).
 
 Every source yields the same ``Dataset``: uint8 images ``[N, H, W, C]`` and int64
@@ -167,9 +167,22 @@ def load_image_folders(root: str | os.PathLike, image_size: int) -> Dataset:
   return Dataset(splits["train"], test, names, val=splits.get("val"))
 
 
+def load_tiny_imagenet(path: str | os.PathLike | None, data_dir: str | None = None) -> Dataset:
+  """Tiny ImageNet from its zip or unzipped folder ``path``; None: the copy in
+  ``<data_dir>/downloads/``, downloaded on first use (see ``cnnjax.data.tiny_imagenet``)."""
+  from cnnjax.data import tiny_imagenet
+  if path is None:
+    from cnnjax.data import tfds_data
+    path = tiny_imagenet.download(tfds_data.data_dir_or_default(data_dir))
+  splits, class_names = tiny_imagenet.read(path)
+  train, val = (checked_arrays(f"{path}:{s}", *splits[s]) for s in ("train", "val"))
+  return Dataset(train, val, class_names, val=val, origin=str(path))
+
+
 def load(source: str, data_dir: str | None = None, image_size: int | None = None,
          limit: int = 0) -> Dataset:
-  """Dispatches on ``source``: an ``.npz`` file, a folder of idx files, an image folder
+  """Dispatches on ``source``: Tiny ImageNet (``tiny_imagenet``, its ``.zip`` or unzipped
+  folder; see ``load_tiny_imagenet``), an ``.npz`` file, a folder of idx files, an image folder
   (a folder with sub-folders; see ``load_image_folders``, which uses ``image_size``), or a
   TFDS name. ``limit`` > 0: an .npz reads only the first ``limit`` examples of each split
   (other sources are cut by ``Dataset.head``).
@@ -178,7 +191,12 @@ def load(source: str, data_dir: str | None = None, image_size: int | None = None
   other string is taken as a TFDS dataset name (see ``load_tfds``: ``cifar10`` is
   downloaded on first use, ``mnist`` works offline).
   """
+  from cnnjax.data import tiny_imagenet
   path = pathlib.Path(os.path.expanduser(source))
+  if source == "tiny_imagenet":
+    return load_tiny_imagenet(None, data_dir)
+  if tiny_imagenet.is_tiny_imagenet(path):
+    return load_tiny_imagenet(path)
   if path.is_file():
     return load_npz(path, limit)
   if path.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):

@@ -14,9 +14,9 @@ from cnnjax.models.airbench import AirbenchNet
 from cnnjax.models.bn_cnn import BNCNN
 from cnnjax.models.blocks import ConvBlock
 from cnnjax.models.efficientnet import EfficientNetLite
-from cnnjax.models.keras_convnet import KerasConvNet
 from cnnjax.models.lenet import LeNet
 from cnnjax.models.mlp import MLP
+from cnnjax.models.plain_cnn import KerasCatsDogs, KerasConvNet, PlainCNN, SimpleCNN, TinyImageNetCNN
 from cnnjax.models.resnet import ResNet18, ResNet34, ResNet50
 from cnnjax.models.seed_cnn import SeedCNN
 from cnnjax.models.transfer_net import Head, TransferNet
@@ -28,6 +28,10 @@ MODELS: dict[str, type[nn.Module]] = {
     "airbench": AirbenchNet,
     "lenet": LeNet,
     "keras_convnet": KerasConvNet,
+    "keras_cats_dogs": KerasCatsDogs,
+    "simple_cnn": SimpleCNN,
+    "tiny_imagenet_cnn": TinyImageNetCNN,
+    "plain_cnn": PlainCNN,
     "mlp": MLP,
     "resnet18": ResNet18,
     "resnet34": ResNet34,
@@ -62,5 +66,5 @@ def model_from_config(cfg) -> nn.Module:
 
 
 __all__ = ["MODELS", "BACKBONES", "create_model", "model_from_config", "ConvBlock", "SeedCNN", "BNCNN", "AirbenchNet", "LeNet",
-           "KerasConvNet", "MLP", "ResNet18", "ResNet34", "ResNet50", "VGG", "VGG16BN",
+           "KerasConvNet", "KerasCatsDogs", "SimpleCNN", "TinyImageNetCNN", "PlainCNN", "MLP", "ResNet18", "ResNet34", "ResNet50", "VGG", "VGG16BN",
            "EfficientNetLite", "Head", "TransferNet"]
