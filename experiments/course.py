@@ -85,7 +85,7 @@ STUDIES = (
           Recipe("fashion_lenet"), Recipe("lenet", (("data.source", "fashion_mnist"),))),
     Study("Fashion-MNIST", "fashion_competition", "the competition",
           "benchmark: small CNNs 87.6-93.9%, ResNet-18 94.9%", None,
-          Recipe("fashion_fast", quick=(("num_epochs", 1),))),
+          Recipe("fashion_fast")),
     Study("MNIST LeNet-5", "lenet", "LeNet-5, 1998 and modern", ">= 99.0% (modern)",
           Recipe("lenet_1998", quick=(("data.limit", 20000),)),  # sigmoids start slowly
           Recipe("lenet")),
@@ -100,8 +100,8 @@ STUDIES = (
     Study("Keras", "keras_augment", "ImageDataGenerator set on CIFAR-10 (BNCNN)", "-",
           None, Recipe("keras_augment")),
     Study("PyTorch transfer learning", "hymenoptera", "ants vs bees from ImageNet weights", "-",
-          Recipe("hymenoptera:efficientnet_lite0,frozen", quick=(("num_epochs", 1),)),
-          Recipe("hymenoptera:efficientnet_lite0,finetune", quick=(("num_epochs", 1),))),
+          Recipe("hymenoptera:efficientnet_lite0,frozen"),
+          Recipe("hymenoptera:efficientnet_lite0,finetune")),
     Study("R torch (luz)", "tiny_imagenet", "Tiny ImageNet: the book's CNN, ResNet-18", "-",
           Recipe("tiny_imagenet_cnn"), Recipe("tiny_imagenet_resnet18")),
 )
