@@ -13,11 +13,14 @@ inside the step on both sides. The JAX figure is the step a training runs
 (``cnnjax.steps.Runner``: jit, donated state, Adam, dropout rng, batch norm in train mode,
 the frozen base frozen by the ``optimizer.groups`` rules and run in inference mode), one
 step in flight; its first call (trace + compile + one step) is reported apart as the
-compile time. The PyTorch peers (``benchmarks.torch_peers``, only when torch is importable)
+compile time; where this machine computes bfloat16 (``cnnjax.runtime.compute_dtype``) the
+same step runs again with ``precision='bfloat16'`` (bf16 compute, float32 parameters,
+optimizer and loss). The PyTorch peers (``benchmarks.torch_peers``, only when torch is importable)
 run eagerly on ``os.cpu_count()`` threads with Adam in ``model.train()`` (a frozen base in
 ``eval()`` without gradients; a feature extractor in ``eval()`` under
 ``torch.inference_mode()``), in float32 NCHW, float32 channels_last and bf16 autocast
-channels_last; the table shows the faster float32 layout, bf16, and JAX's ratio to each.
+channels_last; the table shows the faster float32 layout, bf16, and JAX's ratios: float32 to
+float32, bf16 to bf16 autocast.
 The parameter counts of both sides must agree (they are in the table); a row that cannot
 be built or measured is left out with a note saying why.
 """
@@ -33,7 +36,7 @@ import optax
 
 from benchmarks import harness
 from benchmarks.harness import Measurement, Windows
-from cnnjax import optim, steps
+from cnnjax import optim, runtime, steps
 from cnnjax.models import create_model, model_from_config
 from experiments.configs import transfer_base
 
@@ -88,9 +91,10 @@ class ModelRow:
     spec: what was measured.
     batch_size: images per step.
     params: parameters of the model (of the backbone for a 'features' row), the same in both.
-    jax: the cnnjax step.
+    jax: the cnnjax step (float32).
     compile_seconds: its first call: trace, compile and one step.
     torch: torch variant (``torch_peers.VARIANTS``) -> its measurement; empty without torch.
+    jax_bf16: the cnnjax step in bfloat16 (None where this machine has no bf16).
   """
   spec: ModelSpec
   batch_size: int
@@ -98,10 +102,11 @@ class ModelRow:
   jax: Measurement
   compile_seconds: float
   torch: dict[str, Measurement]
+  jax_bf16: Measurement | None = None
 
   @property
   def measurements(self) -> list[Measurement]:
-    return [self.jax, *self.torch.values()]
+    return [self.jax, *([self.jax_bf16] if self.jax_bf16 else []), *self.torch.values()]
 
   def best_f32(self) -> tuple[str, Measurement] | None:
     """The faster float32 torch variant and its measurement."""
@@ -125,17 +130,18 @@ def _normalize(channels: int) -> Callable[[jax.Array], jax.Array]:
 
 
 def train_dispatch(model: nn.Module, groups: tuple[str, ...], batch: dict[str, np.ndarray],
-                   ) -> tuple[Callable[[], Any], int]:
+                   dtype: str = "float32") -> tuple[Callable[[], Any], int]:
   """``(dispatch, parameters)``: ``cnnjax.steps.Runner``'s train step (jit, donated state,
-  Adam at the config defaults, dropout rng, batch norm in train mode) of ``model`` on
-  ``batch``; the modules the ``optimizer.groups`` rules ``groups`` freeze get no updates
-  and run in inference mode, as a training arranges. ``dispatch`` runs one step."""
+  Adam at the config defaults, dropout rng, batch norm in train mode, computing in
+  ``dtype``) of ``model`` on ``batch``; the modules the ``optimizer.groups`` rules ``groups``
+  freeze get no updates and run in inference mode, as a training arranges. ``dispatch``
+  runs one step."""
   cfg = optim.default_optimizer_config()
   cfg.groups = groups
   tx = optim.make_optimizer(cfg, optax.constant_schedule(cfg.lr))
   state = steps.create_train_state(model, tx, batch["image"].shape[1:], seed=0)
   runner = steps.Runner.create(_normalize(batch["image"].shape[-1]),
-                               frozen=optim.frozen_modules(state.params, groups))
+                               frozen=optim.frozen_modules(state.params, groups), dtype=dtype)
   held = {"state": runner.put_state(state)}
   batch = runner.to_global(batch)
 
@@ -146,14 +152,15 @@ def train_dispatch(model: nn.Module, groups: tuple[str, ...], batch: dict[str, n
 
 
 def _features_dispatch(backbone: nn.Module, batch: dict[str, np.ndarray],
-                       ) -> tuple[Callable[[], Any], int]:
+                       dtype: str = "float32") -> tuple[Callable[[], Any], int]:
   """``(dispatch, parameters)``: the backbone in inference mode on ``batch``'s images, as
-  ``cnnjax.transfer.extract_features`` runs it; ``dispatch`` returns features ``[B, D]``."""
+  ``cnnjax.transfer.extract_features`` runs it (computing in ``dtype``); ``dispatch``
+  returns features ``[B, D]``."""
   images = jnp.asarray(batch["image"])
   dummy = jnp.zeros((1, *images.shape[1:]), jnp.float32)
   variables = jax.jit(lambda: backbone.init(jax.random.PRNGKey(0), dummy, train=False))()
   normalize = _normalize(images.shape[-1])
-  apply = jax.jit(lambda v, x: backbone.apply(v, normalize(x), train=False))
+  apply = jax.jit(lambda v, x: steps.apply_in(dtype, backbone.apply, v, normalize(x), train=False))
   return lambda: apply(variables, images), _count(variables["params"])
 
 
@@ -175,10 +182,12 @@ def _model_row(name: str, batch_size: int, peers: types.ModuleType | None,
   spec = MODEL_ROWS[name]
   batch = synthetic_batch(batch_size, spec.image_shape)
   model, groups = _jax_model(spec)
-  if spec.kind == "features":
-    dispatch, params = _features_dispatch(model.backbone_model(), batch)
-  else:
-    dispatch, params = train_dispatch(model, groups, batch)
+
+  def jax_dispatch(dtype: str) -> tuple[Callable[[], Any], int]:
+    if spec.kind == "features":
+      return _features_dispatch(model.backbone_model(), batch, dtype)
+    return train_dispatch(model, groups, batch, dtype)
+  dispatch, params = jax_dispatch("float32")
   base = top = None
   if peers is not None:
     base, top = peers.build(spec.kind, name, spec.model, spec.image_shape, NUM_CLASSES,
@@ -188,14 +197,19 @@ def _model_row(name: str, batch_size: int, peers: types.ModuleType | None,
                          f"{peers.count_params(base, top):,}; expected the same architecture")
   jax_row, compile_seconds = harness.timed_jax(f"{spec.title} JAX", dispatch, batch_size,
                                                windows)
-  del dispatch  # frees the train state before torch runs
+  del dispatch  # frees the train state before the next runs
+  jax_bf16 = None
+  if runtime.compute_dtype("bfloat16")[0] == "bfloat16":
+    dispatch, _ = jax_dispatch("bfloat16")
+    jax_bf16, _ = harness.timed_jax(f"{spec.title} JAX bf16", dispatch, batch_size, windows)
+    del dispatch
   torch_rows = {}
   for variant in peers.VARIANTS if peers is not None else ():
     step = peers.make_step(spec.kind, base, top, batch_size, spec.image_shape, NUM_CLASSES,
                            variant)
     torch_rows[variant] = harness.timed_torch(f"{spec.title} torch {variant}", step,
                                               batch_size, windows)
-  return ModelRow(spec, batch_size, params, jax_row, compile_seconds, torch_rows)
+  return ModelRow(spec, batch_size, params, jax_row, compile_seconds, torch_rows, jax_bf16)
 
 
 def model_rows(names: list[str], batches: dict[str, int], peers: types.ModuleType | None,
@@ -227,9 +241,10 @@ def _ratio(jax_row: Measurement, torch_row: Measurement | None) -> str:
 
 
 MODEL_HEADER = [
-    "| model | batch | params | JAX img/s | JAX compile (s) | torch f32 img/s (layout) "
-    "| torch bf16 img/s | JAX / torch f32 | JAX / torch bf16 | windows kept |",
-    "|---|---|---|---|---|---|---|---|---|---|"]
+    "| model | batch | params | JAX f32 img/s | JAX compile (s) | torch f32 img/s (layout) "
+    "| JAX / torch f32 | JAX bf16 img/s | torch bf16 img/s | JAX bf16 / torch bf16 "
+    "| windows kept |",
+    "|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def format_model_row(r: ModelRow) -> str:
@@ -238,8 +253,9 @@ def format_model_row(r: ModelRow) -> str:
   f32 = "-" if best is None else _figure(best[1], best[0].split()[1])
   bf16 = r.torch.get(BF16)
   return (f"| {r.spec.title} | {r.batch_size} | {r.params:,} | {_figure(r.jax)} | "
-          f"{r.compile_seconds:.1f} | {f32} | {_figure(bf16)} | "
-          f"{_ratio(r.jax, best[1] if best else None)} | {_ratio(r.jax, bf16)} | "
+          f"{r.compile_seconds:.1f} | {f32} | {_ratio(r.jax, best[1] if best else None)} | "
+          f"{_figure(r.jax_bf16)} | {_figure(bf16)} | "
+          f"{_ratio(r.jax_bf16, bf16) if r.jax_bf16 else '-'} | "
           f"{harness.windows_kept(r.measurements)} |")
 
 

@@ -76,18 +76,19 @@ class BNCNN(nn.Module):
   32/64/128/256, then [dense, ReLU, BN, dropout 0.5] x (512, 1024) and dense classes.
   Images ``[B, C, H, W]`` -> logits ``[B, num_classes]``."""
 
-  def __init__(self, image_shape: tuple[int, int, int], num_classes: int = 10):
+  def __init__(self, image_shape: tuple[int, int, int], num_classes: int = 10,
+               conv_dropout: float = 0.25, dense_dropout: float = 0.5):
     super().__init__()
     layers, channels = [], image_shape[2]
     for width in (32, 64, 128, 256):
       for _ in range(2):
         layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(width)]
         channels = width
-      layers += [nn.MaxPool2d(2), nn.Dropout(0.25)]
+      layers += [nn.MaxPool2d(2), nn.Dropout(conv_dropout)]
     self.features = nn.Sequential(*layers)
     dense, size = [nn.Flatten()], _flat_size(self.features.eval(), image_shape)
     for width in (512, 1024):
-      dense += [nn.Linear(size, width), nn.ReLU(), nn.BatchNorm1d(width), nn.Dropout(0.5)]
+      dense += [nn.Linear(size, width), nn.ReLU(), nn.BatchNorm1d(width), nn.Dropout(dense_dropout)]
       size = width
     self.classifier = nn.Sequential(*dense, nn.Linear(size, num_classes))
 

@@ -76,8 +76,7 @@ class Run:
     c = self.config
     normalize = steps.make_normalize(mean, std, c.data.input_size)
     frozen = optim.frozen_modules(self.state.params, c.optimizer.groups)
-    runner = steps.Runner.create(normalize, c.label_smoothing, self.runner.mesh, c.loss, frozen,
-                                 c.eval_flip, c.eval_shift)
+    runner = steps.Runner.for_config(c, normalize, self.runner.mesh, frozen)
     return dataclasses.replace(self, stats=(mean, std), normalize=normalize, runner=runner)
 
 
@@ -175,9 +174,10 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
   tx = optim.make_optimizer(config.optimizer, schedule)
   state = steps.create_train_state(model, tx, image_shape, config.seed)
   state, notes = initial.initial_state(config, model, state, train_data[0], normalize, image_shape)
+  if config.ema:
+    state = steps.with_ema(state)
   frozen = optim.frozen_modules(state.params, config.optimizer.groups)
-  runner = steps.Runner.create(normalize, config.label_smoothing, mesh, config.loss, frozen,
-                               config.eval_flip, config.eval_shift)
+  runner = steps.Runner.for_config(config, normalize, mesh, frozen)
   return Run(config, data, train_data, val_data, images, stats, normalize, model, runner, state,
              schedule, steps_per_epoch, augment, notes)
 

@@ -8,7 +8,7 @@ import numbers
 
 import ml_collections
 
-from cnnjax import optim
+from cnnjax import optim, runtime
 from cnnjax.errors import UserError
 
 
@@ -58,6 +58,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_shift = 0  # > 0: also over the image translated by +/- this many pixels (see train.test_time_logits)
   c.eval_rotation = 0.0  # > 0: also report test accuracy under random rotations up to this (deg)
   c.test_with = "last"  # 'last' or 'best' (lowest validation loss) checkpoint for the test set
+  # Mixed precision: 'bfloat16' computes the layers in bf16 (float32 parameters, optimizer
+  # state, batch-norm statistics and loss; float32 on a CPU without bf16); 'auto': bfloat16 on
+  # GPU/TPU, float32 on CPU (runtime.compute_dtype).
+  c.precision = "auto"
+  c.ema = 0.0  # > 0: evaluate (and save) an exponential moving average of the weights, this decay
 
   c.optimizer = optim.default_optimizer_config()
   c.schedule = optim.default_schedule_config()
@@ -127,6 +132,8 @@ DOCS = {
     "eval_shift": "also over the image translated by +/- this many pixels (0: off)",
     "eval_rotation": "also report test accuracy under random rotations up to this (degrees)",
     "test_with": "checkpoint tested at the end: 'last' or 'best' (lowest validation loss)",
+    "precision": "'auto' (bf16 on GPU/TPU), 'float32' or 'bfloat16' compute (parameters stay float32)",
+    "ema": "decay of a moving average of the weights used for evaluation, e.g. 0.999 (0: off)",
     "optimizer.name": "sgd, rmsprop, adam or adamw",
     "optimizer.lr": "learning rate (the peak of a one-cycle or warmup-cosine schedule)",
     "optimizer.weight_decay": "decoupled weight decay (adamw) or L2 added to the gradient",
@@ -204,6 +211,10 @@ def check(config: ml_collections.ConfigDict) -> None:
   check_number("config.eval_shift", config.eval_shift, 0, integer=True)
   check_number("config.eval_rotation", config.eval_rotation, 0, 180)
   check_number("config.log_every_steps", config.log_every_steps, 1, integer=True)
+  check_number("config.ema", config.ema, 0, 1, high_open=True)
+  if config.precision not in runtime.PRECISIONS:
+    raise UserError(f"config.precision={config.precision!r}; expected one of "
+                    f"{list(runtime.PRECISIONS)}")
   a = config.data.augment
   for key in ("rotation", "shear"):
     check_number(f"config.data.augment.{key}", a[key], 0, 180)

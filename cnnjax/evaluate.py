@@ -74,7 +74,7 @@ def probabilities(run: assemble.Run, state: steps.TrainState, inputs: np.ndarray
   run's test-time views (``eval_flip``, ``eval_shift``)."""
   c = run.config
   return steps.predict_proba(state, run.normalize, inputs, c.eval_batch_size, c.loss,
-                             c.eval_flip, c.eval_shift, run.runner.mesh, desc)
+                             c.eval_flip, c.eval_shift, run.runner.mesh, desc, run.runner.dtype)
 
 
 def test_report(run: assemble.Run, state: steps.TrainState) -> tuple[dict[str, Any], np.ndarray]:

@@ -404,7 +404,7 @@ def write_pictures(workdir: str | os.PathLike, image: int, *, layers: Sequence[s
   for name in (*layers, cam_layer, pattern_layer):
     feature_map(known, name)
   probs = predict_proba(s.state, s.normalize, images[image:image + 1], s.runner.mesh.size,
-                        config.loss, mesh=s.runner.mesh)[0]
+                        config.loss, mesh=s.runner.mesh, dtype=s.runner.dtype)[0]
   pred = int(probs.argmax())
   class_id = pred if class_id is None else class_id
   names = s.data.class_names

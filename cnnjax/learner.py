@@ -100,6 +100,10 @@ class Learner:
       file); a 'transfer' model's backbone gets them. As fastai's ``vision_learner``, a
       learner with pretrained weights starts frozen (``freeze()``: the head alone trains, and
       ``lr_find`` finds the head's rate) until ``unfreeze()`` or ``fine_tune``.
+    precision: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16' (mixed
+      precision: bf16 compute, float32 parameters, optimizer state, statistics and loss;
+      float32 on a CPU without bf16 instructions).
+    ema: > 0, e.g. 0.999: evaluate, predict and save a moving average of the weights.
   """
 
   def __init__(self, model: str | nn.Module, data: DataLike, optimizer: str = "adam", lr: float = 1e-3,
@@ -108,7 +112,8 @@ class Learner:
                augment: dict[str, Any] | None = None, normalize: bool | str = True,
                num_classes: int | None = None, image_size: int | None = None,
                optimizer_options: dict[str, Any] | None = None,
-               model_options: dict[str, Any] | None = None, pretrained: str | None = None):
+               model_options: dict[str, Any] | None = None, pretrained: str | None = None,
+               precision: str = "auto", ema: float = 0.0):
     if loss != "cross_entropy":
       raise UserError(f"unknown loss {loss!r}; expected 'cross_entropy'")
     for name, value, low, integer in (("batch_size", batch_size, 1, True),
@@ -117,6 +122,9 @@ class Learner:
       config_lib.check_number(name, value, low, integer=integer)
     config_lib.check_number("lr", lr, 0, low_open=True)
     config_lib.check_number("label_smoothing", label_smoothing, 0, 1, high_open=True)
+    config_lib.check_number("ema", ema, 0, 1, high_open=True)
+    if precision not in runtime.PRECISIONS:
+      raise UserError(f"precision={precision!r}; expected one of {list(runtime.PRECISIONS)}")
     runtime.configure()
     self.data = as_dataset(data, image_size)
     labels_max = int(self.data.train[1].max(initial=-1))
@@ -129,7 +137,8 @@ class Learner:
     c.model.pretrained = pretrained
     c.optimizer.update({"name": optimizer, "lr": lr, **(optimizer_options or {})})
     c.update({"batch_size": batch_size, "eval_batch_size": eval_batch_size, "seed": seed,
-              "label_smoothing": label_smoothing, "num_epochs": 1})
+              "label_smoothing": label_smoothing, "num_epochs": 1, "precision": precision,
+              "ema": float(ema)})
     c.data.val_size = float(val_size)
     c.data.augment.update(augment or {})
     c.data.normalization = normalize if isinstance(normalize, str) else (
@@ -246,8 +255,7 @@ class Learner:
     c = self.config
     c.optimizer.groups = groups
     frozen = optim.frozen_modules(self.state.params, groups)
-    self.run.runner = steps.Runner.create(self.run.normalize, c.label_smoothing, self.run.runner.mesh,
-                                          c.loss, frozen, c.eval_flip, c.eval_shift)
+    self.run.runner = steps.Runner.for_config(c, self.run.normalize, self.run.runner.mesh, frozen)
     tx = optim.make_optimizer(c.optimizer, self._schedule)
     self.state = self.run.runner.put_state(self.state.replace(tx=tx, opt_state=tx.init(self.state.params)))
     self._opt_start = int(self.state.step)
@@ -312,7 +320,8 @@ class Learner:
     if not len(images):
       return np.zeros((0, self.config.model.num_classes), np.float32)
     probs = steps.predict_proba(self.state, self.run.normalize, images,
-                                batch_size or self.config.eval_batch_size, mesh=self.run.runner.mesh)
+                                batch_size or self.config.eval_batch_size, mesh=self.run.runner.mesh,
+                                dtype=self.run.runner.dtype)
     return probs[0] if one else probs
 
   def save(self, path: str | pathlib.Path) -> pathlib.Path:
@@ -332,7 +341,8 @@ class Learner:
     meta = {"model": self.model_spec, "optimizer": self.config.optimizer.to_dict(),
             "mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist(),
             "class_names": self.data.class_names, "image_shape": list(self.data.image_shape),
-            "history": self.history.rows}
+            "history": self.history.rows, "precision": self.config.precision,
+            "ema": self.config.ema}
     (path / "learner.json").write_text(json.dumps(meta, indent=2))
     return path
 
@@ -357,6 +367,8 @@ class Learner:
               "class_names": meta["class_names"]}
     opt = meta["optimizer"]
     kwargs.setdefault("val_size", 0)
+    kwargs.setdefault("precision", meta.get("precision", "auto"))  # saves before these keys:
+    kwargs.setdefault("ema", meta.get("ema", 0.0))  # their defaults
     options = {k: tuple(v) if isinstance(v, list) else v  # JSON has no tuples
                for k, v in (meta["model"] or {}).items() if k not in ("name", "num_classes")}
     learner = cls(model or meta["model"]["name"], data, opt.pop("name"), opt.pop("lr"),

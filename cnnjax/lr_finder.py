@@ -196,9 +196,10 @@ def _fresh_state(runner: steps.Runner, state: steps.TrainState,
   """A copy of ``state``'s weights, statistics and rng in new buffers, with a new
   optimizer ``tx`` at step 0, placed on ``runner``'s mesh."""
   state = runner.put_state(state)  # may alias the caller's buffers: copied next
-  params, batch_stats, rng = jax.tree.map(jnp.copy, (state.params, state.batch_stats, state.rng))
+  params, batch_stats, rng, ema = jax.tree.map(
+      jnp.copy, (state.params, state.batch_stats, state.rng, state.ema))
   fresh = steps.TrainState.create(apply_fn=state.apply_fn, params=params, tx=tx,
-                                  batch_stats=batch_stats, rng=rng)
+                                  batch_stats=batch_stats, rng=rng, ema=ema)
   return runner.put_state(fresh)
 
 

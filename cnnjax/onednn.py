@@ -5,7 +5,7 @@ XLA:CPU's convolution kernels (Eigen) run up to 3.9x slower than oneDNN's, the l
 PyTorch uses on CPU (``python -m benchmarks --mode=convs``), and its reductions over
 ``[B, H, W]`` per channel (batch-norm statistics and their gradients) take 3x an elementwise
 pass over the same tensor (BENCHMARKS.md notes). ``conv(x, kernel, strides, padding)`` runs
-a float32 NHWC/HWIO 2-D convolution, its input gradient and its kernel gradient as oneDNN
+a float32 or bfloat16 NHWC/HWIO 2-D convolution, its input gradient and its kernel gradient as oneDNN
 primitives; ``batch_norm(x, scale, shift, epsilon)`` the training-mode batch normalisation
 and its gradient (``cnnjax/csrc/onednn.cc``). Both are called from jitted code like any
 other op; oneDNN's errors (a shape it has no kernel for) are raised as JAX runtime errors.
@@ -103,28 +103,29 @@ def unavailable_reason() -> str:
   return _load()
 
 
-def _call(name: str, out_shapes: Sequence[Sequence[int]], *operands: jax.Array,
+def _call(name: str, outs: Sequence[tuple[Sequence[int], jnp.dtype]], *operands: jax.Array,
           **attributes) -> list[jax.Array]:
-  """The float32 results of the oneDNN FFI target ``cnnjax_onednn_{name}``."""
+  """The results ``outs`` (shape, dtype) of the oneDNN FFI target ``cnnjax_onednn_{name}``."""
   if reason := _load():
     raise RuntimeError(f"oneDNN kernels are unavailable: {reason}")
   return jax.ffi.ffi_call(
       f"cnnjax_onednn_{name}",
-      [jax.ShapeDtypeStruct(tuple(shape), jnp.float32) for shape in out_shapes],
+      [jax.ShapeDtypeStruct(tuple(shape), dtype) for shape, dtype in outs],
       vmap_method="sequential")(
       *operands, **attributes)
 
 
 def _conv_call(name, out_shape, a, b, strides, padding) -> jax.Array:
-  return _call(f"conv_{name}", [out_shape], a, b, strides=np.asarray(strides, np.int64),
+  return _call(f"conv_{name}", [(out_shape, a.dtype)], a, b, strides=np.asarray(strides, np.int64),
                padding=np.asarray([p for pair in padding for p in pair], np.int64))[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
          padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-  """``[B, H, W, Cin]`` conv ``[kh, kw, Cin, Cout]`` -> ``[B, Ho, Wo, Cout]`` (float32),
-  ``lax.conv_general_dilated``'s NHWC/HWIO result with explicit ``padding`` pairs."""
+  """``[B, H, W, Cin]`` conv ``[kh, kw, Cin, Cout]`` -> ``[B, Ho, Wo, Cout]`` (all float32 or
+  all bfloat16), ``lax.conv_general_dilated``'s NHWC/HWIO result with explicit ``padding``
+  pairs."""
   kh, kw, _, cout = kernel.shape
   ho = conv_math.conv_output_size(x.shape[1] + sum(padding[0]), kh, strides[0])
   wo = conv_math.conv_output_size(x.shape[2] + sum(padding[1]), kw, strides[1])
@@ -147,12 +148,13 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array,
                epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Training-mode batch normalisation of ``x [..., C]`` (float32) over all axes but the last:
-  ``(y [..., C], mean [C], var [C])`` with the batch's biased variance and
-  ``y = (x - mean) / sqrt(var + epsilon) * scale + shift``."""
-  c = x.shape[-1]
-  return tuple(_call("norm_fwd", [x.shape, (c,), (c,)], x, scale, shift,
-                     epsilon=np.float32(epsilon)))
+  """Training-mode batch normalisation of ``x [..., C]`` (float32 or bfloat16) over all axes
+  but the last: ``(y [..., C], mean [C], var [C])`` with the batch's biased variance and
+  ``y = (x - mean) / sqrt(var + epsilon) * scale + shift``; ``y`` in ``x``'s dtype, the
+  float32 ``scale``, ``shift``, ``mean`` and ``var`` (statistics accumulated in float32)."""
+  c, f32 = x.shape[-1], jnp.float32
+  return tuple(_call("norm_fwd", [(x.shape, x.dtype), ((c,), f32), ((c,), f32)], x, scale,
+                     shift, epsilon=np.float32(epsilon)))
 
 
 def _norm_fwd(x, scale, shift, epsilon):
@@ -165,13 +167,14 @@ def _norm_bwd(epsilon, residuals, cotangents):
   dy, dmean, dvar = cotangents
   if isinstance(dy, SymbolicZero):
     dy = jnp.zeros_like(x)
-  dx, dscale, dshift = _call("norm_bwd", [x.shape, scale.shape, scale.shape], x, dy, scale,
-                             mean, var, epsilon=np.float32(epsilon))
+  dx, dscale, dshift = _call("norm_bwd", [(x.shape, x.dtype), (scale.shape, jnp.float32),
+                                         (scale.shape, jnp.float32)],
+                             x, dy.astype(x.dtype), scale, mean, var, epsilon=np.float32(epsilon))
   rows = x.size // x.shape[-1]
   if not isinstance(dmean, SymbolicZero):  # mean and var are rarely differentiated
-    dx = dx + dmean / rows
+    dx = dx + (dmean / rows).astype(dx.dtype)
   if not isinstance(dvar, SymbolicZero):
-    dx = dx + dvar * 2.0 * (x - mean) / rows
+    dx = dx + (dvar * 2.0 * (x - mean) / rows).astype(dx.dtype)
   return dx, dscale, dshift
 
 

@@ -16,6 +16,9 @@
   ``JAX_COMPILATION_CACHE_DIR`` chooses another place, or is set empty to turn it off), so
   a second run of a study skips XLA's compiles (at most 2 GiB, least recently used evicted).
 - ``cache_dir()``: where cnnjax keeps built and converted files.
+- ``compute_dtype(precision)``: what ``config.precision`` computes in here: 'bfloat16' on
+  GPU/TPU and on CPUs with bf16 instructions (AVX-512 BF16 or AMX), else float32; 'auto'
+  (the default) is bfloat16 on GPU/TPU, float32 on CPU.
 """
 import os
 import pathlib
@@ -28,6 +31,9 @@ XLA_CPU_FLAGS = {
 HUGE_PAGES = "glibc.malloc.hugetlb"
 _THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _onednn = False
+_onednn_bf16 = False
+PRECISIONS = ("auto", "float32", "bfloat16")
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo's names
 
 
 def cache_dir() -> pathlib.Path:
@@ -81,7 +87,7 @@ def configure(onednn: bool = True) -> bool:
   """Chooses the layers' kernels for this process: oneDNN's where ``onednn``, the extension
   is available (built here on first use) and JAX runs on one CPU device; else XLA's.
   Call it after ``jax.distributed.initialize`` (it counts the devices). Returns the choice."""
-  global _onednn
+  global _onednn, _onednn_bf16
   import jax  # pylint: disable=import-outside-toplevel
   from cnnjax import onednn as onednn_lib  # pylint: disable=import-outside-toplevel
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -89,12 +95,14 @@ def configure(onednn: bool = True) -> bool:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     jax.config.update("jax_compilation_cache_max_size", 2 << 30)  # least recently used go first
   _onednn = bool(onednn) and jax.device_count() == 1 and onednn_lib.available()
+  _onednn_bf16 = _onednn and cpu_has_bf16()
   return _onednn
 
 
-def onednn_in_use() -> bool:
-  """Whether the models' convolutions and batch norms run on oneDNN (``configure``)."""
-  return _onednn
+def onednn_in_use(dtype: str = "float32") -> bool:
+  """Whether the models' convolutions and batch norms of ``dtype`` run on oneDNN
+  (``configure``; bfloat16 only where the CPU has bf16 instructions)."""
+  return _onednn_bf16 if dtype == "bfloat16" else _onednn
 
 
 def kernels() -> str:
@@ -104,3 +112,38 @@ def kernels() -> str:
   from cnnjax import onednn as onednn_lib  # pylint: disable=import-outside-toplevel
   why = onednn_lib.unavailable_reason() or "not chosen: several devices, or no configure()"
   return f"XLA's kernels (oneDNN {why})"
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+  """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX; read from
+  ``/proc/cpuinfo``, or ``cpuinfo`` text if given). Elsewhere bf16 is emulated, slower than
+  float32."""
+  if cpuinfo is None:
+    try:
+      cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+      return False
+  flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                if line.startswith("flags")), [])
+  return any(flag in flags for flag in _CPU_BF16_FLAGS)
+
+
+def compute_dtype(precision: str) -> tuple[str, str]:
+  """``(dtype, note)``: the dtype the layers compute in for ``config.precision`` ('auto',
+  'float32' or 'bfloat16'; parameters, optimizer state, batch-norm statistics and the loss
+  stay float32), and a line for the run header. 'auto' is bfloat16 on GPU/TPU (XLA's
+  kernels) and float32 on CPU; bfloat16 falls back to float32 on a CPU without bf16
+  instructions."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from cnnjax.errors import UserError  # pylint: disable=import-outside-toplevel
+  if precision not in PRECISIONS:
+    raise UserError(f"precision {precision!r}; expected one of {list(PRECISIONS)}")
+  if precision == "auto":
+    precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  if precision == "float32":
+    return "float32", "Precision: float32"
+  if jax.default_backend() == "cpu" and not cpu_has_bf16():
+    return "float32", ("Precision: float32 (bfloat16 asked for, but this CPU has no bf16 "
+                       "instructions: emulated bf16 would be slower)")
+  return "bfloat16", ("Precision: bfloat16 compute; float32 parameters, optimizer state, "
+                      "batch-norm statistics and loss")

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import chex
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from cnnjax import optim, parallel, progress
+from cnnjax import optim, parallel, progress, runtime
 from cnnjax.data import pipeline
 from cnnjax.errors import UserError
 
@@ -24,10 +25,13 @@ LOSSES = ("cross_entropy", "binary_cross_entropy")
 
 
 class TrainState(train_state.TrainState):
-  """params, opt_state and step (from flax), plus batch-norm statistics and the rng
-  from which each step's dropout key is folded (raw uint32 key, so orbax can save it)."""
+  """params, opt_state and step (from flax), plus batch-norm statistics, the rng from which
+  each step's dropout key is folded (raw uint32 key, so orbax can save it) and ``ema``: the
+  exponential moving average of the variables (``{'params': ..., 'batch_stats': ...}``, as
+  ``model_variables``) that evaluation uses when ``config.ema`` > 0, else ``{}``."""
   batch_stats: Any
   rng: jax.Array
+  ema: Any = flax.struct.field(default_factory=dict)
 
 
 def init_variables(model: nn.Module, input_shape: tuple[int, ...], rng: jax.Array) -> dict[str, Any]:
@@ -59,10 +63,45 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def model_variables(state: TrainState, params: Any = None) -> dict[str, Any]:
-  """``{'params': ..., 'batch_stats': ...}`` of ``state`` (``params`` instead of its own if
-  given), for ``model.apply``."""
+  """``{'params': ..., 'batch_stats': ...}`` for ``model.apply``: with ``params`` given, those
+  and ``state``'s statistics (training); else the weights evaluation uses, the moving
+  average ``state.ema`` where the run keeps one, ``state``'s own otherwise."""
+  if params is None and state.ema:
+    return state.ema
   params = state.params if params is None else params
   return {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
+
+
+def with_ema(state: TrainState) -> TrainState:
+  """``state`` starting a moving average of its variables (a copy of them)."""
+  return state.replace(ema=jax.tree.map(jnp.copy, model_variables(state, state.params)))
+
+
+def ema_decay(decay: float, step: jax.Array) -> jax.Array:
+  """The averaging weight at optimizer step ``step``: ``decay``, lower early on
+  (``(1 + step) / (10 + step)``, as tf.train.ExponentialMovingAverage's num_updates) so the
+  average is not dominated by the random initial weights."""
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def cast_floats(tree: Any, dtype: str) -> Any:
+  """The floating-point leaves of ``tree`` in ``dtype`` (mixed precision's compute copy)."""
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                      tree)
+
+
+def apply_in(dtype: str, apply_fn: Callable[..., Any], variables: dict[str, Any],
+             images: jax.Array, **kwargs) -> Any:
+  """``apply_fn(variables, images, **kwargs)`` computing in ``dtype``: parameters and images
+  cast to it (batch-norm statistics stay float32), float32 logits returned (with the
+  ``mutable`` collections' updates, if any, unchanged)."""
+  if dtype != "float32":
+    variables = {**variables, "params": cast_floats(variables["params"], dtype)}
+    images = images.astype(dtype)
+  out = apply_fn(variables, images, **kwargs)
+  if isinstance(out, tuple):
+    return out[0].astype(jnp.float32), out[1]
+  return out.astype(jnp.float32)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -113,14 +152,17 @@ def make_normalize(mean: np.ndarray, std: np.ndarray,
 
 def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing: float = 0.0,
                     loss: str = "cross_entropy",
-                    frozen: frozenset[tuple[str, ...]] = frozenset()):
+                    frozen: frozenset[tuple[str, ...]] = frozenset(), dtype: str = "float32",
+                    ema: float = 0.0):
   """``train_step(state, batch) -> (state, sums)``: one optimizer step on a batch.
 
   ``sums`` holds ``loss`` (summed over the batch), ``correct`` and ``count``, so epochs
   accumulate exact means. Dropout uses ``fold_in(state.rng, state.step)``; batch norm
   runs in train mode and its new statistics replace the old, except in the ``frozen``
   modules (``optim.frozen_modules``), which run in inference mode and keep theirs
-  (``optim.frozen_inference``). ``loss``: one of LOSSES.
+  (``optim.frozen_inference``). ``loss``: one of LOSSES. ``dtype``: the compute dtype
+  (``apply_in``); gradients and the update are float32. ``ema`` > 0: ``state.ema`` moves
+  towards the new variables with weight ``ema_decay(ema, step)``.
   """
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     images, labels = normalize(batch["image"]), batch["label"]
@@ -129,14 +171,21 @@ def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing
 
     def loss_fn(params):
       with optim.frozen_inference(frozen):
-        logits, updates = state.apply_fn(model_variables(state, params), images, train=True,
-                                         rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+        logits, updates = apply_in(dtype, state.apply_fn, model_variables(state, params), images,
+                                   train=True, rngs={"dropout": dropout_rng},
+                                   mutable=["batch_stats"])
       losses, pred = loss_and_prediction(logits, labels, loss, label_smoothing)
       return losses.mean(), (losses, pred, updates)
 
     grads, (losses, pred, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads,
-                                  batch_stats=updates.get("batch_stats", state.batch_stats))
+    batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                               updates.get("batch_stats", state.batch_stats), state.batch_stats)
+    new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if ema:
+      decay = ema_decay(ema, state.step)
+      new = new.replace(ema=jax.tree.map(lambda e, v: e + (1.0 - decay) * (v - e), state.ema,
+                                         model_variables(new, new.params)))
+    state = new
     sums = {"loss": losses.sum(), "correct": (pred == labels).sum(),
             "count": jnp.asarray(labels.shape[0])}
     return state, sums
@@ -165,25 +214,28 @@ def test_time_logits(logits_of: Callable[[jax.Array], jax.Array], images: jax.Ar
 
 
 def make_predict(normalize: Callable[[jax.Array], jax.Array], flip: bool = False,
-                 shift: int = 0) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """``logits(state, images)``: logits ``[B, K]`` of uint8 images ``[B, H, W, C]``, batch
-  norm in inference mode, averaged over the test-time views (``test_time_logits``)."""
+                 shift: int = 0, dtype: str = "float32"
+                 ) -> Callable[[TrainState, jax.Array], jax.Array]:
+  """``logits(state, images)``: float32 logits ``[B, K]`` of uint8 images ``[B, H, W, C]``
+  computed in ``dtype`` (``apply_in``) with the evaluation weights (``model_variables``),
+  batch norm in inference mode, averaged over the test-time views (``test_time_logits``)."""
   def logits(state: TrainState, images: jax.Array) -> jax.Array:
     def logits_of(x: jax.Array) -> jax.Array:
-      return state.apply_fn(model_variables(state), normalize(x), train=False)
+      return apply_in(dtype, state.apply_fn, model_variables(state), normalize(x), train=False)
     return test_time_logits(logits_of, images, flip, shift)
   return logits
 
 
 def make_eval_step(normalize: Callable[[jax.Array], jax.Array], loss: str = "cross_entropy",
-                   flip: bool = False, shift: int = 0):
+                   flip: bool = False, shift: int = 0, dtype: str = "float32"):
   """``eval_step(state, batch) -> out``: batch norm in inference mode, padding masked.
 
   ``out`` holds ``loss``/``correct``/``count`` sums over real examples, ``pred`` ``[B]``
   (predicted class, see ``loss_and_prediction``) and ``mask`` ``[B]`` (False on padding rows).
-  ``flip``, ``shift``: test-time augmentation, see ``test_time_logits``.
+  ``flip``, ``shift``: test-time augmentation, see ``test_time_logits``; ``dtype``: the
+  compute dtype.
   """
-  predict = make_predict(normalize, flip, shift)
+  predict = make_predict(normalize, flip, shift, dtype)
 
   def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     mask = batch["mask"]
@@ -248,42 +300,54 @@ def apply_batched(fn: Callable[[Any, jax.Array], Any], args: Any, inputs: np.nda
 def predict_proba(state: TrainState, normalize: Callable[[jax.Array], jax.Array],
                   images: np.ndarray, batch_size: int = 500, loss: str = "cross_entropy",
                   flip: bool = False, shift: int = 0, mesh: jax.sharding.Mesh | None = None,
-                  desc: str = "") -> np.ndarray:
+                  desc: str = "", dtype: str = "float32") -> np.ndarray:
   """Class probabilities ``[N, K]`` (``probabilities``) of uint8 images ``[N, H, W, C]``,
-  from the logits over the test-time views ``flip`` and ``shift`` (``make_predict``)."""
-  return apply_batched(_probabilities(normalize, flip, shift, loss), state, images, batch_size,
-                       mesh, desc)
+  from the logits over the test-time views ``flip`` and ``shift`` (``make_predict``),
+  computed in ``dtype``."""
+  return apply_batched(_probabilities(normalize, flip, shift, loss, dtype), state, images,
+                       batch_size, mesh, desc)
 
 
 @functools.cache
-def _probabilities(normalize, flip, shift, loss):
-  predict = make_predict(normalize, flip, shift)
+def _probabilities(normalize, flip, shift, loss, dtype):
+  predict = make_predict(normalize, flip, shift, dtype)
   return lambda state, images: probabilities(predict(state, images), loss)
 
 
 @dataclasses.dataclass
 class Runner:
-  """The compiled steps of one run on one mesh."""
+  """The compiled steps of one run on one mesh, computing in ``dtype``."""
   train_step: Callable[..., Any]
   eval_step: Callable[..., Any]
   mesh: jax.sharding.Mesh
+  dtype: str = "float32"
 
   @classmethod
   def create(cls, normalize: Callable[[jax.Array], jax.Array], label_smoothing: float = 0.0,
              mesh: jax.sharding.Mesh | None = None, loss: str = "cross_entropy",
              frozen: frozenset[tuple[str, ...]] = frozenset(),
-             eval_flip: bool = False, eval_shift: int = 0) -> "Runner":
+             eval_flip: bool = False, eval_shift: int = 0, dtype: str = "float32",
+             ema: float = 0.0) -> "Runner":
     """Compiles the steps of ``make_train_step``/``make_eval_step`` (``flip=eval_flip``,
     ``shift=eval_shift``) for ``mesh``."""
     if loss not in LOSSES:
       raise UserError(f"unknown loss {loss!r}; expected one of {list(LOSSES)}")
     mesh = mesh or parallel.make_mesh()
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    train_step = jax.jit(make_train_step(normalize, label_smoothing, loss, frozen),
+    train_step = jax.jit(make_train_step(normalize, label_smoothing, loss, frozen, dtype, ema),
                          in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(normalize, loss, eval_flip, eval_shift),
+    eval_step = jax.jit(make_eval_step(normalize, loss, eval_flip, eval_shift, dtype),
                         in_shardings=(rep, data), out_shardings=rep)
-    return cls(train_step, eval_step, mesh)
+    return cls(train_step, eval_step, mesh, dtype)
+
+  @classmethod
+  def for_config(cls, config: Any, normalize: Callable[[jax.Array], jax.Array],
+                 mesh: jax.sharding.Mesh, frozen: frozenset[tuple[str, ...]]) -> "Runner":
+    """``create`` with a run config's loss, label smoothing, test-time views, precision
+    (``runtime.compute_dtype``) and weight averaging."""
+    dtype, _ = runtime.compute_dtype(config.precision)
+    return cls.create(normalize, config.label_smoothing, mesh, config.loss, frozen,
+                      config.eval_flip, config.eval_shift, dtype, config.ema)
 
   def put_state(self, state: TrainState) -> TrainState:
     return jax.device_put(state, parallel.replicated(self.mesh))

@@ -9,20 +9,28 @@ the end. ``tensorboard --logdir runs`` shows every run under ``runs/`` by its wo
 
 A resumed run writes a new event file that purges the events after its checkpoint's step,
 so TensorBoard shows one line per run, not the abandoned tail of the interrupted one.
+
+tensorboardX is imported, and the event file opened, at the first event, so a run's start-up
+does not wait for it (with torch installed, importing tensorboardX imports torch: ~2 s).
 """
+import functools
 import pathlib
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from tensorboardX import SummaryWriter
+
 
 class Events:
   """Writes a run's events; ``start_step`` > 0: a resumed run (see the module docstring)."""
 
   def __init__(self, workdir: str | pathlib.Path, start_step: int = 0):
-    self._writer = SummaryWriter(str(workdir),
-                                 purge_step=start_step or None, flush_secs=10)
+    self._workdir, self._start_step = str(workdir), start_step
+
+  @functools.cached_property
+  def _writer(self):
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    return SummaryWriter(self._workdir, purge_step=self._start_step or None, flush_secs=10)
 
   def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
     """``prefix/name`` for each number in ``values`` (other values are skipped)."""
@@ -36,7 +44,9 @@ class Events:
       self._writer.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
 
   def flush(self) -> None:
-    self._writer.flush()
+    if "_writer" in self.__dict__:
+      self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    if "_writer" in self.__dict__:
+      self._writer.close()

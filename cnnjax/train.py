@@ -8,6 +8,7 @@ A workdir holds: ``config.json``, ``run_info.json`` (machine, versions, devices)
 ``test_metrics.json``, ``confusion.png``, ``predictions.png``, TensorBoard event files
 (``cnnjax.tensorboard``) and ``checkpoints/`` (the two latest and the best).
 """
+import functools
 import json
 import pathlib
 import signal
@@ -21,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cnnjax import (assemble, evaluate, logs, lr_finder, parallel, plots, progress, steps,
+from cnnjax import (assemble, evaluate, logs, lr_finder, parallel, plots, progress, runtime, steps,
                     tensorboard)
 from cnnjax import callbacks as callbacks_lib
 from cnnjax import workdir as workdir_lib
@@ -133,7 +134,9 @@ def header(run: assemble.Run) -> list[str]:
           *run.notes,
           f"Devices: {mesh.size} x {mesh.devices.flat[0].platform} ({jax.process_count()} "
           f"process(es)) | batch {c.batch_size}, {run.steps_per_epoch} steps per epoch, "
-          f"{c.num_epochs} epochs"]
+          f"{c.num_epochs} epochs",
+          runtime.compute_dtype(c.precision)[1]
+          + (f" | evaluated on a moving average of the weights (decay {c.ema:g})" if c.ema else "")]
 
 
 def use_lr_finder(run: assemble.Run, workdir: pathlib.Path | None) -> assemble.Run:
@@ -219,9 +222,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   events = tensorboard.Events(workdir, start_step) if is_main else None
   logs.say(f"Ready to train in {time.time() - start:.1f}s (the first step compiles)")
 
-  # the rate of every step, once: the curves show the schedule's shape
-  step_lrs = np.asarray(jax.vmap(run.schedule)(jnp.arange(run.steps_per_epoch * config.num_epochs)))
-  recorder = _Recorder(workdir, config.num_epochs, history, checkpoints, events, step_lrs)
+  recorder = _Recorder(workdir, config.num_epochs, history, checkpoints, events, run.schedule,
+                       run.steps_per_epoch * config.num_epochs)
   callbacks = [recorder]
   num_epochs = config.num_epochs
   if config.early_stopping.patience:
@@ -270,9 +272,16 @@ class _Recorder(callbacks_lib.Callback):
 
   def __init__(self, workdir: pathlib.Path, num_epochs: int, history: list[dict[str, Any]],
                checkpoints: Checkpoints, events: "tensorboard.Events | None",
-               step_lrs: np.ndarray):
+               schedule: optax.Schedule, total_steps: int):
     self.workdir, self.num_epochs, self.history = workdir, num_epochs, history
-    self.checkpoints, self.events, self.step_lrs = checkpoints, events, step_lrs
+    self.checkpoints, self.events = checkpoints, events
+    self.schedule, self.total_steps = schedule, total_steps
+
+  @functools.cached_property
+  def step_lrs(self) -> np.ndarray:
+    """``[total_steps]`` the rate of every step, computed once, after the first epoch (not
+    before the first step): the curves show the schedule's shape."""
+    return np.asarray(jax.vmap(self.schedule)(jnp.arange(self.total_steps)))
 
   def on_step_end(self, step: int, values: dict[str, float]) -> None:
     if self.events is not None:

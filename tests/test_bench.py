@@ -9,7 +9,7 @@ from PIL import Image
 
 from benchmarks import __main__ as bench
 from benchmarks import conv_rows, model_rows
-from cnnjax import onednn
+from cnnjax import onednn, runtime
 
 TINY = ["--windows", "1", "--window_seconds", "0.05", "--warmup_seconds", "0"]
 
@@ -82,7 +82,10 @@ def test_models_mode_without_torch_reports_a_failed_row_and_measures_the_others(
   assert kernels.startswith("oneDNN" if onednn.available() else "XLA's (oneDNN unavailable: ")
   (row,) = _table_rows(text)
   assert row.startswith("| LeNet | 8 | 61,706 | ")
-  assert re.search(r" \| - \| - \| - \| - \| [01]/1 \|$", row)  # no torch columns
+  # No torch columns; a bf16 figure where this machine computes bf16 (a second measurement).
+  bf16 = runtime.compute_dtype("bfloat16")[0] == "bfloat16"
+  jax_bf16 = r"[\d,.]+( \(busy\))?" if bf16 else "-"
+  assert re.search(rf" \| - \| - \| {jax_bf16} \| - \| - \| \d/{2 if bf16 else 1} \|$", row), row
   assert "- broken: not measured (UserError: unknown model 'no_such_model'" in text
 
 
@@ -98,8 +101,10 @@ def test_models_mode_compares_jax_with_torch_peers(capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:3] == [title, "16", params]  # parameter counts checked equal
     assert re.search(r"\((NCHW|channels_last)", cells[5])
-    assert all(re.fullmatch(r"\d+\.\d\dx", c) for c in cells[7:9])
-    assert re.fullmatch(r"\d/4", cells[9])  # JAX + 3 torch variants, 1 window each
+    bf16 = runtime.compute_dtype("bfloat16")[0] == "bfloat16"
+    assert all(re.fullmatch(r"\d+\.\d\dx", c) for c in [cells[6], *cells[9:10] * bf16])
+    # JAX (f32, and bf16 where this machine has it) + 3 torch variants, 1 window each.
+    assert re.fullmatch(rf"\d/{5 if bf16 else 4}", cells[10])
     assert f"- {title}: torch img/s f32 NCHW " in text
   assert "not measured" not in text
 
@@ -150,3 +155,31 @@ def test_bad_input_ends_with_one_error_line(args, message, capsys):
   assert exit_info.value.code == 2
   (line,) = capsys.readouterr().err.splitlines()[-1:]
   assert re.match(f"^error: .*{message}", line)
+
+
+@pytest.mark.slow
+def test_the_job_benchmark_times_whole_runs_and_writes_nothing(npz_path, tmp_path):
+  """``python -m benchmarks.job`` on a tiny CIFAR-shaped .npz: one row per variant (PyTorch's
+  where torch is importable), the phases of cnnjax's time, nothing left in the directory."""
+  import importlib.util
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, "-m", "benchmarks.job", "--data", str(npz_path)],
+                        cwd=tmp_path, capture_output=True, text=True,
+                        env={**os.environ, "PYTHONPATH": root}, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  text = done.stdout
+  assert text.startswith("## The whole job, cifar_bn_fast: ")
+  rows = {row.split(" | ")[0][2:]: row for row in _table_rows(text)}
+  expected = {"cnnjax f32"} | ({"cnnjax bf16"} if runtime.compute_dtype("bfloat16")[0] == "bfloat16"
+                               else set())
+  if importlib.util.find_spec("torch"):
+    expected |= {name.replace("cnnjax", "torch") for name in expected}
+  assert set(rows) == expected
+  cells = [c.strip() for c in rows["cnnjax f32"].strip("|").split("|")]
+  assert re.fullmatch(r"[\d.]+ \(\d+\)", cells[1])  # median wall (each run)
+  assert all(float(c) >= 0 for c in cells[2:6])  # start-up, training, evaluation, writing
+  assert re.fullmatch(r"[\d.]+% \([\d.]+%\)", cells[6])  # all test images (the lossless ones)
+  assert list(tmp_path.iterdir()) == [npz_path]

@@ -77,7 +77,7 @@ def test_im2col_computes_the_xla_cases_too():
         rtol=1e-5, atol=1e-4, err_msg=name)
 
 
-def test_grouped_dilated_nchw_and_bfloat16_convolutions_go_to_lax(monkeypatch):
+def test_grouped_dilated_nchw_and_float16_convolutions_go_to_lax(monkeypatch):
   monkeypatch.setattr(conv, "im2col_conv", lambda *a: pytest.fail("im2col used"))
   monkeypatch.setattr(onednn, "conv", lambda *a: pytest.fail("oneDNN used"))
   x = jnp.ones((1, 6, 6, 4))
@@ -86,8 +86,18 @@ def test_grouped_dilated_nchw_and_bfloat16_convolutions_go_to_lax(monkeypatch):
   conv.conv_general_dilated(x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", rhs_dilation=(2, 2),
                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
   conv.conv_general_dilated(jnp.ones((1, 4, 6, 6)), jnp.ones((4, 4, 3, 3)), (1, 1), "SAME")
-  conv.conv_general_dilated(x.astype(jnp.bfloat16), jnp.ones((1, 1, 4, 4), jnp.bfloat16),
+  conv.conv_general_dilated(x.astype(jnp.float16), jnp.ones((1, 1, 4, 4), jnp.float16),
                             (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_bfloat16_convolutions_run_on_onednn_only_where_the_cpu_has_bf16(monkeypatch):
+  shapes = ((2, 8, 8, 4), (3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)))
+  monkeypatch.setattr(runtime, "_onednn", True)
+  monkeypatch.setattr(runtime, "_onednn_bf16", False)
+  assert conv.lowering(*shapes) == "onednn"
+  assert conv.lowering(*shapes, dtype="bfloat16") == "xla"
+  monkeypatch.setattr(runtime, "_onednn_bf16", True)
+  assert conv.lowering(*shapes, dtype="bfloat16") == "onednn"
 
 
 @pytest.mark.slow

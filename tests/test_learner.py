@@ -134,3 +134,27 @@ def test_a_pretrained_learner_starts_frozen_as_fastais(tmp_path):
   for name, expect_same in (("backbone", True), ("head", False)):
     same = jax.tree.leaves(jax.tree.map(np.array_equal, before[name], after[name]))
     assert all(same) == expect_same, name
+
+
+def test_precision_and_ema_are_learner_arguments(tmp_path, monkeypatch):
+  from cnnjax import runtime
+  monkeypatch.setattr(runtime, "cpu_has_bf16", lambda cpuinfo=None: True)
+  x, y = make_images(96, seed=4)
+  learner = cnnjax.Learner("seed_cnn", (x, y), lr=3e-3, batch_size=16, val_size=32,
+                           precision="bfloat16", ema=0.9)
+  assert learner.config.precision == "bfloat16" and learner.config.ema == 0.9
+  assert learner.run.runner.dtype == "bfloat16"
+  learner.fit(1)
+  probs = learner.predict(x[:5])
+  assert probs.shape == (5, 10) and np.allclose(probs.sum(-1), 1, atol=1e-3)
+  # Predictions come from the moving average, not the live weights.
+  live = cnnjax.steps.predict_proba(learner.state.replace(ema={}), learner.run.normalize, x[:5],
+                                    dtype="bfloat16")
+  assert not np.allclose(probs, live)
+  learner.save(tmp_path / "saved")
+  again = cnnjax.Learner.load(tmp_path / "saved")
+  np.testing.assert_allclose(again.predict(x[:5]), probs, atol=1e-6)
+  with pytest.raises(UserError, match=r"^precision='half'; expected one of \['auto', 'float32', 'bfloat16'\]$"):
+    cnnjax.Learner("seed_cnn", (x, y), precision="half")
+  with pytest.raises(UserError, match=r"^ema=1.5; expected a number in \[0, 1\)$"):
+    cnnjax.Learner("seed_cnn", (x, y), ema=1.5)

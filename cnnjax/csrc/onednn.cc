@@ -1,5 +1,5 @@
-// oneDNN convolutions and batch normalisation as XLA FFI handlers (CPU, float32, NHWC
-// activations, HWIO kernels), one handler per pass so that JAX wraps each op in a custom VJP
+// oneDNN convolutions and batch normalisation as XLA FFI handlers (CPU, float32 or bfloat16,
+// NHWC activations, HWIO kernels), one handler per pass so that JAX wraps each op in a custom VJP
 // (cnnjax/onednn.py):
 //   cnnjax_onednn_conv_fwd          x [N, H, W, Ci], w [KH, KW, Ci, Co] -> y [N, Ho, Wo, Co]
 //   cnnjax_onednn_conv_bwd_data     dy [N, Ho, Wo, Co], w [KH, KW, Ci, Co] -> dx [N, H, W, Ci]
@@ -8,6 +8,9 @@
 //   cnnjax_onednn_norm_fwd  x [..., C], scale [C], shift [C] -> y [..., C], mean [C], var [C]
 //   cnnjax_onednn_norm_bwd  x, dy [..., C], scale, mean, var [C] -> dx, dscale, dshift
 //   (attribute: epsilon)
+// A convolution's operands and result share one dtype (float32 or bfloat16); batch norm's x, y,
+// dy and dx are float32 or bfloat16, its per-channel scale, shift, mean, var and their
+// gradients always float32 (mixed precision keeps statistics in float32).
 //
 // oneDNN picks its kernel for the shape (weights in its own blocked layout, reordered from and
 // to HWIO here). Primitives are built once per shape and pass and cached; executions are
@@ -33,8 +36,18 @@ namespace {
 
 enum class Pass { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-// N, H, W, Ci, KH, KW, Co, stride h, stride w, pad top, bottom, left, right, pass.
-using Key = std::array<int64_t, 14>;
+// N, H, W, Ci, KH, KW, Co, stride h, stride w, pad top, bottom, left, right, pass, dtype.
+using Key = std::array<int64_t, 15>;
+
+using dt = dnnl::memory::data_type;
+
+// oneDNN's type of an FFI buffer's elements: float32 or bfloat16 (anything else is refused
+// before a primitive is built).
+bool OnednnType(ffi::DataType type, dt* out) {
+  if (type == ffi::DataType::F32) return *out = dt::f32, true;
+  if (type == ffi::DataType::BF16) return *out = dt::bf16, true;
+  return false;
+}
 
 struct Shapes {
   dnnl::memory::dims src, weights, dst, strides, pad_l, pad_r;
@@ -65,21 +78,23 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-dnnl::memory::desc Desc(const dnnl::memory::dims& dims, dnnl::memory::format_tag tag) {
-  return dnnl::memory::desc(dims, dnnl::memory::data_type::f32, tag);
+dnnl::memory::desc Desc(const dnnl::memory::dims& dims, dnnl::memory::format_tag tag,
+                        dt type = dt::f32) {
+  return dnnl::memory::desc(dims, type, tag);
 }
 
 std::unique_ptr<Plan> MakePlan(const Key& key) {
   using tag = dnnl::memory::format_tag;
   const Shapes s = ShapesOf(key);
+  const auto type = static_cast<dt>(key[14]);
   const auto algo = dnnl::algorithm::convolution_direct;
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto plan = std::make_unique<Plan>();
-  const auto src = plan->src_md = Desc(s.src, tag::nhwc);
-  const auto dst = plan->dst_md = Desc(s.dst, tag::nhwc);
-  const auto any_weights = Desc(s.weights, tag::any);
-  plan->hwio_md = Desc(s.weights, tag::hwio);
+  const auto src = plan->src_md = Desc(s.src, tag::nhwc, type);
+  const auto dst = plan->dst_md = Desc(s.dst, tag::nhwc, type);
+  const auto any_weights = Desc(s.weights, tag::any, type);
+  plan->hwio_md = Desc(s.weights, tag::hwio, type);
   dnnl::convolution_forward::primitive_desc fwd(
       Engine(), dnnl::prop_kind::forward_training, algo, src, any_weights, dst, s.strides,
       s.pad_l, s.pad_r, attr);
@@ -135,11 +150,17 @@ ffi::Error Guarded(const char* what, Body&& body) {
 
 // Runs one pass under the lock. `a` and `b` are the pass's inputs and `out` its output, in
 // the order of the handler's arguments above.
-ffi::Error RunConv(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> strides,
+ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                   ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> strides,
                    ffi::Span<const int64_t> padding) {
   if (strides.size() != 2 || padding.size() != 4) {
     return ffi::Error::InvalidArgument("strides must have 2 entries and padding 4");
+  }
+  dt type;
+  if (!OnednnType(a.element_type(), &type) || b.element_type() != a.element_type() ||
+      out->element_type() != a.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "convolution operands must all be float32 or all bfloat16");
   }
   // The NHWC activation that carries N, H, W, Ci, and the HWIO-shaped buffer.
   auto x_dims = pass == Pass::kBackwardData ? out->dimensions() : a.dimensions();
@@ -150,45 +171,45 @@ ffi::Error RunConv(Pass pass, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   }
   const Key key = {x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1],
                    w_dims[3], strides[0], strides[1], padding[0], padding[1], padding[2],
-                   padding[3], static_cast<int64_t>(pass)};
+                   padding[3], static_cast<int64_t>(pass), static_cast<int64_t>(type)};
   std::lock_guard<std::mutex> guard(Lock());
   static std::map<Key, std::unique_ptr<Plan>> plans;
   auto& plan = plans[key];
   if (!plan) plan = MakePlan(key);
   static dnnl::stream stream(Engine());
-  static std::vector<float> weights_buffer, scratch_buffer;
-  scratch_buffer.resize(plan->scratch_md.get_size() / sizeof(float) + 1);
+  static std::vector<char> weights_buffer, scratch_buffer;
+  scratch_buffer.resize(plan->scratch_md.get_size() + 64);
   dnnl::memory scratch(plan->scratch_md, Engine(), scratch_buffer.data());
   // The convolution's weights (or weight gradient) memory: the HWIO buffer itself, or a
   // buffer in oneDNN's layout reordered from (or to) it.
-  float* hwio = pass == Pass::kBackwardWeights ? out->typed_data() : b.typed_data();
+  void* hwio = pass == Pass::kBackwardWeights ? out->untyped_data() : b.untyped_data();
   dnnl::memory hwio_mem(plan->hwio_md, Engine(), hwio);
   dnnl::memory weights_mem = hwio_mem;
   if (plan->weights_reorder) {
-    weights_buffer.resize(plan->weights_md.get_size() / sizeof(float) + 1);
+    weights_buffer.resize(plan->weights_md.get_size() + 64);
     weights_mem = dnnl::memory(plan->weights_md, Engine(), weights_buffer.data());
     if (pass != Pass::kBackwardWeights) {
       plan->weights_reorder->execute(stream, hwio_mem, weights_mem);
     }
   }
-  auto src = [&](float* data) { return dnnl::memory(plan->src_md, Engine(), data); };
-  auto dst = [&](float* data) { return dnnl::memory(plan->dst_md, Engine(), data); };
+  auto src = [&](void* data) { return dnnl::memory(plan->src_md, Engine(), data); };
+  auto dst = [&](void* data) { return dnnl::memory(plan->dst_md, Engine(), data); };
   switch (pass) {
     case Pass::kForward:
-      plan->conv.execute(stream, {{DNNL_ARG_SRC, src(a.typed_data())},
+      plan->conv.execute(stream, {{DNNL_ARG_SRC, src(a.untyped_data())},
                                   {DNNL_ARG_WEIGHTS, weights_mem},
-                                  {DNNL_ARG_DST, dst(out->typed_data())},
+                                  {DNNL_ARG_DST, dst(out->untyped_data())},
                                   {DNNL_ARG_SCRATCHPAD, scratch}});
       break;
     case Pass::kBackwardData:
-      plan->conv.execute(stream, {{DNNL_ARG_DIFF_DST, dst(a.typed_data())},
+      plan->conv.execute(stream, {{DNNL_ARG_DIFF_DST, dst(a.untyped_data())},
                                   {DNNL_ARG_WEIGHTS, weights_mem},
-                                  {DNNL_ARG_DIFF_SRC, src(out->typed_data())},
+                                  {DNNL_ARG_DIFF_SRC, src(out->untyped_data())},
                                   {DNNL_ARG_SCRATCHPAD, scratch}});
       break;
     case Pass::kBackwardWeights:
-      plan->conv.execute(stream, {{DNNL_ARG_SRC, src(a.typed_data())},
-                                  {DNNL_ARG_DIFF_DST, dst(b.typed_data())},
+      plan->conv.execute(stream, {{DNNL_ARG_SRC, src(a.untyped_data())},
+                                  {DNNL_ARG_DIFF_DST, dst(b.untyped_data())},
                                   {DNNL_ARG_DIFF_WEIGHTS, weights_mem},
                                   {DNNL_ARG_SCRATCHPAD, scratch}});
       if (plan->weights_reorder) plan->weights_reorder->execute(stream, weights_mem, hwio_mem);
@@ -206,15 +227,16 @@ struct NormPlan {
   dnnl::memory::desc rows_md, channels_md;
 };
 
-ffi::Error RunNorm(bool backward, int64_t rows, int64_t channels, float epsilon,
+ffi::Error RunNorm(bool backward, dt type, int64_t rows, int64_t channels, float epsilon,
                    const std::unordered_map<int, void*>& args) {
   using tag = dnnl::memory::format_tag;
   std::lock_guard<std::mutex> guard(Lock());
-  static std::map<std::tuple<bool, int64_t, int64_t, float>, std::unique_ptr<NormPlan>> plans;
-  auto& plan = plans[{backward, rows, channels, epsilon}];
+  static std::map<std::tuple<bool, dt, int64_t, int64_t, float>, std::unique_ptr<NormPlan>>
+      plans;
+  auto& plan = plans[{backward, type, rows, channels, epsilon}];
   if (!plan) {
     plan = std::make_unique<NormPlan>();
-    plan->rows_md = Desc({rows, channels}, tag::nc);
+    plan->rows_md = Desc({rows, channels}, tag::nc, type);
     plan->channels_md = Desc({channels}, tag::a);
     const auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
     dnnl::batch_normalization_forward::primitive_desc fwd(
@@ -242,32 +264,46 @@ ffi::Error RunNorm(bool backward, int64_t rows, int64_t channels, float epsilon,
   return ffi::Error::Success();
 }
 
-ffi::Error NormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
-                       ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
+// The dtype of batch norm's activations (x, y, dy, dx), which must agree.
+template <typename... Buffers>
+bool ActivationType(dt* type, const ffi::AnyBuffer& first, const Buffers&... rest) {
+  return OnednnType(first.element_type(), type) &&
+         ((rest.element_type() == first.element_type()) && ...);
+}
+
+ffi::Error NormForward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> shift, ffi::Result<ffi::AnyBuffer> y,
                        ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> variance,
                        float epsilon) {
   const int64_t channels = scale.element_count();
+  dt type;
+  if (!ActivationType(&type, x, *y)) {
+    return ffi::Error::InvalidArgument("batch norm's x and y must be float32 or bfloat16");
+  }
   return Guarded("batch norm", [&] {
-    return RunNorm(false, x.element_count() / channels, channels, epsilon,
-                   {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
-                    {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->typed_data()},
+    return RunNorm(false, type, x.element_count() / channels, channels, epsilon,
+                   {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
+                    {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->untyped_data()},
                     {DNNL_ARG_MEAN, mean->typed_data()},
                     {DNNL_ARG_VARIANCE, variance->typed_data()}});
   });
 }
 
-ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> mean,
-                        ffi::Buffer<ffi::F32> variance, ffi::ResultBuffer<ffi::F32> dx,
-                        ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dshift,
-                        float epsilon) {
+ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> scale,
+                        ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> variance,
+                        ffi::Result<ffi::AnyBuffer> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                        ffi::ResultBuffer<ffi::F32> dshift, float epsilon) {
   const int64_t channels = scale.element_count();
+  dt type;
+  if (!ActivationType(&type, x, dy, *dx)) {
+    return ffi::Error::InvalidArgument("batch norm's x, dy and dx must be float32 or bfloat16");
+  }
   return Guarded("batch norm", [&] {
-    return RunNorm(true, x.element_count() / channels, channels, epsilon,
-                   {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_DIFF_DST, dy.typed_data()},
+    return RunNorm(true, type, x.element_count() / channels, channels, epsilon,
+                   {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_DIFF_DST, dy.untyped_data()},
                     {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_MEAN, mean.typed_data()},
                     {DNNL_ARG_VARIANCE, variance.typed_data()},
-                    {DNNL_ARG_DIFF_SRC, dx->typed_data()},
+                    {DNNL_ARG_DIFF_SRC, dx->untyped_data()},
                     {DNNL_ARG_DIFF_SCALE, dscale->typed_data()},
                     {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}});
   });
@@ -276,15 +312,15 @@ ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 #define CNNJAX_CONV_HANDLER(symbol, pass)                                                   \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                            \
       symbol,                                                                               \
-      [](ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out, \
+      [](ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,               \
          ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {              \
         return Guarded("convolution",                                                       \
                        [&] { return RunConv(pass, a, b, out, strides, padding); });         \
       },                                                                                    \
       ffi::Ffi::Bind()                                                                      \
-          .Arg<ffi::Buffer<ffi::F32>>()                                                     \
-          .Arg<ffi::Buffer<ffi::F32>>()                                                     \
-          .Ret<ffi::Buffer<ffi::F32>>()                                                     \
+          .Arg<ffi::AnyBuffer>()                                                            \
+          .Arg<ffi::AnyBuffer>()                                                            \
+          .Ret<ffi::AnyBuffer>()                                                            \
           .Attr<ffi::Span<const int64_t>>("strides")                                        \
           .Attr<ffi::Span<const int64_t>>("padding"));
 
@@ -297,21 +333,21 @@ CNNJAX_CONV_HANDLER(CnnjaxOnednnConvBwdWeights, Pass::kBackwardWeights)
 using F32Buffer = ffi::Buffer<ffi::F32>;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnNormFwd, NormForward,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<F32Buffer>()
                                   .Arg<F32Buffer>()
-                                  .Arg<F32Buffer>()
-                                  .Ret<F32Buffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<F32Buffer>()
                                   .Ret<F32Buffer>()
                                   .Attr<float>("epsilon"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnNormBwd, NormBackward,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<F32Buffer>()
                                   .Arg<F32Buffer>()
                                   .Arg<F32Buffer>()
-                                  .Arg<F32Buffer>()
-                                  .Arg<F32Buffer>()
-                                  .Ret<F32Buffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<F32Buffer>()
                                   .Ret<F32Buffer>()
                                   .Attr<float>("epsilon"));

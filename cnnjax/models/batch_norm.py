@@ -4,12 +4,14 @@ step runs on oneDNN where that is available.
 XLA:CPU computes batch statistics and their gradients (reductions over ``[B, H, W]`` per
 channel) slowly: with its convolutions on oneDNN, BNCNN's step spent 67 of 208 ms of kernel
 time in such reductions (BENCHMARKS.md notes); oneDNN's batch norm does the same work in
-~20 ms. In training mode, for float32 inputs normalised over all axes
+~20 ms. In training mode, for float32 or bfloat16 inputs normalised over all axes
 but the last, on one device and without a mask or a cross-device ``axis_name``, this module
 computes the statistics, the normalisation and its gradient with ``cnnjax.onednn.batch_norm``
 (oneDNN's batch normalisation, one pass for the statistics) and updates the running averages
 as flax does. Everything else (evaluation with the running averages, initialisation, other
-dtypes and axes, no oneDNN) is ``nn.BatchNorm``'s own code. The variance is the batch's
+dtypes and axes, no oneDNN) is ``nn.BatchNorm``'s own code. Under mixed precision
+(``config.precision='bfloat16'``: bfloat16 inputs and parameters) the statistics stay float32
+and the output is bfloat16, as the next layer expects, on both paths. The variance is the batch's
 biased variance in both (oneDNN's is computed around the mean, flax's default as
 ``E[x^2] - E[x]^2``: equal up to float32 rounding; ``tests/test_onednn.py``).
 """
@@ -21,15 +23,15 @@ from cnnjax import onednn, runtime
 
 
 class BatchNorm(nn.BatchNorm):
-  """``nn.BatchNorm`` with its float32 training-mode step on oneDNN (see the module docstring).
+  """``nn.BatchNorm`` with its training-mode step on oneDNN (see the module docstring).
 
   Input ``[..., C]``; returns ``[..., C]``."""
 
   def _runs_on_onednn(self, x: jax.Array, train: bool, mask: jax.Array | None) -> bool:
     return (train and mask is None and self.axis_name is None and not self.is_initializing()
-            and x.dtype == jnp.float32 and self.param_dtype == jnp.float32
+            and x.dtype in (jnp.float32, jnp.bfloat16) and self.param_dtype == jnp.float32
             and self.dtype in (None, jnp.float32) and self.axis in (-1, x.ndim - 1, (-1,))
-            and runtime.onednn_in_use())
+            and runtime.onednn_in_use(x.dtype.name))
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
@@ -37,7 +39,8 @@ class BatchNorm(nn.BatchNorm):
     train = not nn.merge_param("use_running_average", self.use_running_average,
                                use_running_average)
     if not self._runs_on_onednn(x, train, mask):
-      return super().__call__(x, use_running_average, mask=mask)
+      y = super().__call__(x, use_running_average, mask=mask)
+      return y.astype(jnp.bfloat16) if x.dtype == jnp.bfloat16 else y  # not promoted by the stats
     c = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,))
@@ -45,7 +48,8 @@ class BatchNorm(nn.BatchNorm):
              else jnp.ones((c,), jnp.float32))
     shift = (self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias
              else jnp.zeros((c,), jnp.float32))
-    y, mean, var = onednn.batch_norm(x, scale, shift, self.epsilon)
+    y, mean, var = onednn.batch_norm(x, jnp.asarray(scale, jnp.float32),
+                                     jnp.asarray(shift, jnp.float32), self.epsilon)
     ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
     ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return y

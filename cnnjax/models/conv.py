@@ -5,12 +5,13 @@ oneDNN's convolutions (the kernels PyTorch uses on CPU) run 1.0-3.9x faster than
 (Eigen) on the cnnjax models' layers, forward and both gradients, and XLA's fall far behind
 a matrix product on maps of <= 4 output pixels (ResNet's last stages at 32x32 input: 9-30x)
 and on strided 1x1 kernels (1.3-1.7x) (``python -m benchmarks --mode=convs``,
-BENCHMARKS.md "Convolution lowering"). So ``lowering`` picks, for a float32 NHWC/HWIO
-convolution without groups or dilation:
+BENCHMARKS.md "Convolution lowering"). So ``lowering`` picks, for a float32 (or bfloat16:
+``config.precision``) NHWC/HWIO convolution without groups or dilation:
 
 - ``"onednn"``: ``cnnjax.onednn.conv`` (oneDNN primitives through ``jax.ffi``, custom VJP)
   whenever that extension is available (installed with cnnjax on x86-64 Linux, see
-  ``cnnjax.onednn``) and the computation runs on one device: it wins on every layer of the
+  ``cnnjax.onednn``) and the computation runs on one device (bfloat16 only on CPUs with bf16
+  instructions, ``runtime.onednn_in_use``): it wins on every layer of the
   cnnjax models but one (ResNet's 8x8 -> 4x4 3x3/2 at 32x32: 0.93x) and is within ~2 ms of
   im2col on the tiny maps (faster on one, slower on two).
   With the batch sharded over several devices XLA would gather it for the custom call, so
@@ -21,7 +22,7 @@ convolution without groups or dilation:
   gradients are products too (plus slice/pad adds). im2col also wins on narrow contractions
   (``kh * kw * Cin <= 150``) in isolation, but not in whole train steps (first layers need no
   input gradient; SeedCNN's step ran 1.8x slower), so those stay with XLA.
-- ``"xla"``: every other convolution, and any grouped, dilated, non-float32 or non-NHWC one:
+- ``"xla"``: every other convolution, and any grouped, dilated, mixed-dtype or non-NHWC one:
   ``lax.conv_general_dilated``.
 
 ``tests/test_conv.py`` checks values and gradients of each lowering against lax's.
@@ -40,10 +41,10 @@ SMALL_MAP_PIXELS = 4  # output pixels at or below which im2col wins at any width
 
 
 def lowering(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
-             padding: Sequence[tuple[int, int]]) -> str:
-  """How the float32 ``[B, H, W, Cin]`` by ``[kh, kw, Cin, Cout]`` convolution runs here:
+             padding: Sequence[tuple[int, int]], dtype: str = "float32") -> str:
+  """How the ``[B, H, W, Cin]`` by ``[kh, kw, Cin, Cout]`` convolution runs here:
   ``"onednn"``, ``"im2col"`` or ``"xla"`` (see the module docstring)."""
-  if runtime.onednn_in_use():
+  if runtime.onednn_in_use(dtype):
     return "onednn"
   kh, kw = kernel_shape[:2]
   ho = conv_math.conv_output_size(x_shape[1] + sum(padding[0]), kh, strides[0])
@@ -70,14 +71,15 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-  """``lax.conv_general_dilated``'s signature; float32 NHWC/HWIO 2-D convolutions without
-  groups or dilation run as ``lowering`` picks, all others as lax's."""
+  """``lax.conv_general_dilated``'s signature; NHWC/HWIO 2-D convolutions without groups or
+  dilation, both operands float32 or both bfloat16, run as ``lowering`` picks, all others as
+  lax's."""
   plain = functools.partial(
       lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, precision=precision, **kwargs)
   if (lhs.ndim != 4 or feature_group_count != 1 or kwargs or precision is not None
-      or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32
+      or lhs.dtype not in (jnp.float32, jnp.bfloat16) or rhs.dtype != lhs.dtype
       or any(d != 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
@@ -85,7 +87,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)
-  how = lowering(lhs.shape, rhs.shape, strides, padding)
+  how = lowering(lhs.shape, rhs.shape, strides, padding, lhs.dtype.name)
   if how == "onednn":
     return onednn.conv(lhs, rhs, strides, padding)
   if how == "im2col":

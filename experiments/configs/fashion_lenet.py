@@ -6,8 +6,11 @@ then the test set rotated by random angles up to 25 degrees.
   python -m experiments.train --config experiments/configs/fashion_lenet.py --workdir runs/fashion_lenet
   (offline: add --config.data.source=../shared/data/fashion-mnist, the official idx files)
 
-Result on this machine: see the README's results table. configs/fashion_fast.py is the
-competition entry.
+Result (2-core AMD EPYC, 2026-12-04, seed 0, `python -m experiments.course --only
+fashion_lenet`): 89.2% test accuracy, 65.1% rotated (validation 89.5%), in 68 s.
+configs/lenet.py on Fashion-MNIST (--config.data.source=fashion_mnist: padded to 32x32,
+one-cycle, 2-pixel shifts) gets 89.5% / 70.4% rotated in 105 s. configs/fashion_fast.py is
+the competition entry.
 """
 from experiments.configs import default
 

@@ -12,8 +12,10 @@ On any image folder of two classes; offline the hymenoptera folder (ants vs bees
    --config.data.augment.height_shift=0 --config.data.augment.shear=0
    --config.data.augment.zoom=0 --config.data.augment.horizontal_flip=False)
 
-The book gets ~71% without augmentation and ~82% with it on cats vs dogs. Result on this
-machine: see the README's results table.
+The book gets ~71% without augmentation and ~82% with it on cats vs dogs. Result (2-core
+AMD EPYC, 2026-12-04, seed 0, on the hymenoptera folder: 244 training images, an eighth of
+the book's): 73.2% on the 153 val images after the 100 epochs (3.3-3.7 s each), 6.6 min wall.
+The same images from EfficientNet-Lite0's ImageNet features (hymenoptera.py) reach 93.5%.
 """
 from experiments.configs import default
 
