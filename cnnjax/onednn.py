@@ -41,6 +41,8 @@ from cnnjax import conv_math, runtime
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "onednn.cc"
 _TARGETS = {"conv_fwd": "CnnjaxOnednnConvFwd", "conv_bwd_data": "CnnjaxOnednnConvBwdData",
             "conv_bwd_weights": "CnnjaxOnednnConvBwdWeights",
+            "conv_fwd_bias": "CnnjaxOnednnConvFwdBias",
+            "conv_bwd_weights_bias": "CnnjaxOnednnConvBwdWeightsBias",
             "norm_fwd": "CnnjaxOnednnNormFwd", "norm_bwd": "CnnjaxOnednnNormBwd"}
 
 
@@ -115,9 +117,13 @@ def _call(name: str, outs: Sequence[tuple[Sequence[int], jnp.dtype]], *operands:
       *operands, **attributes)
 
 
+def _attributes(strides, padding) -> dict[str, np.ndarray]:
+  return {"strides": np.asarray(strides, np.int64),
+          "padding": np.asarray([p for pair in padding for p in pair], np.int64)}
+
+
 def _conv_call(name, out_shape, a, b, strides, padding) -> jax.Array:
-  return _call(f"conv_{name}", [(out_shape, a.dtype)], a, b, strides=np.asarray(strides, np.int64),
-               padding=np.asarray([p for pair in padding for p in pair], np.int64))[0]
+  return _call(f"conv_{name}", [(out_shape, a.dtype)], a, b, **_attributes(strides, padding))[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -143,6 +149,34 @@ def _conv_bwd(strides, padding, residuals, dy):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: tuple[int, int],
+              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """``conv(x, kernel, strides, padding) + bias``, the bias ``[Cout]`` (float32) added inside
+  oneDNN's convolution, and its gradient computed in the backward-weights pass (XLA sums a
+  bfloat16 activation gradient over ``[B, Ho, Wo]`` slowly: BENCHMARKS.md)."""
+  kh, kw, _, cout = kernel.shape
+  ho = conv_math.conv_output_size(x.shape[1] + sum(padding[0]), kh, strides[0])
+  wo = conv_math.conv_output_size(x.shape[2] + sum(padding[1]), kw, strides[1])
+  return _call("conv_fwd_bias", [((x.shape[0], ho, wo, cout), x.dtype)], x, kernel, bias,
+               **_attributes(strides, padding))[0]
+
+
+def _conv_bias_fwd(x, kernel, bias, strides, padding):
+  return conv_bias(x, kernel, bias, strides, padding), (x, kernel)
+
+
+def _conv_bias_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  dw, dbias = _call("conv_bwd_weights_bias", [(kernel.shape, x.dtype), ((kernel.shape[3],),
+                                                                       jnp.float32)],
+                    x, dy, **_attributes(strides, padding))
+  return _conv_call("bwd_data", x.shape, dy, kernel, strides, padding), dw, dbias
+
+
+conv_bias.defvjp(_conv_bias_fwd, _conv_bias_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -101,6 +101,52 @@ def test_conv_values_and_gradients_equal_lax(name):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+@needs_onednn
+@pytest.mark.parametrize("name", ["RGB 3x3 same", "3x3/2, pads (0, 1)", "1x1/2"])
+def test_conv_with_bias_values_and_gradients_equal_lax(name):
+  x_shape, k_shape, strides, padding = CONV_CASES[name]
+  kx, kk, kb, kr = jax.random.split(jax.random.key(1), 4)
+  x, kernel = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
+  bias = jax.random.normal(kb, k_shape[-1:])
+
+  def loss(fn, *args):
+    y = fn(*args)
+    return jnp.sum(y * jax.random.normal(kr, y.shape)), y
+
+  def reference(x, kernel, bias):
+    return lax.conv_general_dilated(x, kernel, strides, padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+  def ours(x, kernel, bias):
+    return onednn.conv_bias(x, kernel, bias, strides, padding)
+
+  (_, y_want), g_want, (_, y_got), g_got = (
+      r for fn in (reference, ours)
+      for r in jax.value_and_grad(lambda *a, fn=fn: loss(fn, *a), (0, 1, 2), has_aux=True)(
+          x, kernel, bias))
+  np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=1e-4)
+  for got, want in zip(g_got, g_want):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_the_conv_module_adds_its_bias_inside_onednn_as_nn_conv_would(monkeypatch):
+  monkeypatch.setattr(runtime, "_onednn", True)
+  x = jax.random.normal(jax.random.key(2), (2, 9, 9, 4))
+  for options in ({"padding": "SAME", "strides": 2}, {"padding": ((1, 0), (2, 1))},
+                  {"use_bias": False}):
+    ours, plain = conv.Conv(6, (3, 3), **options), nn.Conv(6, (3, 3), **options)
+    variables = plain.init(jax.random.key(3), x)
+    assert jax.tree.structure(ours.init(jax.random.key(3), x)) == jax.tree.structure(variables)
+    fused = "conv_fwd_bias" in str(jax.make_jaxpr(ours.apply)(variables, x))
+    assert fused == options.get("use_bias", True)
+    grad = lambda m: jax.grad(lambda v: (m.apply(v, x) ** 2).sum())(variables)  # noqa: E731
+    np.testing.assert_allclose(ours.apply(variables, x), plain.apply(variables, x),
+                               rtol=1e-5, atol=1e-4)
+    for got, want in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(plain))):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
 def _reference_norm(x, scale, shift, epsilon):
   axes = tuple(range(x.ndim - 1))
   mean, var = x.mean(axes), x.var(axes)
@@ -167,7 +213,7 @@ def test_batch_norm_module_trains_as_flax_does(options, shape, monkeypatch):
 def test_batch_norm_module_leaves_other_dtypes_and_axes_to_flax(monkeypatch):
   monkeypatch.setattr(onednn, "batch_norm", lambda *a: pytest.fail("oneDNN used"))
   x = jnp.ones((4, 3, 5))
-  for module, inputs in ((BatchNorm(axis=1), x), (BatchNorm(), x.astype(jnp.bfloat16)),
+  for module, inputs in ((BatchNorm(axis=1), x), (BatchNorm(), x.astype(jnp.float16)),
                          (BatchNorm(dtype=jnp.bfloat16), x)):
     variables = module.init(jax.random.key(0), inputs, use_running_average=False)
     module.apply(variables, inputs, use_running_average=False, mutable=["batch_stats"])

@@ -4,6 +4,9 @@
 //   cnnjax_onednn_conv_fwd          x [N, H, W, Ci], w [KH, KW, Ci, Co] -> y [N, Ho, Wo, Co]
 //   cnnjax_onednn_conv_bwd_data     dy [N, Ho, Wo, Co], w [KH, KW, Ci, Co] -> dx [N, H, W, Ci]
 //   cnnjax_onednn_conv_bwd_weights  x [N, H, W, Ci], dy [N, Ho, Wo, Co] -> dw [KH, KW, Ci, Co]
+//   cnnjax_onednn_conv_fwd_bias          x, w, bias [Co] (float32) -> y = conv(x, w) + bias
+//   cnnjax_onednn_conv_bwd_weights_bias  x, dy -> dw, dbias [Co] (float32): the bias gradient
+//                                        (dy summed over N, Ho, Wo) in the same pass
 //   (attributes: strides [2] and padding [4] = (top, bottom, left, right))
 //   cnnjax_onednn_norm_fwd  x [..., C], scale [C], shift [C] -> y [..., C], mean [C], var [C]
 //   cnnjax_onednn_norm_bwd  x, dy [..., C], scale, mean, var [C] -> dx, dscale, dshift
@@ -36,8 +39,9 @@ namespace {
 
 enum class Pass { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-// N, H, W, Ci, KH, KW, Co, stride h, stride w, pad top, bottom, left, right, pass, dtype.
-using Key = std::array<int64_t, 15>;
+// N, H, W, Ci, KH, KW, Co, stride h, stride w, pad top, bottom, left, right, pass, dtype,
+// with bias.
+using Key = std::array<int64_t, 16>;
 
 using dt = dnnl::memory::data_type;
 
@@ -71,6 +75,7 @@ struct Plan {
   dnnl::memory::desc hwio_md;
   std::unique_ptr<dnnl::reorder> weights_reorder;  // HWIO -> weights_md, or back for dw
   dnnl::memory::desc scratch_md;
+  dnnl::memory::desc bias_md;  // [Co] float32, when the pass takes or gives a bias
 };
 
 dnnl::engine& Engine() {
@@ -91,13 +96,19 @@ std::unique_ptr<Plan> MakePlan(const Key& key) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto plan = std::make_unique<Plan>();
+  plan->bias_md = Desc({key[6]}, tag::a);  // float32 at any activation type
   const auto src = plan->src_md = Desc(s.src, tag::nhwc, type);
   const auto dst = plan->dst_md = Desc(s.dst, tag::nhwc, type);
   const auto any_weights = Desc(s.weights, tag::any, type);
   plan->hwio_md = Desc(s.weights, tag::hwio, type);
-  dnnl::convolution_forward::primitive_desc fwd(
-      Engine(), dnnl::prop_kind::forward_training, algo, src, any_weights, dst, s.strides,
-      s.pad_l, s.pad_r, attr);
+  const bool with_bias = key[15] != 0;
+  const auto bias = plan->bias_md;
+  auto fwd = with_bias ? dnnl::convolution_forward::primitive_desc(
+                             Engine(), dnnl::prop_kind::forward_training, algo, src,
+                             any_weights, bias, dst, s.strides, s.pad_l, s.pad_r, attr)
+                       : dnnl::convolution_forward::primitive_desc(
+                             Engine(), dnnl::prop_kind::forward_training, algo, src,
+                             any_weights, dst, s.strides, s.pad_l, s.pad_r, attr);
   switch (static_cast<Pass>(key[13])) {
     case Pass::kForward:
       plan->conv = dnnl::convolution_forward(fwd);
@@ -113,8 +124,12 @@ std::unique_ptr<Plan> MakePlan(const Key& key) {
       break;
     }
     case Pass::kBackwardWeights: {
-      dnnl::convolution_backward_weights::primitive_desc bwd(
-          Engine(), algo, src, any_weights, dst, s.strides, s.pad_l, s.pad_r, fwd, attr);
+      auto bwd = with_bias ? dnnl::convolution_backward_weights::primitive_desc(
+                                 Engine(), algo, src, any_weights, bias, dst, s.strides,
+                                 s.pad_l, s.pad_r, fwd, attr)
+                           : dnnl::convolution_backward_weights::primitive_desc(
+                                 Engine(), algo, src, any_weights, dst, s.strides, s.pad_l,
+                                 s.pad_r, fwd, attr);
       plan->conv = dnnl::convolution_backward_weights(bwd);
       plan->weights_md = bwd.diff_weights_desc();
       plan->scratch_md = bwd.scratchpad_desc();
@@ -149,10 +164,11 @@ ffi::Error Guarded(const char* what, Body&& body) {
 }
 
 // Runs one pass under the lock. `a` and `b` are the pass's inputs and `out` its output, in
-// the order of the handler's arguments above.
+// the order of the handler's arguments above; `bias` (float32 [Co], or null) is the forward
+// pass's bias input or the backward-weights pass's bias-gradient output.
 ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
                    ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> strides,
-                   ffi::Span<const int64_t> padding) {
+                   ffi::Span<const int64_t> padding, float* bias = nullptr) {
   if (strides.size() != 2 || padding.size() != 4) {
     return ffi::Error::InvalidArgument("strides must have 2 entries and padding 4");
   }
@@ -171,7 +187,8 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
   }
   const Key key = {x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1],
                    w_dims[3], strides[0], strides[1], padding[0], padding[1], padding[2],
-                   padding[3], static_cast<int64_t>(pass), static_cast<int64_t>(type)};
+                   padding[3], static_cast<int64_t>(pass), static_cast<int64_t>(type),
+                   bias != nullptr};
   std::lock_guard<std::mutex> guard(Lock());
   static std::map<Key, std::unique_ptr<Plan>> plans;
   auto& plan = plans[key];
@@ -194,12 +211,15 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
   }
   auto src = [&](void* data) { return dnnl::memory(plan->src_md, Engine(), data); };
   auto dst = [&](void* data) { return dnnl::memory(plan->dst_md, Engine(), data); };
+  std::unordered_map<int, dnnl::memory> args;
   switch (pass) {
     case Pass::kForward:
-      plan->conv.execute(stream, {{DNNL_ARG_SRC, src(a.untyped_data())},
-                                  {DNNL_ARG_WEIGHTS, weights_mem},
-                                  {DNNL_ARG_DST, dst(out->untyped_data())},
-                                  {DNNL_ARG_SCRATCHPAD, scratch}});
+      args = {{DNNL_ARG_SRC, src(a.untyped_data())},
+              {DNNL_ARG_WEIGHTS, weights_mem},
+              {DNNL_ARG_DST, dst(out->untyped_data())},
+              {DNNL_ARG_SCRATCHPAD, scratch}};
+      if (bias) args.emplace(DNNL_ARG_BIAS, dnnl::memory(plan->bias_md, Engine(), bias));
+      plan->conv.execute(stream, args);
       break;
     case Pass::kBackwardData:
       plan->conv.execute(stream, {{DNNL_ARG_DIFF_DST, dst(a.untyped_data())},
@@ -208,10 +228,12 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
                                   {DNNL_ARG_SCRATCHPAD, scratch}});
       break;
     case Pass::kBackwardWeights:
-      plan->conv.execute(stream, {{DNNL_ARG_SRC, src(a.untyped_data())},
-                                  {DNNL_ARG_DIFF_DST, dst(b.untyped_data())},
-                                  {DNNL_ARG_DIFF_WEIGHTS, weights_mem},
-                                  {DNNL_ARG_SCRATCHPAD, scratch}});
+      args = {{DNNL_ARG_SRC, src(a.untyped_data())},
+              {DNNL_ARG_DIFF_DST, dst(b.untyped_data())},
+              {DNNL_ARG_DIFF_WEIGHTS, weights_mem},
+              {DNNL_ARG_SCRATCHPAD, scratch}};
+      if (bias) args.emplace(DNNL_ARG_DIFF_BIAS, dnnl::memory(plan->bias_md, Engine(), bias));
+      plan->conv.execute(stream, args);
       if (plan->weights_reorder) plan->weights_reorder->execute(stream, weights_mem, hwio_mem);
       break;
   }
@@ -329,6 +351,40 @@ ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F3
 CNNJAX_CONV_HANDLER(CnnjaxOnednnConvFwd, Pass::kForward)
 CNNJAX_CONV_HANDLER(CnnjaxOnednnConvBwdData, Pass::kBackwardData)
 CNNJAX_CONV_HANDLER(CnnjaxOnednnConvBwdWeights, Pass::kBackwardWeights)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    CnnjaxOnednnConvFwdBias,
+    [](ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
+       ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> strides,
+       ffi::Span<const int64_t> padding) {
+      return Guarded("convolution", [&] {
+        return RunConv(Pass::kForward, x, w, y, strides, padding, bias.typed_data());
+      });
+    },
+    ffi::Ffi::Bind()
+        .Arg<ffi::AnyBuffer>()
+        .Arg<ffi::AnyBuffer>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::AnyBuffer>()
+        .Attr<ffi::Span<const int64_t>>("strides")
+        .Attr<ffi::Span<const int64_t>>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    CnnjaxOnednnConvBwdWeightsBias,
+    [](ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+       ffi::ResultBuffer<ffi::F32> dbias, ffi::Span<const int64_t> strides,
+       ffi::Span<const int64_t> padding) {
+      return Guarded("convolution", [&] {
+        return RunConv(Pass::kBackwardWeights, x, dy, dw, strides, padding,
+                       dbias->typed_data());
+      });
+    },
+    ffi::Ffi::Bind()
+        .Arg<ffi::AnyBuffer>()
+        .Arg<ffi::AnyBuffer>()
+        .Ret<ffi::AnyBuffer>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<ffi::Span<const int64_t>>("strides")
+        .Attr<ffi::Span<const int64_t>>("padding"));
 
 using F32Buffer = ffi::Buffer<ffi::F32>;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnNormFwd, NormForward,

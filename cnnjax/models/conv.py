@@ -28,7 +28,7 @@ BENCHMARKS.md "Convolution lowering"). So ``lowering`` picks, for a float32 (or 
 ``tests/test_conv.py`` checks values and gradients of each lowering against lax's.
 """
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -95,5 +95,42 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   return plain()
 
 
-# nn.Conv itself (class, parameter names, initialisation), with the lowering above.
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+class Conv(nn.Conv):
+  """``nn.Conv`` (fields, parameter names, initialisation and results) with the lowering
+  above; where a 2-D NHWC convolution with a bias runs on oneDNN, the bias is added inside
+  oneDNN's kernel (``onednn.conv_bias``), whose backward pass also gives the bias gradient.
+  Input ``[B, H, W, Cin]``, output ``[B, Ho, Wo, features]``."""
+  conv_general_dilated: Any = conv_general_dilated
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    fused = self._fused_bias_form(inputs)
+    if fused is None:
+      return super().__call__(inputs)
+    kernel_size, strides, padding = fused
+    kernel = self.param("kernel", self.kernel_init, (*kernel_size, inputs.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    return onednn.conv_bias(inputs, kernel, bias.astype(jnp.float32), strides, padding)
+
+  def _fused_bias_form(self, inputs: jax.Array):
+    """``(kernel_size, strides, padding pairs)`` when this call's bias can go into oneDNN's
+    kernel, else None (flax's own code runs)."""
+    if (not self.use_bias or self.is_initializing() or inputs.ndim != 4
+        or not isinstance(self.kernel_size, Sequence) or len(self.kernel_size) != 2
+        or self.mask is not None or not self.shared_weights or self.feature_group_count != 1
+        or self.precision is not None or self.input_dilation not in (None, 1, (1, 1))
+        or self.kernel_dilation not in (None, 1, (1, 1))):
+      return None
+    dtype = self.dtype or inputs.dtype
+    if dtype not in (jnp.float32, jnp.bfloat16) or not runtime.onednn_in_use(jnp.dtype(dtype).name):
+      return None
+    kernel_size = tuple(self.kernel_size)
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
+    padding = nn.linear.canonicalize_padding(self.padding, 2)
+    if isinstance(padding, str):
+      if padding not in ("SAME", "VALID"):
+        return None
+      padding = lax.padtype_to_pads(inputs.shape[1:3], kernel_size, strides, padding)
+    return kernel_size, strides, tuple(tuple(p) for p in padding)
