@@ -56,15 +56,16 @@ INTERRUPTED = 130
 
 def prepare_process() -> None:
   """Step 1 of ``run``: XLA's flags into this process's environment, and the restart with
-  the huge-page tunable when this is a ``python -m experiments...`` or ``python -m
-  benchmarks...`` command (the benchmarks measure what the commands run)."""
+  the huge-page tunable when this is a ``python -m experiments...`` command, or ``python -m
+  benchmarks``, which times the commands' steps in its own process (``benchmarks.job`` and
+  ``benchmarks.startup`` time whole commands, started from the user's environment)."""
   from cnnjax import runtime  # light: no JAX
   changes = runtime.process_environment(os.environ)
   if "XLA_FLAGS" in changes:
     os.environ["XLA_FLAGS"] = changes["XLA_FLAGS"]
   argv = getattr(sys, "orig_argv", [])
   if ("GLIBC_TUNABLES" in changes and len(argv) >= 3 and argv[1] == "-m"
-      and argv[2].split(".")[0] in ("experiments", "benchmarks")):
+      and (argv[2].split(".")[0] == "experiments" or argv[2] == "benchmarks")):
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *argv[1:]], {**os.environ, **changes})

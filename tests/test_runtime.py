@@ -71,10 +71,12 @@ def test_a_command_restarts_once_with_its_arguments_and_the_tunable(monkeypatch)
   # The restarted process has the tunable: no second restart.
   assert _prepare(monkeypatch, command, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")[0] is None
   assert _prepare(monkeypatch, command, CNNJAX_HUGE_PAGES="0")[0] is None
-  # The benchmarks too: they measure what the commands run.
+  # The benchmarks of steps too (they time what the commands run, in their own process);
+  # those of whole commands start them from the user's environment.
   bench = [sys.executable, "-m", "benchmarks", "--mode=models"]
   assert _prepare(monkeypatch, bench)[0] == (["-m", "benchmarks", "--mode=models"],
                                              "glibc.malloc.hugetlb=1")
+  assert _prepare(monkeypatch, [sys.executable, "-m", "benchmarks.startup"])[0] is None
 
 
 def test_pytest_or_a_notebook_is_not_restarted(monkeypatch):
