@@ -70,7 +70,7 @@ class Measurement:
     return statistics.median(self.kept or self.rates)
 
 
-def _cpu_ticks() -> tuple[int, int]:
+def cpu_ticks() -> tuple[int, int]:
   """``(busy ticks of the whole machine, ticks of this process and its descendants)``."""
   with open("/proc/stat") as f:
     fields = [int(v) for v in f.readline().split()[1:9]]
@@ -112,13 +112,13 @@ def measure(step: Callable[[], int], sync: Callable[[], None],
   sync()
   rates, others = [], []
   for _ in range(windows.count):
-    machine0, ours0 = _cpu_ticks()
+    machine0, ours0 = cpu_ticks()
     start, images = time.perf_counter(), 0
     while time.perf_counter() - start < windows.seconds:
       images += step()
     sync()
     seconds = time.perf_counter() - start
-    machine1, ours1 = _cpu_ticks()
+    machine1, ours1 = cpu_ticks()
     rates.append(images / seconds)
     others.append(max(0.0, (machine1 - machine0) - (ours1 - ours0)) / hz / seconds)
   return rates, others

@@ -53,7 +53,7 @@ def _timed(cmd: list[str], env: dict[str, str] | None = None
            ) -> tuple[float, dict[str, float], list[str], float]:
   """``(wall, phase -> seconds since launch of its last matching line, output, other
   processes' cores)`` of running ``cmd`` with ``env`` added to the environment."""
-  ticks0, start = harness._cpu_ticks(), time.perf_counter()  # pylint: disable=protected-access
+  ticks0, start = harness.cpu_ticks(), time.perf_counter()
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, **(env or {})})
   marks, lines = {}, []
@@ -63,7 +63,7 @@ def _timed(cmd: list[str], env: dict[str, str] | None = None
       if pattern.match(line):
         marks[name] = time.perf_counter() - start
   wall = time.perf_counter() - start
-  ticks1 = harness._cpu_ticks()  # pylint: disable=protected-access
+  ticks1 = harness.cpu_ticks()
   if proc.wait():
     sys.exit(f"error: {' '.join(cmd)} exited with {proc.returncode}:\n" + "\n".join(lines[-15:]))
   others = ((ticks1[0] - ticks0[0]) - (ticks1[1] - ticks0[1])) / os.sysconf("SC_CLK_TCK") / wall

@@ -20,6 +20,7 @@
   GPU/TPU and on CPUs with bf16 instructions (AVX-512 BF16 or AMX), else float32; 'auto'
   (the default) is bfloat16 on GPU/TPU, float32 on CPU.
 """
+import functools
 import os
 import pathlib
 from collections.abc import Mapping
@@ -119,13 +120,19 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
   ``/proc/cpuinfo``, or ``cpuinfo`` text if given). Elsewhere bf16 is emulated, slower than
   float32."""
   if cpuinfo is None:
-    try:
-      cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-      return False
+    cpuinfo = _cpuinfo()
   flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
                 if line.startswith("flags")), [])
   return any(flag in flags for flag in _CPU_BF16_FLAGS)
+
+
+@functools.cache
+def _cpuinfo() -> str:
+  """``/proc/cpuinfo``, read once ('' where there is none)."""
+  try:
+    return pathlib.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return ""
 
 
 def compute_dtype(precision: str) -> tuple[str, str]:

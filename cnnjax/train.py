@@ -80,7 +80,7 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
   """
   steps_per_epoch = len(train_data[0]) // batch_size
   shard = parallel.process_shard()
-  first_call = time.time()
+  first_step_start: float | None = time.time()  # None once the first step is reported
   for epoch in range(int(state.step) // steps_per_epoch, num_epochs):
     first = int(state.step) - epoch * steps_per_epoch
     batches = pipeline.train_epoch(train_data, batch_size, seed, epoch, augment, shard)
@@ -90,10 +90,11 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
     stopped = False
     for k, batch in enumerate(pipeline.prefetch(batches[first:], workers=workers), start=first):
       state, step_sums = runner.train_step(state, runner.to_global(batch))
-      if first_call:  # once per fit: how long the compile (or the compilation cache) took
+      if first_step_start is not None:  # once per fit: the compile (or the cache) included
         jax.block_until_ready(step_sums)
-        logs.say(f"First step done in {time.time() - first_call:.1f}s (compiling it included)")
-        first_call = 0.0
+        logs.say(f"First step done in {time.time() - first_step_start:.1f}s "
+                 "(compiling it included)")
+        first_step_start = None
       sums = jax.tree.map(jnp.add, sums, step_sums)
       if (k + 1) % log_every_steps == 0:
         count, step = int(sums["count"]), epoch * steps_per_epoch + k + 1

@@ -123,8 +123,8 @@ class Conv(nn.Conv):
         or self.precision is not None or self.input_dilation not in (None, 1, (1, 1))
         or self.kernel_dilation not in (None, 1, (1, 1))):
       return None
-    dtype = self.dtype or inputs.dtype
-    if dtype not in (jnp.float32, jnp.bfloat16) or not runtime.onednn_in_use(jnp.dtype(dtype).name):
+    dtype = jnp.dtype(self.dtype or inputs.dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16):
       return None
     kernel_size = tuple(self.kernel_size)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
@@ -133,4 +133,8 @@ class Conv(nn.Conv):
       if padding not in ("SAME", "VALID"):
         return None
       padding = lax.padtype_to_pads(inputs.shape[1:3], kernel_size, strides, padding)
-    return kernel_size, strides, tuple(tuple(p) for p in padding)
+    padding = tuple(tuple(p) for p in padding)
+    kernel_shape = (*kernel_size, inputs.shape[-1], self.features)
+    if lowering(inputs.shape, kernel_shape, strides, padding, dtype.name) != "onednn":
+      return None
+    return kernel_size, strides, padding
