@@ -76,7 +76,8 @@ class Run:
     c = self.config
     normalize = steps.make_normalize(mean, std, c.data.input_size)
     frozen = optim.frozen_modules(self.state.params, c.optimizer.groups)
-    runner = steps.Runner.for_config(c, normalize, self.runner.mesh, frozen)
+    runner = steps.Runner.for_config(c, normalize, self.runner.mesh, frozen,
+                                     self.steps_per_epoch * c.num_epochs)
     return dataclasses.replace(self, stats=(mean, std), normalize=normalize, runner=runner)
 
 
@@ -177,7 +178,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
   if config.ema:
     state = steps.with_ema(state)
   frozen = optim.frozen_modules(state.params, config.optimizer.groups)
-  runner = steps.Runner.for_config(config, normalize, mesh, frozen)
+  runner = steps.Runner.for_config(config, normalize, mesh, frozen,
+                                   steps_per_epoch * config.num_epochs)
   return Run(config, data, train_data, val_data, images, stats, normalize, model, runner, state,
              schedule, steps_per_epoch, augment, notes)
 

@@ -22,7 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
   # backbone gets them (cnnjax.weights.load_pretrained).
   c.model.pretrained = ml_collections.config_dict.placeholder(str)
   # A 'transfer' model whose dataset's classes are classes of the pretraining set: their
-  # rows of the pretrained classifier initialise the new head (cnnjax.transfer.classifier_head),
+  # rows of the pretrained classifier initialise the new head (cnnjax.initial.classifier_head),
   # e.g. (310, 309) for ImageNet's ant and bee; () a fresh head.
   c.model.head_classes = ()
 
@@ -63,6 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   # GPU/TPU, float32 on CPU (runtime.compute_dtype).
   c.precision = "auto"
   c.ema = 0.0  # > 0: evaluate (and save) an exponential moving average of the weights, this decay
+  c.lookahead = 0  # > 0: every this many steps training restarts from the average (airbench94)
 
   c.optimizer = optim.default_optimizer_config()
   c.schedule = optim.default_schedule_config()
@@ -96,7 +97,7 @@ def merged(saved: dict) -> ml_collections.ConfigDict:
   return config
 
 
-# One line per key: what ``--help`` prints beside its default (tests/test_config.py checks
+# One line per key: what ``--help`` prints beside its default (tests/test_experiments.py checks
 # that every key of default_config() has one).
 DOCS = {
     "seed": "seed of the initial weights, the validation split, shuffling, augmentation and dropout",
@@ -134,6 +135,8 @@ DOCS = {
     "test_with": "checkpoint tested at the end: 'last' or 'best' (lowest validation loss)",
     "precision": "'auto' (bf16 on GPU/TPU), 'float32' or 'bfloat16' compute (parameters stay float32)",
     "ema": "decay of a moving average of the weights used for evaluation, e.g. 0.999 (0: off)",
+    "lookahead": "> 0: every this many steps the average (decay ema per step, ramped up as "
+                 "(step / total)^3) takes the new weights and training restarts from it; 0: off",
     "optimizer.name": "sgd, rmsprop, adam or adamw",
     "optimizer.lr": "learning rate (the peak of a one-cycle or warmup-cosine schedule)",
     "optimizer.weight_decay": "decoupled weight decay (adamw) or L2 added to the gradient",
@@ -212,6 +215,10 @@ def check(config: ml_collections.ConfigDict) -> None:
   check_number("config.eval_rotation", config.eval_rotation, 0, 180)
   check_number("config.log_every_steps", config.log_every_steps, 1, integer=True)
   check_number("config.ema", config.ema, 0, 1, high_open=True)
+  check_number("config.lookahead", config.lookahead, 0, integer=True)
+  if config.lookahead and not config.ema:
+    raise UserError(f"config.lookahead={config.lookahead} restarts training from the moving "
+                    "average, and config.ema=0 keeps none; expected config.ema > 0 (e.g. 0.95)")
   if config.precision not in runtime.PRECISIONS:
     raise UserError(f"config.precision={config.precision!r}; expected one of "
                     f"{list(runtime.PRECISIONS)}")

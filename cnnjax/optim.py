@@ -57,11 +57,16 @@ def make_schedule(cfg: Any, lr: float, total_steps: int) -> optax.Schedule:
   if cfg.name == "constant":
     return optax.constant_schedule(lr)
   if cfg.name == "one_cycle":
-    make = {"cos": optax.cosine_onecycle_schedule, "linear": optax.linear_onecycle_schedule}
-    if cfg.anneal not in make:
-      raise UserError(f"unknown schedule.anneal {cfg.anneal!r}; expected 'cos' or 'linear'")
-    return make[cfg.anneal](total_steps, lr, pct_start=cfg.pct_start, div_factor=cfg.div_factor,
-                            final_div_factor=cfg.final_div_factor)
+    if cfg.anneal == "cos":
+      return optax.cosine_onecycle_schedule(total_steps, lr, pct_start=cfg.pct_start,
+                                            div_factor=cfg.div_factor,
+                                            final_div_factor=cfg.final_div_factor)
+    if cfg.anneal == "linear":  # torch's two phases (optax's linear_onecycle has fastai's three)
+      start, end = lr / cfg.div_factor, lr / cfg.div_factor / cfg.final_div_factor
+      warm = int(cfg.pct_start * total_steps)
+      return optax.join_schedules([optax.linear_schedule(start, lr, warm),
+                                   optax.linear_schedule(lr, end, total_steps - warm)], [warm])
+    raise UserError(f"unknown schedule.anneal {cfg.anneal!r}; expected 'cos' or 'linear'")
   if cfg.name == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup_steps, total_steps, cfg.end_lr)
   raise UserError(f"unknown schedule {cfg.name!r}; expected one of {list(SCHEDULES)}")

@@ -84,6 +84,20 @@ def ema_decay(decay: float, step: jax.Array) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def lookahead_update(average: Any, variables: Any, step: jax.Array, decay: float, period: int,
+                     total_steps: int) -> tuple[Any, Any]:
+  """airbench94's Lookahead-EMA after optimizer step ``step`` (counted from 1): every
+  ``period`` steps the average moves towards ``variables`` with weight ``decay ** period *
+  (step / total_steps) ** 3`` on the old average (little averaging early, more as training
+  ends) and training restarts from it. Returns ``(average, variables)``, both as
+  ``model_variables``."""
+  sync = step % period == 0
+  weight = decay ** period * jnp.minimum(step / total_steps, 1.0) ** 3
+  average = jax.tree.map(lambda a, v: jnp.where(sync, a + (1.0 - weight) * (v - a), a),
+                         average, variables)
+  return average, jax.tree.map(lambda a, v: jnp.where(sync, a, v), average, variables)
+
+
 def cast_floats(tree: Any, dtype: str) -> Any:
   """The floating-point leaves of ``tree`` in ``dtype`` (mixed precision's compute copy)."""
   return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
@@ -153,7 +167,7 @@ def make_normalize(mean: np.ndarray, std: np.ndarray,
 def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing: float = 0.0,
                     loss: str = "cross_entropy",
                     frozen: frozenset[tuple[str, ...]] = frozenset(), dtype: str = "float32",
-                    ema: float = 0.0):
+                    ema: float = 0.0, lookahead: int = 0, total_steps: int = 0):
   """``train_step(state, batch) -> (state, sums)``: one optimizer step on a batch.
 
   ``sums`` holds ``loss`` (summed over the batch), ``correct`` and ``count``, so epochs
@@ -162,8 +176,13 @@ def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing
   modules (``optim.frozen_modules``), which run in inference mode and keep theirs
   (``optim.frozen_inference``). ``loss``: one of LOSSES. ``dtype``: the compute dtype
   (``apply_in``); gradients and the update are float32. ``ema`` > 0: ``state.ema`` moves
-  towards the new variables with weight ``ema_decay(ema, step)``.
+  towards the new variables with weight ``ema_decay(ema, step)``; with ``lookahead`` > 0
+  instead every ``lookahead`` steps, and training restarts from it (``lookahead_update``;
+  its ramp needs the run's ``total_steps``).
   """
+  if lookahead and (not ema or total_steps < 1):
+    raise ValueError(f"lookahead={lookahead} needs ema > 0 and total_steps >= 1, got "
+                     f"ema={ema}, total_steps={total_steps}")
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     images, labels = normalize(batch["image"]), batch["label"]
     chex.assert_rank(images, 4)
@@ -181,7 +200,12 @@ def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing
     batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype),
                                updates.get("batch_stats", state.batch_stats), state.batch_stats)
     new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    if ema:
+    if lookahead:
+      average, live = lookahead_update(state.ema, model_variables(new, new.params), new.step,
+                                       ema, lookahead, total_steps)
+      new = new.replace(ema=average, params=live["params"],
+                        batch_stats=live.get("batch_stats", new.batch_stats))
+    elif ema:
       decay = ema_decay(ema, state.step)
       new = new.replace(ema=jax.tree.map(lambda e, v: e + (1.0 - decay) * (v - e), state.ema,
                                          model_variables(new, new.params)))
@@ -327,14 +351,15 @@ class Runner:
              mesh: jax.sharding.Mesh | None = None, loss: str = "cross_entropy",
              frozen: frozenset[tuple[str, ...]] = frozenset(),
              eval_flip: bool = False, eval_shift: int = 0, dtype: str = "float32",
-             ema: float = 0.0) -> "Runner":
+             ema: float = 0.0, lookahead: int = 0, total_steps: int = 0) -> "Runner":
     """Compiles the steps of ``make_train_step``/``make_eval_step`` (``flip=eval_flip``,
     ``shift=eval_shift``) for ``mesh``."""
     if loss not in LOSSES:
       raise UserError(f"unknown loss {loss!r}; expected one of {list(LOSSES)}")
     mesh = mesh or parallel.make_mesh()
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    train_step = jax.jit(make_train_step(normalize, label_smoothing, loss, frozen, dtype, ema),
+    train_step = jax.jit(make_train_step(normalize, label_smoothing, loss, frozen, dtype, ema,
+                                         lookahead, total_steps),
                          in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(normalize, loss, eval_flip, eval_shift, dtype),
                         in_shardings=(rep, data), out_shardings=rep)
@@ -342,12 +367,15 @@ class Runner:
 
   @classmethod
   def for_config(cls, config: Any, normalize: Callable[[jax.Array], jax.Array],
-                 mesh: jax.sharding.Mesh, frozen: frozenset[tuple[str, ...]]) -> "Runner":
+                 mesh: jax.sharding.Mesh, frozen: frozenset[tuple[str, ...]],
+                 total_steps: int = 0) -> "Runner":
     """``create`` with a run config's loss, label smoothing, test-time views, precision
-    (``runtime.compute_dtype``) and weight averaging."""
+    (``runtime.compute_dtype``) and weight averaging (``total_steps``: the run's, for
+    ``config.lookahead``)."""
     dtype, _ = runtime.compute_dtype(config.precision)
     return cls.create(normalize, config.label_smoothing, mesh, config.loss, frozen,
-                      config.eval_flip, config.eval_shift, dtype, config.ema)
+                      config.eval_flip, config.eval_shift, dtype, config.ema, config.lookahead,
+                      total_steps)
 
   def put_state(self, state: TrainState) -> TrainState:
     return jax.device_put(state, parallel.replicated(self.mesh))

@@ -142,7 +142,9 @@ def header(run: assemble.Run) -> list[str]:
           f"process(es)) | batch {c.batch_size}, {run.steps_per_epoch} steps per epoch, "
           f"{c.num_epochs} epochs",
           runtime.compute_dtype(c.precision)[1]
-          + (f" | evaluated on a moving average of the weights (decay {c.ema:g})" if c.ema else "")]
+          + (f" | evaluated on a moving average of the weights (decay {c.ema:g}"
+             + (f", training restarts from it every {c.lookahead} steps)" if c.lookahead else ")")
+             if c.ema else "")]
 
 
 def use_lr_finder(run: assemble.Run, workdir: pathlib.Path | None) -> assemble.Run:

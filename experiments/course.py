@@ -7,7 +7,8 @@ Each study runs the course's own recipe and, where cnnjax has one, its improved 
 in ``WORKDIR/<study>/<recipe>`` (``-quick`` appended with ``--quick``) through the same
 ``train.train_and_evaluate`` as ``experiments.train``; then ``WORKDIR/course.md`` (and
 ``course.json``) lists notebook, study, the course's figure, cnnjax's on the course recipe,
-cnnjax's improved figure, wall time and the command of each run. ``--quick``: one to three
+cnnjax's improved figure, wall time and the command of each run, under a line naming the
+machines, jax versions and dates the runs were measured on. ``--quick``: one to three
 epochs on at most 5,000 training images each (minutes in all). ``--data DIR``: local copies
 (``cifar10.npz``, ``fashion-mnist/``, ``hymenoptera/``, ``tiny-imagenet-200.zip``) instead of
 the configs' downloads. A study whose data or weights cannot be had (offline) is listed as
@@ -158,7 +159,16 @@ def run_recipe(recipe: Recipe, workdir: pathlib.Path, quick: bool, data: str | N
   if metrics.get("interrupted"):
     raise KeyboardInterrupt
   wall = previous.get("wall_s") if finished else round(time.monotonic() - start, 1)
-  return {**row, "figure": _figure(metrics, workdir), "accuracy": metrics["accuracy"], "wall_s": wall}
+  return {**row, "figure": _figure(metrics, workdir), "accuracy": metrics["accuracy"], "wall_s": wall,
+          "measured": _measured(workdir)}
+
+
+def _measured(workdir: pathlib.Path) -> str:
+  """Where and when a finished run was measured: ``AMD EPYC, 2 cores, jax 0.10.2, 2026-12-04``
+  (its run_info.json; the date its test report was written)."""
+  info = json.loads((workdir / "run_info.json").read_text())
+  day = time.strftime("%Y-%m-%d", time.localtime((workdir / "test_metrics.json").stat().st_mtime))
+  return f"{info['cpu']}, {info['cpu_count']} cores, jax {info['packages']['jax']}, {day}"
 
 
 def _cell(row: dict | None) -> str:
@@ -174,7 +184,10 @@ def _wall(rows: list[dict | None]) -> str:
 
 def table(results: list[dict], quick: bool) -> str:
   """course.md: one row per study, then the commands."""
+  measured = sorted({r[k]["measured"] for r in results for k in ("course", "improved")
+                     if r[k] and "measured" in r[k]})
   lines = [f"# The course, reproduced{' (quick: shortened runs)' if quick else ''}", "",
+           f"Measured on {'; '.join(measured) or '-'}.", "",
            "| notebook | study | the course | cnnjax, course recipe | cnnjax, improved | wall |",
            "|---|---|---|---|---|---|"]
   for r in results:

@@ -1,6 +1,8 @@
 """Callbacks on the one training loop: EarlyStopping's rule, a user's own hooks, the best
 weights restored, fastai's fine_tune, and early stopping in a run from its config."""
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +16,13 @@ from tests.conftest import make_images, tiny_config
 
 def _rows(values, key="val_loss"):
   return [{"epoch": i + 1, "step": 4 * (i + 1), key: v} for i, v in enumerate(values)]
+
+
+def test_callbacks_are_reached_from_a_plain_import_cnnjax():
+  # a fresh process: here the test module has imported cnnjax.callbacks already
+  code = "import cnnjax; print(cnnjax.callbacks.EarlyStopping.__name__)"
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert done.stdout.strip() == "EarlyStopping"
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement():

@@ -35,6 +35,7 @@ def test_course_runs_its_studies_and_writes_the_table(tmp_path, npz_path, monkey
   assert "| Seed | `seed`: SeedCNN | 50% | " in md and "skipped (below)" in md
   assert "- `missing`: data file" in md
   assert f"{100 * seed['course']['accuracy']:.1f}%" in md
+  assert f"Measured on {seed['course']['measured']}." in md and " cores, jax " in md
   capsys.readouterr()
   assert _course(tmp_path / "c", "--quick", "--only", "seed") == 0  # read back, not retrained
   assert "Epoch 1/" not in capsys.readouterr().out

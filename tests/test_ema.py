@@ -1,4 +1,5 @@
-"""Weight averaging (config.ema): the moving average the train step keeps and evaluation uses."""
+"""Weight averaging (config.ema): the moving average the train step keeps and evaluation uses;
+airbench's Lookahead-EMA (config.lookahead), which training restarts from."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,3 +64,53 @@ def test_a_run_with_ema_is_tested_on_the_average_it_saved(npz_path, tmp_path):
 def test_an_ema_out_of_range_is_one_line(npz_path, value):
   with pytest.raises(UserError, match=rf"config.ema={value}; expected a number in \[0, 1\)"):
     config_lib.check(tiny_config(npz_path, ema=value))
+
+
+def test_lookahead_averages_and_restarts_on_its_period_only():
+  average, variables = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+  for step in (1, 2, 3, 5, 7):  # not a multiple of the period 4: both unchanged
+    a, v = steps.lookahead_update(average, variables, jnp.asarray(step), 0.9, 4, 16)
+    np.testing.assert_array_equal(a["w"], 0.0)
+    np.testing.assert_array_equal(v["w"], 1.0)
+  # step 8 of 16: weight 0.9**4 * (8/16)**3 on the old average; training restarts from it
+  a, v = steps.lookahead_update(average, variables, jnp.asarray(8), 0.9, 4, 16)
+  weight = 0.9 ** 4 * 0.5 ** 3
+  np.testing.assert_allclose(a["w"], 1.0 - weight, rtol=1e-6)
+  np.testing.assert_allclose(v["w"], 1.0 - weight, rtol=1e-6)
+  # the last step: the full weight
+  a, _ = steps.lookahead_update(average, variables, jnp.asarray(16), 0.9, 4, 16)
+  np.testing.assert_allclose(a["w"], 1.0 - 0.9 ** 4, rtol=1e-6)
+
+
+def test_the_train_step_with_lookahead_restarts_from_the_average():
+  state = steps.with_ema(steps.create_train_state(create_model("bn_cnn"), optax.sgd(0.1),
+                                                  (32, 32, 3), seed=0))
+  x, y = make_images(16)
+  batch = {"image": jnp.asarray(x), "label": jnp.asarray(y)}
+  step = jax.jit(steps.make_train_step(IDENTITY, ema=0.9, lookahead=2, total_steps=2))
+  first, _ = step(state, batch)  # step 1: no sync, the average stays the initial weights
+  for got, want in zip(jax.tree.leaves(first.ema), jax.tree.leaves(state.ema)):
+    np.testing.assert_array_equal(got, want)
+  second, _ = step(first, batch)  # step 2 of 2: sync with weight 0.9**2
+  plain, _ = jax.jit(steps.make_train_step(IDENTITY))(first.replace(ema={}), batch)
+  expected = jax.tree.map(lambda a, v: a + (1 - 0.81) * (v - a), state.ema,
+                          steps.model_variables(plain, plain.params))
+  for got, want in zip(jax.tree.leaves(second.ema), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for got, want in zip(jax.tree.leaves(steps.model_variables(second, second.params)),
+                       jax.tree.leaves(second.ema)):
+    np.testing.assert_array_equal(got, want)  # training restarts from the average
+
+
+def test_lookahead_without_an_average_is_one_line(npz_path):
+  with pytest.raises(UserError, match=r"^config.lookahead=5 restarts training .* expected config.ema > 0"):
+    config_lib.check(tiny_config(npz_path, lookahead=5))
+
+
+@pytest.mark.slow
+def test_a_run_with_lookahead_trains_and_says_so(npz_path, tmp_path, capsys):
+  from cnnjax import train
+  metrics = train.train_and_evaluate(tiny_config(npz_path, ema=0.9, lookahead=2, num_epochs=2),
+                                     tmp_path / "run")
+  assert 0 <= metrics["accuracy"] <= 1
+  assert "training restarts from it every 2 steps" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from cnnjax import models, train
+from cnnjax import config as config_lib, models, train
 from experiments import entry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +54,11 @@ def _assert_one_line_error(proc, pattern):
 
 
 @pytest.mark.slow
+def test_every_config_key_has_its_line_of_meaning():
+  # what --help prints beside each key's default; no line for a key that does not exist
+  assert set(config_lib.flat(config_lib.default_config())) == set(config_lib.DOCS)
+
+
 def test_cli_errors_are_one_line(tmp_path, npz_path):
   base = ["--config", "experiments/configs/runlocal.py", "--workdir", str(tmp_path / "w")]
   _assert_one_line_error(_run(*base, "--config.optimizer.lrr=3"),

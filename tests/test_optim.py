@@ -67,6 +67,12 @@ def test_one_cycle_peaks_at_lr_and_ends_near_zero():
     np.testing.assert_allclose(values.max(), 0.4, rtol=1e-6)
     np.testing.assert_allclose(values[0], 0.4 / 25, rtol=1e-6)
     assert values[-1] < 1e-5
+  # linear: torch's OneCycleLR(anneal_strategy='linear'), straight from the peak to the end
+  c = _cfg(schedule__name="one_cycle", schedule__anneal="linear", schedule__pct_start=0.25,
+           schedule__div_factor=5.0, schedule__final_div_factor=2.0)
+  sched = optim.make_schedule(c.schedule, 1.0, 100)
+  np.testing.assert_allclose([sched(i) for i in (0, 10, 25, 50, 100)],
+                             [0.2, 0.52, 1.0, 1.0 - 0.9 * 25 / 75, 0.1], rtol=1e-6)
 
 
 def test_warmup_cosine():

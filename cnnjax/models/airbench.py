@@ -6,7 +6,8 @@ training images (``data_init``) and kept frozen, GELU, then three groups of [con
 maxpool2, BN, GELU, conv3x3, BN, GELU] of widths 64/256/256, a global max pool, and a
 bias-free dense layer whose logits are scaled by 1/9. Convolutions have no bias and start
 with the identity (dirac) on their first input-many output channels; batch norms have no
-scale (only an offset), eps 1e-12 and torch momentum 0.6 (flax 0.4).
+scale (only an offset), eps 1e-12 and running statistics kept as 0.6 old + 0.4 new (airbench's
+``momentum=0.6``, which it passes to torch as ``1 - 0.6``; flax's ``momentum`` is the old share).
 """
 import functools
 from typing import Callable
@@ -20,7 +21,7 @@ from cnnjax.models.blocks import pool
 from cnnjax.models import batch_norm
 from cnnjax.models.conv import Conv
 
-BatchNorm = functools.partial(batch_norm.BatchNorm, momentum=0.4, epsilon=1e-12, use_scale=False)
+BatchNorm = functools.partial(batch_norm.BatchNorm, momentum=0.6, epsilon=1e-12, use_scale=False)
 WHITEN_PATCHES = 5000  # training images the whitening kernel is estimated from
 
 

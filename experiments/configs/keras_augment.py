@@ -9,7 +9,10 @@ See what it does to a training image:
 
   python -m experiments.show_augment --config experiments/configs/keras_augment.py --out runs/keras_augment
 
-Result: not run yet on this machine.
+Result (2-core AMD EPYC, 2026-12-04, seed 0, the full `experiments.course` run): 68.5% on the
+1,000 lossless test images, 63.7% on 10k (9k JPEG), val 69.6%, in 19.9 min: 16 points below
+cifar_bn's 84.4% with the same 10 epochs. Rotations of 40 degrees, shears and zooms of CIFAR's
+32x32 images need far more epochs to pay off (train accuracy still rose from 60% to 65% over the last three).
 """
 from experiments.configs import cifar_bn
 
