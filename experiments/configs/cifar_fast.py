@@ -16,10 +16,10 @@ Its weight decay 0.0153 is scaled the same way and then divided by that rate (to
 whitening bias frozen after 3 epochs, alternating flips, reflect-padded crops
 (ours pad with zeros), decay on the batch-norm offsets and the whitening bias.
 
-Result (2-core AMD EPYC with AVX-512 BF16, 2026-12-04, seed 0, --config.precision=bfloat16):
-94.3% on the 1,000 lossless test images, 86.9% on 10k (9k JPEG), 22.5 min wall (10 epochs of
-122-144 s, test with its 6 views 41 s). One seed: the 1,000 images alone give +/-0.7 points
-of sampling error. Before this recipe's fixes of that day (L2 decay 683x too weak: airbench's
+Result (2-core AMD EPYC with AVX-512 BF16, 2026-12-04, --config.precision=bfloat16), seeds
+0/1: 94.3/94.0% on the 1,000 lossless test images (mean 94.15%), 86.9/86.5% on 10k (9k
+JPEG), ~22.5 min wall each (10 epochs of 122-144 s, test with its 6 views 41 s). The 1,000
+images alone give +/-0.7 points of sampling error. Before this recipe's fixes of that day (L2 decay 683x too weak: airbench's
 decay was scaled like its rate but not divided by it; batch-norm momentum inverted; the
 linear one-cycle's third phase; no lookahead, flip-only test views), float32, 2026-12-01:
 92.6/92.5/93.5% lossless (seeds 0-2), 84.2/84.7/84.1% on 10k, 17.0 min (epochs of ~100 s
