@@ -62,10 +62,15 @@ class Run:
   augment: pipeline.BatchAugment | None
   notes: list[str]
 
+  @property
+  def total_steps(self) -> int:
+    """Optimizer steps in the whole run."""
+    return self.steps_per_epoch * self.config.num_epochs
+
   def with_peak_lr(self, lr: float) -> "Run":
     """The run with its schedule peaking at ``lr`` and a fresh optimizer state."""
     cfg = self.config
-    schedule = optim.make_schedule(cfg.schedule, lr, self.steps_per_epoch * cfg.num_epochs)
+    schedule = optim.make_schedule(cfg.schedule, lr, self.total_steps)
     tx = optim.make_optimizer(cfg.optimizer, schedule)
     state = self.state.replace(tx=tx, opt_state=tx.init(self.state.params))
     return dataclasses.replace(self, schedule=schedule, state=state)
@@ -76,8 +81,7 @@ class Run:
     c = self.config
     normalize = steps.make_normalize(mean, std, c.data.input_size)
     frozen = optim.frozen_modules(self.state.params, c.optimizer.groups)
-    runner = steps.Runner.for_config(c, normalize, self.runner.mesh, frozen,
-                                     self.steps_per_epoch * c.num_epochs)
+    runner = steps.Runner.for_config(c, normalize, self.runner.mesh, frozen, self.total_steps)
     return dataclasses.replace(self, stats=(mean, std), normalize=normalize, runner=runner)
 
 
@@ -170,16 +174,15 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   steps_per_epoch = len(train_data[0]) // config.batch_size
-  schedule = optim.make_schedule(config.schedule, config.optimizer.lr,
-                                 steps_per_epoch * config.num_epochs)
+  total_steps = steps_per_epoch * config.num_epochs
+  schedule = optim.make_schedule(config.schedule, config.optimizer.lr, total_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
   state = steps.create_train_state(model, tx, image_shape, config.seed)
   state, notes = initial.initial_state(config, model, state, train_data[0], normalize, image_shape)
   if config.ema:
     state = steps.with_ema(state)
   frozen = optim.frozen_modules(state.params, config.optimizer.groups)
-  runner = steps.Runner.for_config(config, normalize, mesh, frozen,
-                                   steps_per_epoch * config.num_epochs)
+  runner = steps.Runner.for_config(config, normalize, mesh, frozen, total_steps)
   return Run(config, data, train_data, val_data, images, stats, normalize, model, runner, state,
              schedule, steps_per_epoch, augment, notes)
 

@@ -84,6 +84,12 @@ def ema_decay(decay: float, step: jax.Array) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def move_average(average: Any, variables: Any, decay: jax.Array | float) -> Any:
+  """``average`` moved towards ``variables`` (trees of the same structure), keeping ``decay``
+  of itself."""
+  return jax.tree.map(lambda a, v: a + (1.0 - decay) * (v - a), average, variables)
+
+
 def lookahead_update(average: Any, variables: Any, step: jax.Array, decay: float, period: int,
                      total_steps: int) -> tuple[Any, Any]:
   """airbench94's Lookahead-EMA after optimizer step ``step`` (counted from 1): every
@@ -92,9 +98,8 @@ def lookahead_update(average: Any, variables: Any, step: jax.Array, decay: float
   ends) and training restarts from it. Returns ``(average, variables)``, both as
   ``model_variables``."""
   sync = step % period == 0
-  weight = decay ** period * jnp.minimum(step / total_steps, 1.0) ** 3
-  average = jax.tree.map(lambda a, v: jnp.where(sync, a + (1.0 - weight) * (v - a), a),
-                         average, variables)
+  weight = jnp.where(sync, decay ** period * jnp.minimum(step / total_steps, 1.0) ** 3, 1.0)
+  average = move_average(average, variables, weight)  # weight 1 off the period: unchanged
   return average, jax.tree.map(lambda a, v: jnp.where(sync, a, v), average, variables)
 
 
@@ -206,9 +211,8 @@ def make_train_step(normalize: Callable[[jax.Array], jax.Array], label_smoothing
       new = new.replace(ema=average, params=live["params"],
                         batch_stats=live.get("batch_stats", new.batch_stats))
     elif ema:
-      decay = ema_decay(ema, state.step)
-      new = new.replace(ema=jax.tree.map(lambda e, v: e + (1.0 - decay) * (v - e), state.ema,
-                                         model_variables(new, new.params)))
+      new = new.replace(ema=move_average(state.ema, model_variables(new, new.params),
+                                         ema_decay(ema, state.step)))
     state = new
     sums = {"loss": losses.sum(), "correct": (pred == labels).sum(),
             "count": jnp.asarray(labels.shape[0])}

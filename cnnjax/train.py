@@ -133,6 +133,10 @@ def header(run: assemble.Run) -> list[str]:
   c, d = run.config, run.data
   params = sum(x.size for x in jax.tree.leaves(run.state.params))
   mesh = run.runner.mesh
+  precision = runtime.compute_dtype(c.precision)[1]
+  if c.ema:
+    restarts = f", training restarts from it every {c.lookahead} steps" if c.lookahead else ""
+    precision += f" | evaluated on a moving average of the weights (decay {c.ema:g}{restarts})"
   return [f"Data: {c.data.source} | train {len(run.train[1])}, val {len(run.val[1])}, "
           f"test {len(d.test[1])} | {len(d.class_names)} classes | inputs {d.image_shape}",
           *([f"Data read from {run.images.origin}"] if run.images.origin else []),
@@ -141,10 +145,7 @@ def header(run: assemble.Run) -> list[str]:
           f"Devices: {mesh.size} x {mesh.devices.flat[0].platform} ({jax.process_count()} "
           f"process(es)) | batch {c.batch_size}, {run.steps_per_epoch} steps per epoch, "
           f"{c.num_epochs} epochs",
-          runtime.compute_dtype(c.precision)[1]
-          + (f" | evaluated on a moving average of the weights (decay {c.ema:g}"
-             + (f", training restarts from it every {c.lookahead} steps)" if c.lookahead else ")")
-             if c.ema else "")]
+          precision]
 
 
 def use_lr_finder(run: assemble.Run, workdir: pathlib.Path | None) -> assemble.Run:
@@ -231,7 +232,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   logs.say(f"Ready to train in {time.time() - start:.1f}s (the first step compiles)")
 
   recorder = _Recorder(workdir, config.num_epochs, history, checkpoints, events, run.schedule,
-                       run.steps_per_epoch * config.num_epochs)
+                       run.total_steps)
   callbacks = [recorder]
   num_epochs = config.num_epochs
   if config.early_stopping.patience:
