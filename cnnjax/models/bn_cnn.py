@@ -7,6 +7,7 @@ import jax
 from cnnjax.models.blocks import pool
 from cnnjax.models import batch_norm
 from cnnjax.models.conv import Conv
+from cnnjax.models.dropout import Dropout
 
 # torch.nn.BatchNorm defaults: momentum 0.1 (flax 0.9) and eps 1e-5.
 BatchNorm = functools.partial(batch_norm.BatchNorm, momentum=0.9, epsilon=1e-5)
@@ -32,9 +33,9 @@ class BNCNN(nn.Module):
         x = BatchNorm(use_running_average=not train)(nn.relu(x))
       x = pool(x, "max", 2)
       self.sow("intermediates", f"block{i + 1}", x)
-      x = nn.Dropout(self.conv_dropout, deterministic=not train)(x)
+      x = Dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape(x.shape[0], -1)
     for width in self.dense:
       x = BatchNorm(use_running_average=not train)(nn.relu(nn.Dense(width)(x)))
-      x = nn.Dropout(self.dense_dropout, deterministic=not train)(x)
+      x = Dropout(self.dense_dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes)(x)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from cnnjax.errors import UserError
 from cnnjax.models.batch_norm import BatchNorm
 from cnnjax.models.conv import Conv
+from cnnjax.models.dropout import Dropout
 from cnnjax.models.resnet import ModuleDef, conv_kernel_init
 
 
@@ -130,7 +131,7 @@ class MBConv(nn.Module):
     x = self.norm(name="bn2")(x)
     if self.strides == 1 and inputs.shape[-1] == self.features:
       if self.drop_rate > 0:
-        x = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
+        x = Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
       x = x + inputs
     return x
 
@@ -213,5 +214,5 @@ class EfficientNetLite(nn.Module):
     self.sow("intermediates", "features", x)
     if self.num_classes == 0:
       return x
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, name="fc")(x)

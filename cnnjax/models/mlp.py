@@ -2,6 +2,8 @@
 import flax.linen as nn
 import jax
 
+from cnnjax.models.dropout import Dropout
+
 
 class MLP(nn.Module):
   """flatten -> [dense hidden, ReLU]* -> dense classes. ``[B, ...]`` -> ``[B, num_classes]``."""
@@ -14,5 +16,5 @@ class MLP(nn.Module):
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
       x = nn.relu(nn.Dense(width)(x))
-      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+      x = Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes)(x)

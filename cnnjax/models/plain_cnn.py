@@ -9,6 +9,7 @@ import jax
 
 from cnnjax.models.blocks import pool
 from cnnjax.models.conv import Conv
+from cnnjax.models.dropout import Dropout
 
 
 class PlainCNN(nn.Module):
@@ -34,7 +35,7 @@ class PlainCNN(nn.Module):
         x = pool(x, "max", 2)
     x = x.mean(axis=(1, 2)) if self.global_pool else x.reshape(x.shape[0], -1)
     self.sow("intermediates", "features", x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = Dropout(self.dropout, deterministic=not train)(x)
     for width in self.hidden:
       x = nn.relu(nn.Dense(width)(x))
     return nn.Dense(self.num_classes)(x)

@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 
 from cnnjax.models.blocks import ConvBlock
+from cnnjax.models.dropout import Dropout
 
 
 class SeedCNN(nn.Module):
@@ -23,6 +24,6 @@ class SeedCNN(nn.Module):
       x = ConvBlock(width, self.kernel_size)(x)
     x = x.reshape(x.shape[0], -1)
     self.sow("intermediates", "features", x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = Dropout(self.dropout, deterministic=not train)(x)
     x = nn.relu(nn.Dense(self.hidden)(x))
     return nn.Dense(self.num_classes)(x)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 
 from cnnjax.errors import UserError
+from cnnjax.models.dropout import Dropout
 
 
 class Head(nn.Module):
@@ -32,7 +33,7 @@ class Head(nn.Module):
     for index, width in enumerate(self.hidden):
       x = nn.relu(nn.Dense(width, name=f"hidden_{index}")(x))
     if self.dropout_rate:
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      x = Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, name="output")(x)
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from cnnjax.errors import UserError
 from cnnjax.models.batch_norm import BatchNorm
 from cnnjax.models.conv import Conv
+from cnnjax.models.dropout import Dropout
 from cnnjax.models.blocks import adaptive_avg_pool, pool
 from cnnjax.models.resnet import conv_kernel_init
 
@@ -98,7 +99,7 @@ class VGG(nn.Module):
     self.sow("intermediates", "features", x)
     for name in ("fc1", "fc2"):
       x = nn.relu(nn.Dense(4096, kernel_init=dense_kernel_init, name=name)(x))
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      x = Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=dense_kernel_init, name="predictions")(x)
 
 

@@ -17,9 +17,10 @@ whitening bias frozen after 3 epochs, alternating flips, reflect-padded crops
 (ours pad with zeros), decay on the batch-norm offsets and the whitening bias.
 
 Result (2-core AMD EPYC with AVX-512 BF16, 2026-12-04, --config.precision=bfloat16), seeds
-0/1: 94.3/94.0% on the 1,000 lossless test images (mean 94.15%), 86.9/86.5% on 10k (9k
-JPEG), ~22.5 min wall each (10 epochs of 122-144 s, test with its 6 views 41 s). The 1,000
-images alone give +/-0.7 points of sampling error. Before this recipe's fixes of that day (L2 decay 683x too weak: airbench's
+0-4: 94.3/94.0/94.5/94.0/94.0% on the 1,000 lossless test images (mean 94.16%, sd 0.22),
+86.9/86.5/86.5/86.4/86.4% on 10k (9k JPEG; mean 86.55%), 20.6-22.5 min wall each (10 epochs
+of 115-144 s, test with its 6 views ~41 s). The 1,000 images alone give +/-0.7 points of
+sampling error. Before this recipe's fixes of that day (L2 decay 683x too weak: airbench's
 decay was scaled like its rate but not divided by it; batch-norm momentum inverted; the
 linear one-cycle's third phase; no lookahead, flip-only test views), float32, 2026-12-01:
 92.6/92.5/93.5% lossless (seeds 0-2), 84.2/84.7/84.1% on 10k, 17.0 min (epochs of ~100 s
