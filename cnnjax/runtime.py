@@ -3,10 +3,10 @@
 - ``process_environment(environ)``: what a process should start with, the environment
   variables read only when a process or JAX's backend starts: XLA:CPU flags measured to be
   faster (Eigen convolutions instead of YNNPACK's fusions; ``CNNJAX_XLA_DEFAULTS=0`` keeps
-  XLA's own) and glibc's huge-page tunable for XLA's per-step buffers
-  (``glibc.malloc.hugetlb=1``; ``CNNJAX_HUGE_PAGES=0`` keeps glibc's default). The user's
-  own values always stand. The commands apply it in ``experiments.entry`` before JAX starts
-  (restarting once for the tunable, which glibc reads only at process start); a notebook
+  XLA's own) and glibc's malloc tunables for XLA's per-step buffers (``MALLOC_TUNABLES``:
+  huge pages, and the buffers kept between steps; ``CNNJAX_MALLOC=0`` keeps glibc's
+  defaults). The user's own values always stand. The commands apply it in ``experiments.entry`` before JAX starts
+  (restarting once for the tunables, which glibc reads only at process start); a notebook
   or program exports the same variables itself (the README says how).
 - ``configure()``: the kernels the layers use, chosen once (oneDNN's convolutions and batch
   norm where the extension builds and the computation runs on one device, else XLA's),
@@ -29,8 +29,17 @@ XLA_CPU_FLAGS = {
     # Eigen convolutions instead of YNNPACK's fusions (BENCHMARKS.md).
     "--xla_cpu_experimental_ynn_fusion_type": "",
 }
-HUGE_PAGES = "glibc.malloc.hugetlb"
-_THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# XLA:CPU allocates a step's intermediate buffers as one block (~200 MB for BNCNN at batch
+# 128) and frees it after the step. By default glibc maps such a block afresh every step and
+# the kernel zeroes its pages on first touch (BENCHMARKS.md): with huge pages that costs
+# ~500 faults instead of 50,000; from one arena, never mapped apart nor trimmed, the block is
+# reused and costs none.
+MALLOC_TUNABLES = {
+    "glibc.malloc.hugetlb": "1",  # transparent huge pages for malloc's memory
+    "glibc.malloc.arena_max": "1",  # one heap for all threads (XLA's workers allocate it)
+    "glibc.malloc.mmap_max": "0",  # large blocks from the heap, not separate mappings
+    "glibc.malloc.trim_threshold": str(2**32 - 1),  # freed memory kept for the next step
+}
 _onednn = False
 _onednn_bf16 = False
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -53,20 +62,20 @@ def xla_flags(environ: Mapping[str, str]) -> str:
   return flags
 
 
-def tunables_with_huge_pages(environ: Mapping[str, str]) -> str | None:
-  """``GLIBC_TUNABLES`` with ``glibc.malloc.hugetlb=1`` added, or None when it is set
-  already (to any value: the user's choice stands) or turned off by ``CNNJAX_HUGE_PAGES=0``."""
+def malloc_tunables(environ: Mapping[str, str]) -> str | None:
+  """``GLIBC_TUNABLES`` with each of ``MALLOC_TUNABLES`` the user did not set added, or None
+  when there is none to add (the user's choices stand) or ``CNNJAX_MALLOC=0``."""
   tunables = environ.get("GLIBC_TUNABLES", "")
-  if environ.get("CNNJAX_HUGE_PAGES", "1") == "0" or HUGE_PAGES in tunables:
+  missing = [f"{k}={v}" for k, v in MALLOC_TUNABLES.items() if k not in tunables]
+  if environ.get("CNNJAX_MALLOC", "1") == "0" or not missing:
     return None
-  return ":".join(t for t in (tunables, f"{HUGE_PAGES}=1") if t)
+  return ":".join(t for t in (tunables, *missing) if t)
 
 
-def huge_pages_supported() -> bool:
-  """Linux with glibc and transparent huge pages not turned off."""
+def has_glibc() -> bool:
+  """Whether this Python runs on glibc (whose tunables ``MALLOC_TUNABLES`` are)."""
   try:
-    return (os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-            and "[never]" not in _THP_MODE.read_text())
+    return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
   except (OSError, ValueError, AttributeError):
     return False
 
@@ -78,8 +87,8 @@ def process_environment(environ: Mapping[str, str]) -> dict[str, str]:
   flags = xla_flags(environ)
   if flags != environ.get("XLA_FLAGS", ""):
     changes["XLA_FLAGS"] = flags
-  tunables = tunables_with_huge_pages(environ)
-  if tunables is not None and huge_pages_supported():
+  tunables = malloc_tunables(environ)
+  if tunables is not None and has_glibc():
     changes["GLIBC_TUNABLES"] = tunables
   return changes
 

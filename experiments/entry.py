@@ -4,9 +4,9 @@ one error path.
 ``run(main, ...)`` does, in order:
 
 1. **Process settings** (``cnnjax.runtime.process_environment``): XLA:CPU's flags, and
-   glibc's huge-page tunable for XLA's per-step buffers. glibc reads its tunables only when
+   glibc's malloc tunables for XLA's per-step buffers. glibc reads its tunables only when
    a process starts, so a ``python -m experiments.<command>`` restarts itself once here,
-   before it imports JAX, when the tunable is missing (``CNNJAX_HUGE_PAGES=0`` turns that
+   before it imports JAX, when one is missing (``CNNJAX_MALLOC=0`` turns that
    off). This is the only place cnnjax changes the environment or restarts a process.
 2. **Flags**: absl flags of the command, and ``--config FILE[:ARG]`` with
    ``--config.key=value`` overrides, each checked against the key's type; an unknown key,
@@ -56,7 +56,7 @@ INTERRUPTED = 130
 
 def prepare_process() -> None:
   """Step 1 of ``run``: XLA's flags into this process's environment, and the restart with
-  the huge-page tunable when this is a ``python -m experiments...`` command, or ``python -m
+  glibc's malloc tunables when this is a ``python -m experiments...`` command, or ``python -m
   benchmarks``, which times the commands' steps in its own process (``benchmarks.job`` and
   ``benchmarks.startup`` time whole commands, started from the user's environment)."""
   from cnnjax import runtime  # light: no JAX

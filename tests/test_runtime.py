@@ -1,4 +1,4 @@
-"""cnnjax.runtime and experiments.entry's process setup: XLA:CPU flags and glibc's huge-page
+"""cnnjax.runtime and experiments.entry's process setup: XLA:CPU flags and glibc's malloc
 tunable are applied by the commands, never by an import."""
 import os
 import subprocess
@@ -25,12 +25,17 @@ def test_xla_defaults_only_where_the_user_set_nothing(env, expected):
   assert runtime.xla_flags(env) == expected
 
 
-def test_the_tunable_is_added_to_the_users_own_and_never_overrides_them():
-  assert runtime.tunables_with_huge_pages({}) == "glibc.malloc.hugetlb=1"
-  assert (runtime.tunables_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-          == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
-  assert runtime.tunables_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
-  assert runtime.tunables_with_huge_pages({"CNNJAX_HUGE_PAGES": "0"}) is None
+TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+            "glibc.malloc.trim_threshold=4294967295")
+
+
+def test_the_tunables_are_added_to_the_users_own_and_never_override_them():
+  assert runtime.malloc_tunables({}) == TUNABLES
+  assert (runtime.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"})
+          == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=0:"
+             "glibc.malloc.trim_threshold=4294967295")
+  assert runtime.malloc_tunables({"GLIBC_TUNABLES": TUNABLES}) is None
+  assert runtime.malloc_tunables({"CNNJAX_MALLOC": "0"}) is None
 
 
 @pytest.mark.slow
@@ -51,12 +56,12 @@ def test_importing_cnnjax_and_the_commands_changes_no_environment_variable():
 def _prepare(monkeypatch, argv, **env):
   """``entry.prepare_process`` as a process started by ``argv`` would run it; returns the
   arguments it restarts with (None: no restart) and its ``XLA_FLAGS``."""
-  for name in ("XLA_FLAGS", "GLIBC_TUNABLES", "CNNJAX_HUGE_PAGES", "CNNJAX_XLA_DEFAULTS"):
+  for name in ("XLA_FLAGS", "GLIBC_TUNABLES", "CNNJAX_MALLOC", "CNNJAX_XLA_DEFAULTS"):
     monkeypatch.delenv(name, raising=False)
   for name, value in env.items():
     monkeypatch.setenv(name, value)
   monkeypatch.setattr(sys, "orig_argv", argv)
-  monkeypatch.setattr(runtime, "huge_pages_supported", lambda: True)
+  monkeypatch.setattr(runtime, "has_glibc", lambda: True)
   restarts = []
   monkeypatch.setattr(os, "execve", lambda path, args, environ: restarts.append(
       (args[1:], environ.get("GLIBC_TUNABLES"))))
@@ -67,15 +72,14 @@ def _prepare(monkeypatch, argv, **env):
 def test_a_command_restarts_once_with_its_arguments_and_the_tunable(monkeypatch):
   command = [sys.executable, "-m", "experiments.train", "--flag=1", "x y"]
   assert _prepare(monkeypatch, command) == (
-      (["-m", "experiments.train", "--flag=1", "x y"], "glibc.malloc.hugetlb=1"), f"{YNN}=")
-  # The restarted process has the tunable: no second restart.
-  assert _prepare(monkeypatch, command, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")[0] is None
-  assert _prepare(monkeypatch, command, CNNJAX_HUGE_PAGES="0")[0] is None
+      (["-m", "experiments.train", "--flag=1", "x y"], TUNABLES), f"{YNN}=")
+  # The restarted process has the tunables: no second restart.
+  assert _prepare(monkeypatch, command, GLIBC_TUNABLES=TUNABLES)[0] is None
+  assert _prepare(monkeypatch, command, CNNJAX_MALLOC="0")[0] is None
   # The benchmarks of steps too (they time what the commands run, in their own process);
   # those of whole commands start them from the user's environment.
   bench = [sys.executable, "-m", "benchmarks", "--mode=models"]
-  assert _prepare(monkeypatch, bench)[0] == (["-m", "benchmarks", "--mode=models"],
-                                             "glibc.malloc.hugetlb=1")
+  assert _prepare(monkeypatch, bench)[0] == (["-m", "benchmarks", "--mode=models"], TUNABLES)
   assert _prepare(monkeypatch, [sys.executable, "-m", "benchmarks.startup"])[0] is None
 
 
