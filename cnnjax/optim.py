@@ -7,7 +7,9 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -70,6 +72,11 @@ def make_schedule(cfg: Any, lr: float, total_steps: int) -> optax.Schedule:
   if cfg.name == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup_steps, total_steps, cfg.end_lr)
   raise UserError(f"unknown schedule {cfg.name!r}; expected one of {list(SCHEDULES)}")
+
+
+def schedule_values(schedule: optax.Schedule, num_steps: int) -> np.ndarray:
+  """``[num_steps]`` the rates of steps ``0 .. num_steps - 1`` on the host, in one call."""
+  return np.asarray(jax.vmap(schedule)(jnp.arange(num_steps)))
 
 
 def decay_mask(params: Any) -> Any:

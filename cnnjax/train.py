@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from cnnjax import (assemble, evaluate, logs, lr_finder, parallel, plots, progress, runtime, steps,
-                    tensorboard)
+from cnnjax import (assemble, evaluate, logs, lr_finder, optim, parallel, plots, progress, runtime,
+                    steps, tensorboard)
 from cnnjax import callbacks as callbacks_lib
 from cnnjax import workdir as workdir_lib
 from cnnjax.checkpoint import Checkpoints
@@ -81,6 +81,14 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
   steps_per_epoch = len(train_data[0]) // batch_size
   shard = parallel.process_shard()
   first_step_start: float | None = time.time()  # None once the first step is reported
+  rates = None  # every step's learning rate, for the logs (computed when first needed)
+
+  def rate(step: int) -> float:
+    nonlocal rates
+    if rates is None:
+      rates = optim.schedule_values(schedule, num_epochs * steps_per_epoch)
+    return float(rates[step - 1])
+
   for epoch in range(int(state.step) // steps_per_epoch, num_epochs):
     first = int(state.step) - epoch * steps_per_epoch
     batches = pipeline.train_epoch(train_data, batch_size, seed, epoch, augment, shard)
@@ -88,6 +96,16 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
     sums = {"loss": 0.0, "correct": 0, "count": 0}
     start = time.time()
     stopped = False
+    pending = None  # (step, sums) of a log step, read once the next step is queued
+
+    def log(step: int, sums: dict[str, jax.Array]) -> None:
+      count = int(sums["count"])  # waits for that step, not for the one queued behind it
+      loss = float(sums["loss"]) / count
+      bar.update(log_every_steps, loss=f"{loss:.4f}")
+      values = {"loss": loss, "accuracy": int(sums["correct"]) / count, "lr": rate(step)}
+      for callback in callbacks:
+        callback.on_step_end(step, values)
+
     for k, batch in enumerate(pipeline.prefetch(batches[first:], workers=workers), start=first):
       state, step_sums = runner.train_step(state, runner.to_global(batch))
       if first_step_start is not None:  # once per fit: the compile (or the cache) included
@@ -95,18 +113,17 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
         logs.say(f"First step done in {time.time() - first_step_start:.1f}s "
                  "(compiling it included)")
         first_step_start = None
+      if pending is not None:  # the device works on this step while the host logs
+        log(*pending)
+        pending = None
       sums = jax.tree.map(jnp.add, sums, step_sums)
       if (k + 1) % log_every_steps == 0:
-        count, step = int(sums["count"]), epoch * steps_per_epoch + k + 1
-        loss = float(sums["loss"]) / count
-        bar.update(log_every_steps, loss=f"{loss:.4f}")
-        values = {"loss": loss, "accuracy": int(sums["correct"]) / count,
-                  "lr": float(schedule(step - 1))}
-        for callback in callbacks:
-          callback.on_step_end(step, values)
+        pending = (epoch * steps_per_epoch + k + 1, sums)
       stopped = stop is not None and stop.agreed()
       if stopped:
         break
+    if pending is not None:
+      log(*pending)
     bar.close()
     if stopped:
       return state
@@ -114,7 +131,7 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
     row = {"epoch": epoch + 1, "step": int(state.step),
            "train_loss": float(sums["loss"]) / int(sums["count"]),
            "train_accuracy": int(sums["correct"]) / int(sums["count"]),
-           "lr": float(schedule(int(state.step) - 1))}
+           "lr": rate(int(state.step))}
     if len(val_data[1]):
       val = runner.evaluate(state, val_data, eval_batch_size, "Validation")
       row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
@@ -290,7 +307,7 @@ class _Recorder(callbacks_lib.Callback):
   def step_lrs(self) -> np.ndarray:
     """``[total_steps]`` the rate of every step, computed once, after the first epoch (not
     before the first step): the curves show the schedule's shape."""
-    return np.asarray(jax.vmap(self.schedule)(jnp.arange(self.total_steps)))
+    return optim.schedule_values(self.schedule, self.total_steps)
 
   def on_step_end(self, step: int, values: dict[str, float]) -> None:
     if self.events is not None:

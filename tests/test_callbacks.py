@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cnnjax
-from cnnjax import callbacks, train
+from cnnjax import callbacks, optim, train
 from cnnjax.errors import UserError
 from tests.conftest import make_images, tiny_config
 
@@ -86,6 +86,35 @@ def test_a_users_callback_sees_steps_and_epochs_stops_the_loop_and_replaces_the_
   assert recorder.epochs == [1, 2] and len(history) == 2
   assert [s for s, _ in recorder.steps] == [10, 20] and recorder.steps[0][1] == ["accuracy", "loss", "lr"]
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(learner.state.params), first.params)
+
+
+class Order(callbacks.Callback):
+  """The hooks in the order they came: ('step', step, lr) and ('epoch', epoch, lr)."""
+
+  def __init__(self):
+    self.seen = []
+
+  def on_step_end(self, step, values):
+    self.seen.append(("step", step, values["lr"]))
+
+  def on_epoch_end(self, state, row):
+    self.seen.append(("epoch", row["epoch"], row["lr"]))
+
+
+@pytest.mark.slow
+def test_a_log_step_is_reported_before_its_epoch_ends_with_that_step_s_rate(data):
+  # fit reads a log step's sums once the next step is queued, and the last one of an epoch
+  # before the epoch's end; the rates come from the schedule of each step.
+  learner = cnnjax.Learner("seed_cnn", data, batch_size=8, val_size=16)  # 10 steps per epoch
+  order = Order()
+  learner.fit_one_cycle(2, 0.01, callbacks=[order])
+  cfg = optim.default_schedule_config()
+  cfg.update({"name": "one_cycle", "pct_start": 0.25, "div_factor": 25.0})
+  cycle = optim.make_schedule(cfg, 0.01, 20)
+  assert [(kind, n) for kind, n, _ in order.seen] == [("step", 10), ("epoch", 1), ("step", 20),
+                                                      ("epoch", 2)]
+  np.testing.assert_allclose([lr for _, _, lr in order.seen],
+                             [cycle(9), cycle(9), cycle(19), cycle(19)], rtol=1e-5)
 
 
 @pytest.mark.slow
