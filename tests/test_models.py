@@ -119,25 +119,21 @@ def test_pooling_equals_flax_values_and_gradients(kind, reference, size):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("window, size", [(2, 8), (3, 7), (4, 9)])
-def test_max_pooling_gives_each_window_s_gradient_to_its_first_maximum(window, size, dtype):
-  # Rounded inputs tie often inside a window; as in PyTorch, the first maximum in row-major
-  # order takes the whole gradient (reduce_max would share it among the ties).
-  x = np.round(np.asarray(jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 4))) * 1.5)
+def test_max_pooling_gradient_is_reduce_max_s_with_ties_shared(window, size, dtype):
+  # Rounded inputs tie often inside a window (as bf16 activations do); reduce_max shares the
+  # gradient among ties, and so does pool (giving it all to the first maximum cost accuracy).
+  x = jnp.round(jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 4)) * 1.5).astype(dtype)
   h = size // window
-  r = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (2, h, h, 4)), np.float32)
-  windows = x[:, :h * window, :h * window].reshape(2, h, window, h, window, 4)
-  windows = windows.transpose(0, 1, 3, 5, 2, 4).reshape(2, h, h, 4, window * window)
-  first = windows.argmax(axis=-1)  # numpy's argmax: the first maximum
-  expected = np.zeros_like(windows)
-  np.put_along_axis(expected, first[..., None], r.astype(np.float32)[..., None], axis=-1)
-  expected = expected.reshape(2, h, h, 4, window, window).transpose(0, 1, 4, 2, 5, 3)
-  expected = np.pad(expected.reshape(2, h * window, h * window, 4),
-                    ((0, 0), (0, size - h * window), (0, size - h * window), (0, 0)))
-  xs = jnp.asarray(x, dtype)
-  np.testing.assert_array_equal(pool(xs, "max", window), windows.max(axis=-1).astype(dtype))
-  grad = jax.jit(jax.grad(lambda v: (pool(v, "max", window) * r.astype(dtype)).sum()))(xs)
+
+  def reference(v):
+    return v[:, :h * window, :h * window].reshape(2, h, window, h, window, 4).max(axis=(2, 4))
+  r = jax.random.normal(jax.random.PRNGKey(2), (2, h, h, 4)).astype(dtype)
+  np.testing.assert_array_equal(pool(x, "max", window), reference(x))
+  grad = jax.jit(jax.grad(lambda v: (pool(v, "max", window) * r).astype(jnp.float32).sum()))(x)
+  expected = jax.grad(lambda v: (reference(v) * r).astype(jnp.float32).sum())(x)
   assert grad.dtype == dtype
-  np.testing.assert_array_equal(np.asarray(grad, np.float32), expected.astype(dtype).astype(np.float32))
+  np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(expected, np.float32),
+                             rtol=1e-6 if dtype == jnp.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
