@@ -185,7 +185,7 @@ def run(fv: flags.FlagValues, command: str) -> str:
 def main(argv: list[str]) -> None:
   """Parses ``argv`` (program name first), measures, prints the report and appends it to
   ``--out``; bad input ends with one ``error:`` line and exit status 2."""
-  entry.prepare_process()  # the commands' XLA flags and malloc tunables (a restart), before JAX starts
+  entry.prepare_process()  # the commands' XLA flags and malloc tunables (a restart), first
   try:
     fv = _parse(argv)
     if fv.help:

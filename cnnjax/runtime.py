@@ -5,9 +5,10 @@
   faster (Eigen convolutions instead of YNNPACK's fusions; ``CNNJAX_XLA_DEFAULTS=0`` keeps
   XLA's own) and glibc's malloc tunables for XLA's per-step buffers (``MALLOC_TUNABLES``:
   huge pages, and the buffers kept between steps; ``CNNJAX_MALLOC=0`` keeps glibc's
-  defaults). The user's own values always stand. The commands apply it in ``experiments.entry`` before JAX starts
-  (restarting once for the tunables, which glibc reads only at process start); a notebook
-  or program exports the same variables itself (the README says how).
+  defaults). The user's own values always stand. The commands apply it in
+  ``experiments.entry`` before JAX starts (restarting once for the tunables, which glibc
+  reads only at process start); a notebook or program exports the same variables itself
+  (the README says how).
 - ``configure()``: the kernels the layers use, chosen once (oneDNN's convolutions and batch
   norm where the extension builds and the computation runs on one device, else XLA's),
   building the oneDNN extension now rather than at the first trace. The commands, the

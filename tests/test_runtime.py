@@ -1,5 +1,5 @@
 """cnnjax.runtime and experiments.entry's process setup: XLA:CPU flags and glibc's malloc
-tunable are applied by the commands, never by an import."""
+tunables are applied by the commands, never by an import."""
 import os
 import subprocess
 import sys
@@ -31,9 +31,9 @@ TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_m
 
 def test_the_tunables_are_added_to_the_users_own_and_never_override_them():
   assert runtime.malloc_tunables({}) == TUNABLES
-  assert (runtime.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"})
-          == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=0:"
-             "glibc.malloc.trim_threshold=4294967295")
+  own = "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"
+  assert (runtime.malloc_tunables({"GLIBC_TUNABLES": own})
+          == f"{own}:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295")
   assert runtime.malloc_tunables({"GLIBC_TUNABLES": TUNABLES}) is None
   assert runtime.malloc_tunables({"CNNJAX_MALLOC": "0"}) is None
 
