@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from absl import flags
 
-from benchmarks import conv_rows, harness, input_rows, model_rows
+from benchmarks import conv_rows, harness, input_rows, model_rows, roofline
 from cnnjax import runtime
 from cnnjax.errors import UserError
 from cnnjax.models import MODELS
@@ -178,7 +178,9 @@ def run(fv: flags.FlagValues, command: str) -> str:
                               peers, windows, notes),
         model_rows.MODEL_HEADER, model_rows.format_model_row)
     measurements = [x for r in rows for x in r.measurements]
-    notes = [model_rows.MODEL_NOTE, *model_rows.torch_figures(rows), *notes]
+    peaks = {dtype: roofline.peak_tflops(dtype) for dtype in ("float32", "bfloat16")}
+    notes = [model_rows.MODEL_NOTE, *model_rows.torch_figures(rows),
+             *model_rows.arithmetic(rows, peaks), *notes]
   return harness.report(title, command, measurements, table, notes, windows, peers is not None)
 
 

@@ -95,6 +95,35 @@ def torch_run(data: str, epochs: int, bf16: bool, seed: int) -> dict:
           "lossless": result.get("accuracy_lossless")}
 
 
+def arithmetic(runs: dict[str, list[dict]], data: str) -> list[str]:
+  """What the training phases sustained against this machine's peak (benchmarks/roofline.py),
+  measured after the runs, in this process."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import roofline  # pylint: disable=import-outside-toplevel
+  from cnnjax import runtime  # pylint: disable=import-outside-toplevel
+  from cnnjax.models import model_from_config  # pylint: disable=import-outside-toplevel
+  config = entry.load_config_file(str(CONFIG))
+  runtime.configure()
+  peaks = {"f32": roofline.peak_tflops("float32"), "bf16": roofline.peak_tflops("bfloat16")}
+  gflops = roofline.train_gflops(model_from_config(config.model), (32, 32, 3))
+  with np.load(data) as arrays:
+    images = len(arrays["y_train"]) // config.batch_size * config.batch_size * _EPOCHS.value
+  tflop = gflops * images / 1e3
+  sustained = ", ".join(
+      f"{name} " + roofline.percent(tflop / statistics.median(r["phases"]["training"] for r in rs),
+                                    peaks[name.split()[1]])
+      for name, rs in runs.items())
+  floors = ", ".join(f"{tflop / peak:.0f} s in {short}" for short, peak in peaks.items() if peak)
+  return [f"- Arithmetic (benchmarks/roofline.py): the model trains with {gflops:.4g} GFLOP "
+          f"per image (XLA's count), {tflop:.1f} TFLOP over these {images:,} images; this "
+          "machine's peak (a 4096x1024x1024 product through cnnjax.onednn) is "
+          + (", ".join(f"{short} {peak:.3f}" for short, peak in peaks.items() if peak)
+             or "not measured (no oneDNN here)")
+          + (f" TFLOP/s, so at that peak the training phase would take no less than {floors}"
+             if floors else "")
+          + f". Training phases sustained (cnnjax's with its compile): {sustained}."]
+
+
 def main() -> None:
   from cnnjax import logs, runtime
   data = os.path.abspath(os.path.expanduser(_DATA.value))
@@ -145,6 +174,7 @@ def main() -> None:
                / statistics.median(r["wall"] for r in ours))
       lines.append(f"- {precision}: cnnjax is {ratio:.2f}x as fast as PyTorch, wall time "
                    "(>1: cnnjax faster).")
+  lines += arithmetic(runs, data)
   if not with_torch:
     lines.append("- PyTorch not importable: cnnjax figures only.")
   lines += [f"- jax {info['packages']['jax']}; PyTorch's start-up and training are timed "

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import harness
+from benchmarks import harness, roofline
 from benchmarks.harness import Measurement, Windows
 from cnnjax import optim, runtime, steps
 from cnnjax.models import create_model, model_from_config
@@ -95,6 +95,7 @@ class ModelRow:
     compile_seconds: its first call: trace, compile and one step.
     torch: torch variant (``torch_peers.VARIANTS``) -> its measurement; empty without torch.
     jax_bf16: the cnnjax step in bfloat16 (None where this machine has no bf16).
+    gflops: GFLOP per trained image (``roofline.train_gflops``) of a 'train' row, else None.
   """
   spec: ModelSpec
   batch_size: int
@@ -103,6 +104,7 @@ class ModelRow:
   compile_seconds: float
   torch: dict[str, Measurement]
   jax_bf16: Measurement | None = None
+  gflops: float | None = None
 
   @property
   def measurements(self) -> list[Measurement]:
@@ -209,7 +211,9 @@ def _model_row(name: str, batch_size: int, peers: types.ModuleType | None,
                            variant)
     torch_rows[variant] = harness.timed_torch(f"{spec.title} torch {variant}", step,
                                               batch_size, windows)
-  return ModelRow(spec, batch_size, params, jax_row, compile_seconds, torch_rows, jax_bf16)
+  gflops = roofline.train_gflops(model, spec.image_shape) if spec.kind == "train" else None
+  return ModelRow(spec, batch_size, params, jax_row, compile_seconds, torch_rows, jax_bf16,
+                  gflops)
 
 
 def model_rows(names: list[str], batches: dict[str, int], peers: types.ModuleType | None,
@@ -268,6 +272,25 @@ MODEL_NOTE = ("JAX: the cnnjax train step (`cnnjax.steps.Runner`: jit, donated s
               "`torch.set_num_threads(os.cpu_count())`, Adam, `model.train()`, backward, "
               "step; a frozen base in eval mode without gradients; a feature extractor in "
               "eval mode under `torch.inference_mode()`.")
+
+
+def arithmetic(rows: list[ModelRow], peaks: dict[str, float | None]) -> list[str]:
+  """The machine's peak (``peaks``: 'float32'/'bfloat16' -> TFLOP/s or None) and, per 'train'
+  row, the TFLOP/s each step sustained and its share of that peak."""
+  measured = ", ".join(f"{dtype} {peak:.3f} TFLOP/s" for dtype, peak in peaks.items() if peak)
+  lines = ["Arithmetic (benchmarks/roofline.py): peak of a 4096x1024x1024 product through "
+           f"cnnjax.onednn, best of 7: {measured or 'none (the steps do not run oneDNN here)'}"]
+  for r in rows:
+    if r.gflops is None:
+      continue
+    best = r.best_f32()
+    figures = [("JAX f32", r.jax, "float32"), ("torch f32", best and best[1], "float32"),
+               ("JAX bf16", r.jax_bf16, "bfloat16"), ("torch bf16", r.torch.get(BF16), "bfloat16")]
+    lines.append(f"{r.spec.title}: {r.gflops:.4g} GFLOP per trained image (XLA's count); " +
+                 ", ".join(f"{name} " + roofline.percent(
+                     m.images_per_second * r.gflops / 1e3, peaks.get(dtype))
+                           for name, m, dtype in figures if m is not None))
+  return lines
 
 
 def torch_figures(rows: list[ModelRow]) -> list[str]:

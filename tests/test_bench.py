@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from benchmarks import __main__ as bench
-from benchmarks import conv_rows, model_rows
+import flax.linen as nn
+
+from benchmarks import conv_rows, model_rows, roofline
 from cnnjax import onednn, runtime
 
 TINY = ["--windows", "1", "--window_seconds", "0.05", "--warmup_seconds", "0"]
@@ -87,6 +89,9 @@ def test_models_mode_without_torch_reports_a_failed_row_and_measures_the_others(
   jax_bf16 = r"[\d,.]+( \(busy\))?" if bf16 else "-"
   assert re.search(rf" \| - \| - \| {jax_bf16} \| - \| - \| \d/{2 if bf16 else 1} \|$", row), row
   assert "- broken: not measured (UserError: unknown model 'no_such_model'" in text
+  assert "- Arithmetic (benchmarks/roofline.py): peak of a 4096x1024x1024 product " in text
+  assert re.search(r"^- LeNet: 0\.002287 GFLOP per trained image \(XLA's count\); JAX f32 "
+                   r"[\d.]+ TFLOP/s", text, re.M)
 
 
 @pytest.mark.slow
@@ -106,7 +111,40 @@ def test_models_mode_compares_jax_with_torch_peers(capsys):
     # JAX (f32, and bf16 where this machine has it) + 3 torch variants, 1 window each.
     assert re.fullmatch(rf"\d/{5 if bf16 else 4}", cells[10])
     assert f"- {title}: torch img/s f32 NCHW " in text
+    arithmetic = re.search(rf"^- {title}: [\d.]+ GFLOP per trained image .*$", text, re.M)[0]
+    assert re.search(r"JAX f32 [\d.]+ TFLOP/s.*, torch f32 [\d.]+ TFLOP/s", arithmetic)
   assert "not measured" not in text
+
+
+class _Dense(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(128, use_bias=False)(x.reshape(x.shape[0], -1))
+
+
+class _Conv(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Conv(8, (3, 3), padding="VALID", use_bias=False)(x).sum((1, 2))
+
+
+def test_train_flops_count_the_forward_and_the_kernel_gradient_not_the_input_gradient():
+  before = runtime.onednn_in_use()
+  # Products: forward 2 * in * out per image, kernel gradient as many; the loss adds ~1%.
+  assert roofline.train_gflops(_Dense(), (4, 4, 16)) * 1e9 == pytest.approx(4 * 256 * 128,
+                                                                             rel=0.02)
+  conv = 2 * 6 * 6 * 3 * 3 * 4 * 8  # [8, 8, 4] -> [6, 6, 8], valid taps
+  assert roofline.train_gflops(_Conv(), (8, 8, 4)) * 1e9 == pytest.approx(2 * conv, rel=0.02)
+  assert runtime.onednn_in_use() == before  # the kernels' choice is given back
+
+
+def test_peak_is_measured_where_the_steps_run_onednn():
+  for dtype in ("float32", "bfloat16"):
+    peak = roofline.peak_tflops(dtype, repeats=1)
+    assert (peak is not None) == runtime.onednn_in_use(dtype)
+    assert peak is None or peak > 0
+  assert roofline.percent(0.1, 0.4) == "0.1 TFLOP/s (25% of peak)"
+  assert roofline.percent(0.0123456, None) == "0.0123 TFLOP/s"
 
 
 @pytest.mark.parametrize("with_torch", [
@@ -182,4 +220,7 @@ def test_the_job_benchmark_times_whole_runs_and_writes_nothing(npz_path, tmp_pat
   assert re.fullmatch(r"[\d.]+ \(\d+\)", cells[1])  # median wall (each run)
   assert all(float(c) >= 0 for c in cells[2:6])  # start-up, training, evaluation, writing
   assert re.fullmatch(r"[\d.]+% \([\d.]+%\)", cells[6])  # all test images (the lossless ones)
+  assert re.search(r"^- Arithmetic \(benchmarks/roofline.py\): the model trains with [\d.]+ "
+                   r"GFLOP per image .* Training phases sustained .*: cnnjax f32 [\d.]+ TFLOP/s",
+                   text, re.M)
   assert list(tmp_path.iterdir()) == [npz_path]

@@ -24,9 +24,10 @@ sampling error. Before this recipe's fixes of that day (L2 decay 683x too weak: 
 decay was scaled like its rate but not divided by it; batch-norm momentum inverted; the
 linear one-cycle's third phase; no lookahead, flip-only test views), float32, 2026-12-01:
 92.6/92.5/93.5% lossless (seeds 0-2), 84.2/84.7/84.1% on 10k, 17.0 min (epochs of ~100 s
-on that day's faster VM). The goal of 12 minutes needs epochs of ~65 s: the network's ~0.24
-GFLOP forward, ~0.7 GFLOP trained, per image make 10 epochs ~0.35 PFLOP, ~0.55 TFLOP/s
-sustained on two cores; this run sustained ~0.28 in bf16.
+on that day's faster VM). 12 minutes is out of reach on this machine: the network trains
+with 0.62 GFLOP per image (``benchmarks/roofline.py``'s count), 10 epochs of 49,152 images
+are 0.30 PFLOP, 11.3 minutes at the cores' bf16 peak for a large matrix product (0.445
+TFLOP/s) before start-up and test; these runs sustained 0.21-0.26 TFLOP/s.
 """
 from experiments.configs import default
 
