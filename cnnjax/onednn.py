@@ -7,8 +7,12 @@ PyTorch uses on CPU (``python -m benchmarks --mode=convs``), and its reductions 
 pass over the same tensor (BENCHMARKS.md notes). ``conv(x, kernel, strides, padding)`` runs
 a float32 or bfloat16 NHWC/HWIO 2-D convolution, its input gradient and its kernel gradient as oneDNN
 primitives; ``batch_norm(x, scale, shift, epsilon)`` the training-mode batch normalisation
-and its gradient (``cnnjax/csrc/onednn.cc``). Both are called from jitted code like any
-other op; oneDNN's errors (a shape it has no kernel for) are raised as JAX runtime errors.
+and its gradient (``cnnjax/csrc/onednn.cc``). Where AMX runs bfloat16, a kernel gradient
+on an output map of at most 4x4 is one matrix product of the input's patches and ``dy``
+instead (oneDNN's backward-weights convolution is slow there;
+``CNNJAX_ONEDNN_WEIGHTS_MATMUL=1`` or ``=0`` forces the choice). Both are called from jitted
+code like any other op; oneDNN's errors (a shape it has no kernel for) are raised as JAX
+runtime errors.
 
 The extension is optional. It needs oneDNN's library and headers (the PyPI packages
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, installed with cnnjax on x86-64 Linux)
@@ -68,7 +72,7 @@ def _build() -> pathlib.Path:
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   partial = target.with_suffix(f".{os.getpid()}.tmp")
-  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
              f"-I{jax.ffi.include_dir()}", f"-I{header.parent}", str(_SOURCE), str(library),
              f"-Wl,-rpath,{library.parent}", "-o", str(partial)]
   done = subprocess.run(command, capture_output=True, text=True)

@@ -102,6 +102,40 @@ def test_conv_values_and_gradients_equal_lax(name):
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_weight_gradient_as_one_matrix_product_equals_the_convolution_s(dtype, monkeypatch):
+  """CNNJAX_ONEDNN_WEIGHTS_MATMUL=1 forces the patches^T dy product that AMX machines use on
+  small maps; =0 oneDNN's backward-weights convolution. Both against lax, with and without
+  the bias gradient, on every case (strided, unequally padded, 1x1 map)."""
+  for name, (x_shape, k_shape, strides, padding) in CONV_CASES.items():
+    kx, kk, kd = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(kx, x_shape).astype(dtype)
+    kernel = jax.random.normal(kk, k_shape).astype(dtype)
+    dy = jax.random.normal(kd, onednn.conv(x, kernel, strides, padding).shape).astype(dtype)
+    _, vjp = jax.vjp(lambda k: lax.conv_general_dilated(
+        x.astype(jnp.float32), k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        kernel.astype(jnp.float32))
+    want, want_bias = vjp(dy.astype(jnp.float32))[0], dy.astype(jnp.float32).sum((0, 1, 2))
+    results = {}
+    for mode in ("1", "0"):
+      monkeypatch.setenv("CNNJAX_ONEDNN_WEIGHTS_MATMUL", mode)
+      dw = onednn._conv_call("bwd_weights", k_shape, x, dy, strides, padding)
+      dw_b, dbias = onednn._call(
+          "conv_bwd_weights_bias", [(k_shape, x.dtype), ((k_shape[3],), jnp.float32)], x, dy,
+          **onednn._attributes(strides, padding))
+      assert dw.dtype == dw_b.dtype == dtype and dbias.dtype == jnp.float32
+      results[mode] = np.asarray(dw.astype(jnp.float32))
+      # float32 accumulation in both, rounded once to dw's dtype
+      tolerance = ({"rtol": 1e-5, "atol": 1e-4} if dtype == "float32"
+                   else {"rtol": 1e-2, "atol": 0.1})
+      for got in (dw, dw_b):
+        np.testing.assert_allclose(got.astype(jnp.float32), want, **tolerance, err_msg=name)
+      np.testing.assert_allclose(dbias, want_bias, rtol=1e-5, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(results["1"], results["0"], atol=1e-4, err_msg=name,
+                               rtol=1e-2 if dtype == "bfloat16" else 1e-5)
+
+
+@needs_onednn
 @pytest.mark.parametrize("name", ["RGB 3x3 same", "3x3/2, pads (0, 1)", "1x1/2"])
 def test_conv_with_bias_values_and_gradients_equal_lax(name):
   x_shape, k_shape, strides, padding = CONV_CASES[name]

@@ -16,11 +16,15 @@
 // gradients always float32 (mixed precision keeps statistics in float32).
 //
 // oneDNN picks its kernel for the shape (weights in its own blocked layout, reordered from and
-// to HWIO here). Primitives are built once per shape and pass and cached; executions are
-// serialised by one lock, because every primitive already runs on all of oneDNN's OpenMP
-// threads and XLA may call two of them at once (a convolution's two gradients).
+// to HWIO here); where AMX runs bfloat16, the kernel gradient on small output maps is a matrix
+// product instead (UseWeightsMatmul). Primitives are built once per shape and pass and
+// cached; executions are serialised by one lock, because every primitive already runs on all
+// of oneDNN's OpenMP threads and XLA may call two of them at once (a convolution's two
+// gradients).
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <map>
 #include <memory>
@@ -163,6 +167,86 @@ ffi::Error Guarded(const char* what, Body&& body) {
   }
 }
 
+// Whether the weight gradient is computed as one matrix product (WeightsByMatmul) rather than
+// by oneDNN's backward-weights convolution: where AMX runs bfloat16 and the output map has at
+// most 16 pixels (4x4), its convolution kernels are slower than the product (BENCHMARKS.md).
+// CNNJAX_ONEDNN_WEIGHTS_MATMUL=1 or =0 forces the choice (tests).
+bool UseWeightsMatmul(dt type, int64_t out_pixels) {
+  const char* mode = std::getenv("CNNJAX_ONEDNN_WEIGHTS_MATMUL");
+  if (mode != nullptr && *mode != '\0') return *mode == '1';
+  const auto amx = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_amx);
+  static const bool has_amx =
+      (static_cast<unsigned>(dnnl::get_effective_cpu_isa()) & amx) == amx;
+  return has_amx && type == dt::bf16 && out_pixels <= 16;
+}
+
+// dw [KH*KW*Ci, Co] (HWIO flattened) = patches^T dy, with patches [N*Ho*Wo, KH*KW*Ci] the
+// input windows (zeros where they overhang the padding) and dy [N*Ho*Wo, Co], accumulated in
+// float32 and rounded once into dw's dtype; the bias gradient (float32) sums dy's rows.
+// Called under the lock.
+ffi::Error WeightsByMatmul(const Key& key, const char* x, const void* dy, void* dw,
+                           float* bias) {
+  using tag = dnnl::memory::format_tag;
+  const Shapes s = ShapesOf(key);
+  const int64_t n = key[0], h = key[1], w = key[2], ci = key[3], kh = key[4], kw = key[5];
+  const int64_t co = key[6], ho = s.dst[2], wo = s.dst[3];
+  const auto type = static_cast<dt>(key[14]);
+  const int64_t taps = kh * kw * ci, rows = n * ho * wo;
+  const size_t size = dnnl::memory::data_type_size(type);
+  static std::map<Key, dnnl::matmul> products;
+  const auto patches_md = dnnl::memory::desc({taps, rows}, type, dnnl::memory::dims{1, taps});
+  const auto dy_md = Desc({rows, co}, tag::ab, type), dw_md = Desc({taps, co}, tag::ab, type);
+  auto found = products.find(key);
+  if (found == products.end()) {
+    found = products.emplace(key, dnnl::matmul(dnnl::matmul::primitive_desc(
+                                      Engine(), patches_md, dy_md, dw_md))).first;
+  }
+  static std::vector<char> patches;
+  patches.resize(rows * taps * size);
+  char* const out = patches.data();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / (ho * wo), oy = r / wo % ho, ox = r % wo;
+    char* row = out + r * taps * size;
+    for (int64_t i = 0; i < kh; ++i) {
+      for (int64_t j = 0; j < kw; ++j, row += ci * size) {
+        const int64_t y = oy * key[7] + i - key[9], xx = ox * key[8] + j - key[11];
+        if (y < 0 || y >= h || xx < 0 || xx >= w) {
+          std::memset(row, 0, ci * size);
+        } else {
+          std::memcpy(row, x + ((b * h + y) * w + xx) * ci * size, ci * size);
+        }
+      }
+    }
+  }
+  static dnnl::stream stream(Engine());
+  found->second.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(patches_md, Engine(), out)},
+                                 {DNNL_ARG_WEIGHTS, dnnl::memory(dy_md, Engine(),
+                                                                 const_cast<void*>(dy))},
+                                 {DNNL_ARG_DST, dnnl::memory(dw_md, Engine(), dw)}});
+  if (bias) {
+    const auto* dy_f32 = static_cast<const float*>(dy);
+    const auto* dy_bf16 = static_cast<const uint16_t*>(dy);
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < co; ++c) {
+      float sum = 0.0f;
+      for (int64_t r = 0; r < rows; ++r) {
+        if (type == dt::f32) {
+          sum += dy_f32[r * co + c];
+        } else {
+          const uint32_t bits = static_cast<uint32_t>(dy_bf16[r * co + c]) << 16;
+          float value;
+          std::memcpy(&value, &bits, sizeof value);
+          sum += value;
+        }
+      }
+      bias[c] = sum;
+    }
+  }
+  stream.wait();
+  return ffi::Error::Success();
+}
+
 // Runs one pass under the lock. `a` and `b` are the pass's inputs and `out` its output, in
 // the order of the handler's arguments above; `bias` (float32 [Co], or null) is the forward
 // pass's bias input or the backward-weights pass's bias-gradient output.
@@ -190,6 +274,13 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
                    padding[3], static_cast<int64_t>(pass), static_cast<int64_t>(type),
                    bias != nullptr};
   std::lock_guard<std::mutex> guard(Lock());
+  if (pass == Pass::kBackwardWeights) {
+    const Shapes s = ShapesOf(key);
+    if (UseWeightsMatmul(type, s.dst[2] * s.dst[3])) {
+      return WeightsByMatmul(key, static_cast<const char*>(a.untyped_data()), b.untyped_data(),
+                             out->untyped_data(), bias);
+    }
+  }
   static std::map<Key, std::unique_ptr<Plan>> plans;
   auto& plan = plans[key];
   if (!plan) plan = MakePlan(key);
