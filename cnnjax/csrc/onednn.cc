@@ -87,6 +87,12 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+// The one stream every primitive runs on (used under the lock).
+dnnl::stream& Stream() {
+  static dnnl::stream stream(Engine());
+  return stream;
+}
+
 dnnl::memory::desc Desc(const dnnl::memory::dims& dims, dnnl::memory::format_tag tag,
                         dt type = dt::f32) {
   return dnnl::memory::desc(dims, type, tag);
@@ -219,7 +225,7 @@ ffi::Error WeightsByMatmul(const Key& key, const char* x, const void* dy, void* 
       }
     }
   }
-  static dnnl::stream stream(Engine());
+  dnnl::stream& stream = Stream();
   found->second.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(patches_md, Engine(), out)},
                                  {DNNL_ARG_WEIGHTS, dnnl::memory(dy_md, Engine(),
                                                                  const_cast<void*>(dy))},
@@ -284,7 +290,7 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
   static std::map<Key, std::unique_ptr<Plan>> plans;
   auto& plan = plans[key];
   if (!plan) plan = MakePlan(key);
-  static dnnl::stream stream(Engine());
+  dnnl::stream& stream = Stream();
   static std::vector<char> weights_buffer, scratch_buffer;
   scratch_buffer.resize(plan->scratch_md.get_size() + 64);
   dnnl::memory scratch(plan->scratch_md, Engine(), scratch_buffer.data());
@@ -371,7 +377,7 @@ ffi::Error RunNorm(bool backward, dt type, int64_t rows, int64_t channels, float
     memories.emplace(arg, dnnl::memory(per_channel ? plan->channels_md : plan->rows_md,
                                        Engine(), data));
   }
-  static dnnl::stream stream(Engine());
+  dnnl::stream& stream = Stream();
   plan->norm.execute(stream, memories);
   stream.wait();
   return ffi::Error::Success();
