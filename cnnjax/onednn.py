@@ -1,5 +1,5 @@
-"""oneDNN convolutions and batch normalisation for XLA:CPU, through ``jax.ffi`` with custom
-VJPs.
+"""oneDNN convolutions and batch normalisation, and a max pooling, for XLA:CPU, through
+``jax.ffi`` with custom VJPs.
 
 XLA:CPU's convolution kernels (Eigen) run up to 3.9x slower than oneDNN's, the library
 PyTorch uses on CPU (``python -m benchmarks --mode=convs``), and its reductions over
@@ -10,7 +10,11 @@ primitives; ``batch_norm(x, scale, shift, epsilon)`` the training-mode batch nor
 and its gradient (``cnnjax/csrc/onednn.cc``). Where AMX runs bfloat16, a kernel gradient
 on an output map of at most 4x4 is one matrix product of the input's patches and ``dy``
 instead (oneDNN's backward-weights convolution is slow there;
-``CNNJAX_ONEDNN_WEIGHTS_MATMUL=1`` or ``=0`` forces the choice). Both are called from jitted
+``CNNJAX_ONEDNN_WEIGHTS_MATMUL=1`` or ``=0`` forces the choice). ``max_pool(x, window)`` is
+the extension's own OpenMP loop, not oneDNN's (whose gradient goes to one maximum of a tie):
+``cnnjax.models.blocks.max_pool``'s values and gradient in one pass each way, where XLA
+materialises the window's views in the forward pass and runs bfloat16 at half the speed of
+float32 in the backward pass. All are called from jitted
 code like any other op; oneDNN's errors (a shape it has no kernel for) are raised as JAX
 runtime errors.
 
@@ -20,9 +24,9 @@ and a C++ compiler (``$CXX``, default g++), and is compiled on first use (~3 s) 
 ``$CNNJAX_CACHE`` (default ``~/.cache/cnnjax``), keyed by the source, jax and oneDNN
 versions, when ``cnnjax.runtime.configure()`` asks for it. ``available()`` says whether it
 can run here, ``unavailable_reason()`` why not; ``CNNJAX_ONEDNN=0`` turns it off.
-``cnnjax.models.conv`` and ``cnnjax.models.batch_norm`` use it where ``configure`` chose it
-(one device); without it they run XLA's own kernels, with the same results
-up to float32 rounding. Its ops have custom VJPs: ``jax.grad`` works through them, forward-
+``cnnjax.models.conv``, ``cnnjax.models.batch_norm`` and ``cnnjax.models.blocks.pool`` use
+it where ``configure`` chose it (one device); without it they run XLA's own kernels, with the
+same results up to float32 rounding (max pooling: bit for bit). Its ops have custom VJPs: ``jax.grad`` works through them, forward-
 mode ``jax.jvp`` does not (``runtime.configure(onednn=False)`` for that).
 """
 import ctypes
@@ -47,7 +51,8 @@ _TARGETS = {"conv_fwd": "CnnjaxOnednnConvFwd", "conv_bwd_data": "CnnjaxOnednnCon
             "conv_bwd_weights": "CnnjaxOnednnConvBwdWeights",
             "conv_fwd_bias": "CnnjaxOnednnConvFwdBias",
             "conv_bwd_weights_bias": "CnnjaxOnednnConvBwdWeightsBias",
-            "norm_fwd": "CnnjaxOnednnNormFwd", "norm_bwd": "CnnjaxOnednnNormBwd"}
+            "norm_fwd": "CnnjaxOnednnNormFwd", "norm_bwd": "CnnjaxOnednnNormBwd",
+            "max_pool_fwd": "CnnjaxOnednnMaxPoolFwd", "max_pool_bwd": "CnnjaxOnednnMaxPoolBwd"}
 
 
 def _installed_file(distribution: str, name: str) -> pathlib.Path:
@@ -217,3 +222,27 @@ def _norm_bwd(epsilon, residuals, cotangents):
 
 
 batch_norm.defvjp(_norm_fwd, _norm_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool(x: jax.Array, window: int) -> jax.Array:
+  """``[B, H, W, C]`` -> ``[B, H // window, W // window, C]`` (float32 or bfloat16): the
+  maximum of each non-overlapping window, with ``cnnjax.models.blocks.max_pool``'s values and
+  gradient (shared among ties), in one OpenMP pass each way."""
+  b, h, w, c = x.shape
+  return _call("max_pool_fwd", [((b, h // window, w // window, c), x.dtype)], x,
+               window=np.int64(window))[0]
+
+
+def _max_pool_fwd(x, window):
+  y = max_pool(x, window)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, residuals, dy):
+  x, y = residuals
+  return (_call("max_pool_bwd", [(x.shape, x.dtype)], x, y, dy.astype(x.dtype),
+                window=np.int64(window))[0],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 
 from cnnjax import onednn, runtime
-from cnnjax.models import conv
+from cnnjax.models import blocks, conv
 from cnnjax.models.batch_norm import BatchNorm
 
 
@@ -251,3 +251,34 @@ def test_batch_norm_module_leaves_other_dtypes_and_axes_to_flax(monkeypatch):
                          (BatchNorm(dtype=jnp.bfloat16), x)):
     variables = module.init(jax.random.key(0), inputs, use_running_average=False)
     module.apply(variables, inputs, use_running_average=False, mutable=["batch_stats"])
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape, window", [((3, 8, 8, 5), 2), ((2, 7, 9, 4), 2), ((2, 9, 10, 3), 3)])
+def test_max_pool_values_and_gradients_equal_the_xla_version_bit_for_bit(shape, window, dtype):
+  # Rounded values tie often; NaN, infinities and signed zeros sprinkled in. The XLA version
+  # (blocks.max_pool) is tested against reduce_max in test_models.py.
+  rng = np.random.default_rng(0)
+  x = np.round(rng.normal(size=shape) * 1.5).astype(np.float32)
+  x.flat[rng.choice(x.size, 12, replace=False)] = [np.nan, np.inf, -np.inf, -0.0] * 3
+  x = jnp.asarray(x, dtype)
+  r = jnp.asarray(rng.normal(size=(shape[0], shape[1] // window, shape[2] // window, shape[3])),
+                  dtype)
+
+  def loss(pool):
+    return jax.jit(jax.value_and_grad(lambda v: (pool(v, window) * r).astype(jnp.float32).sum()))
+
+  np.testing.assert_array_equal(onednn.max_pool(x, window), blocks.max_pool(x, window))
+  (_, grad), (_, expected) = loss(onednn.max_pool)(x), loss(blocks.max_pool)(x)
+  assert grad.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(expected, np.float32))
+
+
+@needs_onednn
+def test_pool_runs_max_pooling_on_the_extension_for_float32_and_bfloat16_only(monkeypatch):
+  calls = []
+  monkeypatch.setattr(onednn, "max_pool", lambda x, w: calls.append(x.dtype) or blocks.max_pool(x, w))
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    blocks.pool(jnp.ones((1, 4, 4, 2), dtype), "max", 2)
+  assert calls == [jnp.float32, jnp.bfloat16]

@@ -11,6 +11,11 @@
 //   cnnjax_onednn_norm_fwd  x [..., C], scale [C], shift [C] -> y [..., C], mean [C], var [C]
 //   cnnjax_onednn_norm_bwd  x, dy [..., C], scale, mean, var [C] -> dx, dscale, dshift
 //   (attribute: epsilon)
+//   cnnjax_onednn_max_pool_fwd  x [N, H, W, C] -> y [N, H / k, W / k, C]
+//   cnnjax_onednn_max_pool_bwd  x, y, dy -> dx [N, H, W, C]
+//   (attribute: window k; non-overlapping k x k windows, the remainder rows and columns
+//   dropped; not oneDNN's pooling: its gradient goes to one maximum, this one is shared among
+//   ties as jax's reduce_max's is)
 // A convolution's operands and result share one dtype (float32 or bfloat16); batch norm's x, y,
 // dy and dx are float32 or bfloat16, its per-channel scale, shift, mean, var and their
 // gradients always float32 (mixed precision keeps statistics in float32).
@@ -26,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -428,6 +434,162 @@ ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F3
   });
 }
 
+// Max pooling over non-overlapping k x k windows, NHWC, float32 or bfloat16, as
+// cnnjax.models.blocks.max_pool computes it with XLA (same values and gradient, bit for bit):
+// the maximum of the window's k*k strided views in row-major order (a NaN wins), and the
+// gradient dy / (number of window elements equal to y) to each of them. XLA runs the bfloat16
+// passes through float32 conversions at a fraction of memory speed (BENCHMARKS.md).
+struct F32 {
+  using Storage = float;
+  using Bits = uint32_t;
+  static float Get(float v) { return v; }
+  static float Put(float v) { return v; }
+};
+struct BF16 {
+  using Storage = uint16_t;
+  using Bits = uint16_t;
+  static float Get(uint16_t v) {
+    const uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  static uint16_t Put(float f) {  // round to nearest even, NaN kept quiet (branch-free)
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>(f != f ? (bits >> 16) | 0x40u : rounded);
+  }
+};
+
+template <typename T>
+void MaxPoolForward(const typename T::Storage* x, typename T::Storage* y, int64_t n,
+                    int64_t h, int64_t w, int64_t c, int64_t k) {
+  const int64_t ho = h / k, wo = w / k;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t i = 0; i < ho; ++i) {
+      for (int64_t j = 0; j < wo; ++j) {
+        typename T::Storage* out = y + ((b * ho + i) * wo + j) * c;
+        const typename T::Storage* corner = x + ((b * h + i * k) * w + j * k) * c;
+        std::memcpy(out, corner, c * sizeof *out);
+        for (int64_t v = 1; v < k * k; ++v) {
+          const typename T::Storage* view = corner + (v / k * w + v % k) * c;
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) {
+            const float m = T::Get(out[ch]), a = T::Get(view[ch]);
+            out[ch] = (a > m || a != a) ? view[ch] : out[ch];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void MaxPoolBackward(const typename T::Storage* x, const typename T::Storage* y,
+                     const typename T::Storage* dy, void* dx_data, int64_t n, int64_t h,
+                     int64_t w, int64_t c, int64_t k) {
+  using S = typename T::Storage;
+  using B = typename T::Bits;  // dx written as bits: a select the compiler vectorizes
+  B* const dx = static_cast<B*>(dx_data);
+  const int64_t ho = h / k, wo = w / k;
+  if (ho * k != h || wo * k != w) std::memset(dx, 0, n * h * w * c * sizeof *dx);
+#pragma omp parallel
+  {
+    std::vector<float> top(c), ties(c);  // per output pixel: y and its number of ties
+    std::vector<B> share(c);  // dy / ties
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < n; ++b) {
+      for (int64_t i = 0; i < ho; ++i) {
+        for (int64_t j = 0; j < wo; ++j) {
+          const S* yp = y + ((b * ho + i) * wo + j) * c;
+          const S* dyp = dy + ((b * ho + i) * wo + j) * c;
+          const int64_t corner = ((b * h + i * k) * w + j * k) * c;
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) top[ch] = T::Get(yp[ch]), ties[ch] = 0.0f;
+          for (int64_t v = 0; v < k * k; ++v) {
+            const S* xp = x + corner + (v / k * w + v % k) * c;
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) ties[ch] += T::Get(xp[ch]) == top[ch] ? 1.0f : 0.0f;
+          }
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) {
+            const S value = T::Put(T::Get(dyp[ch]) / ties[ch]);
+            std::memcpy(&share[ch], &value, sizeof value);
+          }
+          for (int64_t v = 0; v < k * k; ++v) {
+            const int64_t off = corner + (v / k * w + v % k) * c;
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) {
+              dx[off + ch] = share[ch] & -static_cast<B>(T::Get(x[off + ch]) == top[ch]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Checks a pooling call's buffers: x and dx [N, H, W, C], y and dy [N, H / k, W / k, C], all
+// float32 or all bfloat16 (`*type`).
+ffi::Error CheckPool(const ffi::AnyBuffer& x, ffi::AnyBuffer::Dimensions dx,
+                     std::initializer_list<const ffi::AnyBuffer*> pooled, int64_t k, dt* type) {
+  const auto d = x.dimensions();
+  if (!OnednnType(x.element_type(), type) || d.size() != 4 || k < 1 || d[1] < k || d[2] < k) {
+    return ffi::Error::InvalidArgument(
+        "max pooling takes float32 or bfloat16 [N, H, W, C] with H, W >= window >= 1");
+  }
+  bool same = dx.size() == 4 && dx[0] == d[0] && dx[1] == d[1] && dx[2] == d[2] && dx[3] == d[3];
+  for (const ffi::AnyBuffer* p : pooled) {
+    const auto pd = p->dimensions();
+    same = same && p->element_type() == x.element_type() && pd.size() == 4 && pd[0] == d[0] &&
+           pd[1] == d[1] / k && pd[2] == d[2] / k && pd[3] == d[3];
+  }
+  if (!same) return ffi::Error::InvalidArgument("max pooling: shapes or dtypes disagree");
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t k) {
+  const auto d = x.dimensions();
+  dt type;
+  if (auto error = CheckPool(x, d, {&*y}, k, &type); error.failure()) return error;
+  std::lock_guard<std::mutex> guard(Lock());  // one OpenMP team at a time, as for oneDNN's
+  if (type == dt::f32) {
+    MaxPoolForward<F32>(static_cast<const float*>(x.untyped_data()),
+                        static_cast<float*>(y->untyped_data()), d[0], d[1], d[2], d[3], k);
+  } else {
+    MaxPoolForward<BF16>(static_cast<const uint16_t*>(x.untyped_data()),
+                         static_cast<uint16_t*>(y->untyped_data()), d[0], d[1], d[2], d[3], k);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolBackward(ffi::AnyBuffer x, ffi::AnyBuffer y, ffi::AnyBuffer dy,
+                        ffi::Result<ffi::AnyBuffer> dx, int64_t k) {
+  const auto d = x.dimensions();
+  dt type;
+  if (auto error = CheckPool(x, dx->dimensions(), {&y, &dy}, k, &type); error.failure()) {
+    return error;
+  }
+  if (dx->element_type() != x.element_type()) {
+    return ffi::Error::InvalidArgument("max pooling: shapes or dtypes disagree");
+  }
+  std::lock_guard<std::mutex> guard(Lock());
+  if (type == dt::f32) {
+    MaxPoolBackward<F32>(static_cast<const float*>(x.untyped_data()),
+                         static_cast<const float*>(y.untyped_data()),
+                         static_cast<const float*>(dy.untyped_data()),
+                         dx->untyped_data(), d[0], d[1], d[2], d[3], k);
+  } else {
+    MaxPoolBackward<BF16>(static_cast<const uint16_t*>(x.untyped_data()),
+                          static_cast<const uint16_t*>(y.untyped_data()),
+                          static_cast<const uint16_t*>(dy.untyped_data()),
+                          dx->untyped_data(), d[0], d[1], d[2], d[3], k);
+  }
+  return ffi::Error::Success();
+}
+
 #define CNNJAX_CONV_HANDLER(symbol, pass)                                                   \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                            \
       symbol,                                                                               \
@@ -504,3 +666,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnNormBwd, NormBackward,
                                   .Ret<F32Buffer>()
                                   .Ret<F32Buffer>()
                                   .Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolFwd, PoolForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("window"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolBwd, PoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("window"));

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax import onednn, runtime
 from cnnjax.errors import UserError
 from cnnjax.models.conv import Conv
 
@@ -70,7 +71,8 @@ def pool(x: jax.Array, kind: Literal["max", "avg"], window: int) -> jax.Array:
   elementwise maximum of the window's strided views, differentiated by a custom VJP in
   elementwise passes (XLA:CPU runs ``reduce_window`` and its gradient 1.8x slower on
   SeedCNN's train step, a reshape + ``max`` reduction and its gradient 2.3-4x slower than
-  this; BENCHMARKS.md), for 'avg' a reshape and a mean.
+  this; BENCHMARKS.md), or the same computed by ``cnnjax.onednn.max_pool`` where
+  ``runtime.onednn_in_use``; for 'avg' a reshape and a mean.
 
   Args:
     x: ``[B, H, W, C]``.
@@ -82,6 +84,8 @@ def pool(x: jax.Array, kind: Literal["max", "avg"], window: int) -> jax.Array:
   if kind not in ("max", "avg"):
     raise UserError(f"unknown pooling {kind!r}; expected 'max' or 'avg'")
   if kind == "max":
+    if x.dtype in (jnp.float32, jnp.bfloat16) and runtime.onednn_in_use(x.dtype.name):
+      return onednn.max_pool(x, window)  # the same values and gradient, in one pass each way
     return max_pool(x, window)
   b, h, w, c = x.shape
   h, w = h // window, w // window
