@@ -4,7 +4,7 @@
   variables read only when a process or JAX's backend starts: XLA:CPU flags measured to be
   faster (Eigen convolutions instead of YNNPACK's fusions; ``CNNJAX_XLA_DEFAULTS=0`` keeps
   XLA's own) and glibc's malloc tunables for XLA's per-step buffers (``MALLOC_TUNABLES``:
-  huge pages, and the buffers kept between steps; ``CNNJAX_MALLOC=0`` keeps glibc's
+  the buffers kept between steps; ``CNNJAX_MALLOC=0`` keeps glibc's
   defaults). The user's own values always stand. The commands apply it in
   ``experiments.entry`` before JAX starts (restarting once for the tunables, which glibc
   reads only at process start); a notebook or program exports the same variables itself
@@ -32,11 +32,11 @@ XLA_CPU_FLAGS = {
 }
 # XLA:CPU allocates a step's intermediate buffers as one block (~200 MB for BNCNN at batch
 # 128) and frees it after the step. By default glibc maps such a block afresh every step and
-# the kernel zeroes its pages on first touch (BENCHMARKS.md): with huge pages that costs
-# ~500 faults instead of 50,000; from one arena, never mapped apart nor trimmed, the block is
-# reused and costs none.
+# the kernel zeroes its pages on first touch (BENCHMARKS.md): from one arena, never mapped
+# apart nor trimmed, the block is reused and costs none. Not glibc.malloc.hugetlb=1 (used
+# until 2026-12-05): its huge-page faults stall in the kernel's compaction as the heap grows,
+# 1.4-2 s in the first train step and 0.7-1 s spikes in the next few, for no steady-state gain.
 MALLOC_TUNABLES = {
-    "glibc.malloc.hugetlb": "1",  # transparent huge pages for malloc's memory
     "glibc.malloc.arena_max": "1",  # one heap for all threads (XLA's workers allocate it)
     "glibc.malloc.mmap_max": "0",  # large blocks from the heap, not separate mappings
     "glibc.malloc.trim_threshold": str(2**32 - 1),  # freed memory kept for the next step

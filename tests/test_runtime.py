@@ -25,8 +25,7 @@ def test_xla_defaults_only_where_the_user_set_nothing(env, expected):
   assert runtime.xla_flags(env) == expected
 
 
-TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-            "glibc.malloc.trim_threshold=4294967295")
+TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
 
 
 def test_the_tunables_are_added_to_the_users_own_and_never_override_them():
