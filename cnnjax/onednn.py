@@ -50,6 +50,7 @@ _SOURCE = pathlib.Path(__file__).parent / "csrc" / "onednn.cc"
 _TARGETS = {"conv_fwd": "CnnjaxOnednnConvFwd", "conv_bwd_data": "CnnjaxOnednnConvBwdData",
             "conv_bwd_weights": "CnnjaxOnednnConvBwdWeights",
             "conv_fwd_bias": "CnnjaxOnednnConvFwdBias",
+            "conv_fwd_bias_relu": "CnnjaxOnednnConvFwdBiasRelu",
             "conv_bwd_weights_bias": "CnnjaxOnednnConvBwdWeightsBias",
             "norm_fwd": "CnnjaxOnednnNormFwd", "norm_bwd": "CnnjaxOnednnNormBwd",
             "max_pool_fwd": "CnnjaxOnednnMaxPoolFwd", "max_pool_bwd": "CnnjaxOnednnMaxPoolBwd"}
@@ -160,25 +161,30 @@ def _conv_bwd(strides, padding, residuals, dy):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: tuple[int, int],
-              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+              padding: tuple[tuple[int, int], tuple[int, int]], relu: bool = False) -> jax.Array:
   """``conv(x, kernel, strides, padding) + bias``, the bias ``[Cout]`` (float32) added inside
   oneDNN's convolution, and its gradient computed in the backward-weights pass (XLA sums a
-  bfloat16 activation gradient over ``[B, Ho, Wo]`` slowly: BENCHMARKS.md)."""
+  bfloat16 activation gradient over ``[B, Ho, Wo]`` slowly: BENCHMARKS.md); ``relu``: and
+  ``max(., 0)`` as the kernel's post-op (one pass over the output fewer)."""
   kh, kw, _, cout = kernel.shape
   ho = conv_math.conv_output_size(x.shape[1] + sum(padding[0]), kh, strides[0])
   wo = conv_math.conv_output_size(x.shape[2] + sum(padding[1]), kw, strides[1])
-  return _call("conv_fwd_bias", [((x.shape[0], ho, wo, cout), x.dtype)], x, kernel, bias,
+  return _call("conv_fwd_bias_relu" if relu else "conv_fwd_bias",
+               [((x.shape[0], ho, wo, cout), x.dtype)], x, kernel, bias,
                **_attributes(strides, padding))[0]
 
 
-def _conv_bias_fwd(x, kernel, bias, strides, padding):
-  return conv_bias(x, kernel, bias, strides, padding), (x, kernel)
+def _conv_bias_fwd(x, kernel, bias, strides, padding, relu):
+  y = conv_bias(x, kernel, bias, strides, padding, relu)
+  return y, (x, kernel, y if relu else None)
 
 
-def _conv_bias_bwd(strides, padding, residuals, dy):
-  x, kernel = residuals
+def _conv_bias_bwd(strides, padding, relu, residuals, dy):
+  x, kernel, y = residuals
+  if relu:  # ReLU's gradient, from its output (jax.nn.relu's: zero where y is 0)
+    dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
   dw, dbias = _call("conv_bwd_weights_bias", [(kernel.shape, x.dtype), ((kernel.shape[3],),
                                                                        jnp.float32)],
                     x, dy, **_attributes(strides, padding))

@@ -136,8 +136,9 @@ def test_the_weight_gradient_as_one_matrix_product_equals_the_convolution_s(dtyp
 
 
 @needs_onednn
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("name", ["RGB 3x3 same", "3x3/2, pads (0, 1)", "1x1/2"])
-def test_conv_with_bias_values_and_gradients_equal_lax(name):
+def test_conv_with_bias_values_and_gradients_equal_lax(name, relu):
   x_shape, k_shape, strides, padding = CONV_CASES[name]
   kx, kk, kb, kr = jax.random.split(jax.random.key(1), 4)
   x, kernel = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
@@ -148,17 +149,19 @@ def test_conv_with_bias_values_and_gradients_equal_lax(name):
     return jnp.sum(y * jax.random.normal(kr, y.shape)), y
 
   def reference(x, kernel, bias):
-    return lax.conv_general_dilated(x, kernel, strides, padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    y = lax.conv_general_dilated(x, kernel, strides, padding,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    return nn.relu(y) if relu else y
 
   def ours(x, kernel, bias):
-    return onednn.conv_bias(x, kernel, bias, strides, padding)
+    return onednn.conv_bias(x, kernel, bias, strides, padding, relu)
 
   (_, y_want), g_want, (_, y_got), g_got = (
       r for fn in (reference, ours)
       for r in jax.value_and_grad(lambda *a, fn=fn: loss(fn, *a), (0, 1, 2), has_aux=True)(
           x, kernel, bias))
   np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=1e-4)
+  assert (y_got.min() == 0) == relu
   for got, want in zip(g_got, g_want):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
@@ -168,16 +171,20 @@ def test_the_conv_module_adds_its_bias_inside_onednn_as_nn_conv_would(monkeypatc
   monkeypatch.setattr(runtime, "_onednn", True)
   x = jax.random.normal(jax.random.key(2), (2, 9, 9, 4))
   for options in ({"padding": "SAME", "strides": 2}, {"padding": ((1, 0), (2, 1))},
-                  {"use_bias": False}):
-    ours, plain = conv.Conv(6, (3, 3), **options), nn.Conv(6, (3, 3), **options)
+                  {"use_bias": False}, {"padding": "SAME", "relu": True},
+                  {"use_bias": False, "relu": True}):
+    relu = options.pop("relu", False)
+    ours, plain = conv.Conv(6, (3, 3), relu=relu, **options), nn.Conv(6, (3, 3), **options)
     variables = plain.init(jax.random.key(3), x)
     assert jax.tree.structure(ours.init(jax.random.key(3), x)) == jax.tree.structure(variables)
-    fused = "conv_fwd_bias" in str(jax.make_jaxpr(ours.apply)(variables, x))
-    assert fused == options.get("use_bias", True)
-    grad = lambda m: jax.grad(lambda v: (m.apply(v, x) ** 2).sum())(variables)  # noqa: E731
-    np.testing.assert_allclose(ours.apply(variables, x), plain.apply(variables, x),
+    jaxpr = str(jax.make_jaxpr(ours.apply)(variables, x))
+    assert ("conv_fwd_bias" in jaxpr) == options.get("use_bias", True)
+    assert ("conv_fwd_bias_relu" in jaxpr) == (relu and options.get("use_bias", True))
+    want_fn = (lambda v, x: nn.relu(plain.apply(v, x))) if relu else plain.apply
+    grad = lambda f: jax.grad(lambda v: (f(v, x) ** 2).sum())(variables)  # noqa: E731
+    np.testing.assert_allclose(ours.apply(variables, x), want_fn(variables, x),
                                rtol=1e-5, atol=1e-4)
-    for got, want in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(plain))):
+    for got, want in zip(jax.tree.leaves(grad(ours.apply)), jax.tree.leaves(grad(want_fn))):
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 

@@ -5,6 +5,7 @@
 //   cnnjax_onednn_conv_bwd_data     dy [N, Ho, Wo, Co], w [KH, KW, Ci, Co] -> dx [N, H, W, Ci]
 //   cnnjax_onednn_conv_bwd_weights  x [N, H, W, Ci], dy [N, Ho, Wo, Co] -> dw [KH, KW, Ci, Co]
 //   cnnjax_onednn_conv_fwd_bias          x, w, bias [Co] (float32) -> y = conv(x, w) + bias
+//   cnnjax_onednn_conv_fwd_bias_relu     x, w, bias -> y = max(conv(x, w) + bias, 0) (a post-op)
 //   cnnjax_onednn_conv_bwd_weights_bias  x, dy -> dw, dbias [Co] (float32): the bias gradient
 //                                        (dy summed over N, Ho, Wo) in the same pass
 //   (attributes: strides [2] and padding [4] = (top, bottom, left, right))
@@ -50,7 +51,7 @@ namespace {
 enum class Pass { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
 // N, H, W, Ci, KH, KW, Co, stride h, stride w, pad top, bottom, left, right, pass, dtype,
-// with bias.
+// epilogue (0: none, 1: bias, 2: bias and ReLU, the forward pass's post-op).
 using Key = std::array<int64_t, 16>;
 
 using dt = dnnl::memory::data_type;
@@ -119,6 +120,11 @@ std::unique_ptr<Plan> MakePlan(const Key& key) {
   plan->hwio_md = Desc(s.weights, tag::hwio, type);
   const bool with_bias = key[15] != 0;
   const auto bias = plan->bias_md;
+  if (key[15] == 2) {
+    dnnl::post_ops relu;
+    relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+    attr.set_post_ops(relu);
+  }
   auto fwd = with_bias ? dnnl::convolution_forward::primitive_desc(
                              Engine(), dnnl::prop_kind::forward_training, algo, src,
                              any_weights, bias, dst, s.strides, s.pad_l, s.pad_r, attr)
@@ -264,7 +270,8 @@ ffi::Error WeightsByMatmul(const Key& key, const char* x, const void* dy, void* 
 // pass's bias input or the backward-weights pass's bias-gradient output.
 ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
                    ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> strides,
-                   ffi::Span<const int64_t> padding, float* bias = nullptr) {
+                   ffi::Span<const int64_t> padding, float* bias = nullptr,
+                   bool relu = false) {
   if (strides.size() != 2 || padding.size() != 4) {
     return ffi::Error::InvalidArgument("strides must have 2 entries and padding 4");
   }
@@ -284,7 +291,7 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
   const Key key = {x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1],
                    w_dims[3], strides[0], strides[1], padding[0], padding[1], padding[2],
                    padding[3], static_cast<int64_t>(pass), static_cast<int64_t>(type),
-                   bias != nullptr};
+                   bias == nullptr ? 0 : relu ? 2 : 1};
   std::lock_guard<std::mutex> guard(Lock());
   if (pass == Pass::kBackwardWeights) {
     const Shapes s = ShapesOf(key);
@@ -611,22 +618,26 @@ CNNJAX_CONV_HANDLER(CnnjaxOnednnConvFwd, Pass::kForward)
 CNNJAX_CONV_HANDLER(CnnjaxOnednnConvBwdData, Pass::kBackwardData)
 CNNJAX_CONV_HANDLER(CnnjaxOnednnConvBwdWeights, Pass::kBackwardWeights)
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    CnnjaxOnednnConvFwdBias,
-    [](ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
-       ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> strides,
-       ffi::Span<const int64_t> padding) {
-      return Guarded("convolution", [&] {
-        return RunConv(Pass::kForward, x, w, y, strides, padding, bias.typed_data());
-      });
-    },
-    ffi::Ffi::Bind()
-        .Arg<ffi::AnyBuffer>()
-        .Arg<ffi::AnyBuffer>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::AnyBuffer>()
-        .Attr<ffi::Span<const int64_t>>("strides")
-        .Attr<ffi::Span<const int64_t>>("padding"));
+#define CNNJAX_CONV_BIAS_HANDLER(symbol, relu)                                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                            \
+      symbol,                                                                               \
+      [](ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,                    \
+         ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> strides,                   \
+         ffi::Span<const int64_t> padding) {                                                \
+        return Guarded("convolution", [&] {                                                 \
+          return RunConv(Pass::kForward, x, w, y, strides, padding, bias.typed_data(), relu); \
+        });                                                                                 \
+      },                                                                                    \
+      ffi::Ffi::Bind()                                                                      \
+          .Arg<ffi::AnyBuffer>()                                                            \
+          .Arg<ffi::AnyBuffer>()                                                            \
+          .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+          .Ret<ffi::AnyBuffer>()                                                            \
+          .Attr<ffi::Span<const int64_t>>("strides")                                        \
+          .Attr<ffi::Span<const int64_t>>("padding"));
+
+CNNJAX_CONV_BIAS_HANDLER(CnnjaxOnednnConvFwdBias, false)
+CNNJAX_CONV_BIAS_HANDLER(CnnjaxOnednnConvFwdBiasRelu, true)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CnnjaxOnednnConvBwdWeightsBias,
     [](ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,

@@ -105,8 +105,10 @@ class ConvBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = Conv(self.features, (self.kernel_size, self.kernel_size), padding="SAME")(x)
-    x = activation(self.activation)(x)
+    relu = self.activation == "relu"  # then inside the convolution
+    x = Conv(self.features, (self.kernel_size, self.kernel_size), padding="SAME", relu=relu)(x)
+    if not relu:
+      x = activation(self.activation)(x)
     return pool(x, self.pooling, self.pool_size)
 
 

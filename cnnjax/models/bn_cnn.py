@@ -29,8 +29,8 @@ class BNCNN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i, width in enumerate(self.widths):
       for _ in range(2):
-        x = Conv(width, (3, 3), padding=((1, 1), (1, 1)))(x)
-        x = BatchNorm(use_running_average=not train)(nn.relu(x))
+        x = Conv(width, (3, 3), padding=((1, 1), (1, 1)), relu=True)(x)
+        x = BatchNorm(use_running_average=not train)(x)
       x = pool(x, "max", 2)
       self.sow("intermediates", f"block{i + 1}", x)
       x = Dropout(self.conv_dropout, deterministic=not train)(x)

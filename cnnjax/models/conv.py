@@ -99,20 +99,24 @@ class Conv(nn.Conv):
   """``nn.Conv`` (fields, parameter names, initialisation and results) with the lowering
   above; where a 2-D NHWC convolution with a bias runs on oneDNN, the bias is added inside
   oneDNN's kernel (``onednn.conv_bias``), whose backward pass also gives the bias gradient.
-  Input ``[B, H, W, Cin]``, output ``[B, Ho, Wo, features]``."""
+  ``relu=True`` returns ``nn.relu`` of the result (as Keras's ``activation='relu'``), inside
+  that kernel where it runs there. Input ``[B, H, W, Cin]``, output ``[B, Ho, Wo, features]``."""
   conv_general_dilated: Any = conv_general_dilated
+  relu: bool = False
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     fused = self._fused_bias_form(inputs)
     if fused is None:
-      return super().__call__(inputs)
+      y = super().__call__(inputs)
+      return nn.relu(y) if self.relu else y
     kernel_size, strides, padding = fused
     kernel = self.param("kernel", self.kernel_init, (*kernel_size, inputs.shape[-1], self.features),
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    return onednn.conv_bias(inputs, kernel, bias.astype(jnp.float32), strides, padding)
+    return onednn.conv_bias(inputs, kernel, bias.astype(jnp.float32), strides, padding,
+                            self.relu)
 
   def _fused_bias_form(self, inputs: jax.Array):
     """``(kernel_size, strides, padding pairs)`` when this call's bias can go into oneDNN's

@@ -25,8 +25,11 @@ class LeNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train  # no dropout or batch norm
     act = activation(self.activation)
-    x = pool(act(Conv(6, (5, 5), padding=((self.padding,) * 2,) * 2)(x)), self.pooling, 2)
-    x = pool(act(Conv(16, (5, 5), padding="VALID")(x)), self.pooling, 2)
+    relu = self.activation == "relu"  # then inside the convolutions
+    x = Conv(6, (5, 5), padding=((self.padding,) * 2,) * 2, relu=relu)(x)
+    x = pool(x if relu else act(x), self.pooling, 2)
+    x = Conv(16, (5, 5), padding="VALID", relu=relu)(x)
+    x = pool(x if relu else act(x), self.pooling, 2)
     x = x.reshape(x.shape[0], -1)
     self.sow("intermediates", "features", x)
     x = act(nn.Dense(120)(x))

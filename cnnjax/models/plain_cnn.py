@@ -30,7 +30,7 @@ class PlainCNN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i, width in enumerate(self.widths):
-      x = nn.relu(Conv(width, (3, 3), padding=self.padding)(x))
+      x = Conv(width, (3, 3), padding=self.padding, relu=True)(x)
       if i in self.pool_after:
         x = pool(x, "max", 2)
     x = x.mean(axis=(1, 2)) if self.global_pool else x.reshape(x.shape[0], -1)

@@ -84,11 +84,10 @@ class VGG(nn.Module):
     for block, (features, convs) in enumerate(self.blocks, start=1):
       for conv in range(1, convs + 1):
         x = Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_kernel_init,
-                    name=f"block{block}_conv{conv}")(x)
+                 relu=not self.batch_norm, name=f"block{block}_conv{conv}")(x)
         if self.batch_norm:
-          x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                           epsilon=1e-5, name=f"block{block}_bn{conv}")(x)
-        x = nn.relu(x)
+          x = nn.relu(BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                                epsilon=1e-5, name=f"block{block}_bn{conv}")(x))
       x = pool(x, "max", 2)
       self.sow("intermediates", f"block{block}", x)
     if self.num_classes == 0:
