@@ -178,7 +178,7 @@ def machine(with_torch: bool) -> dict[str, str]:
       versions[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
       continue
-  kernels = ("oneDNN convolutions and batch norm (cnnjax.onednn)" if onednn.available()
+  kernels = ("oneDNN convolutions and batch norm, max pooling (cnnjax.onednn)" if onednn.available()
              else f"XLA's (oneDNN unavailable: {onednn.unavailable_reason()})")
   return {
       "machine": (f"{info['cpu']}, {info['cpu_count']} cores "

@@ -26,8 +26,9 @@ versions, when ``cnnjax.runtime.configure()`` asks for it. ``available()`` says 
 can run here, ``unavailable_reason()`` why not; ``CNNJAX_ONEDNN=0`` turns it off.
 ``cnnjax.models.conv``, ``cnnjax.models.batch_norm`` and ``cnnjax.models.blocks.pool`` use
 it where ``configure`` chose it (one device); without it they run XLA's own kernels, with the
-same results up to float32 rounding (max pooling: bit for bit). Its ops have custom VJPs: ``jax.grad`` works through them, forward-
-mode ``jax.jvp`` does not (``runtime.configure(onednn=False)`` for that).
+same results up to float32 rounding (max pooling: the same values and gradient; the fused
+ReLU: 0 for a NaN). Its ops have custom VJPs: ``jax.grad`` works through them, forward-mode
+``jax.jvp`` does not (``runtime.configure(onednn=False)`` for that).
 """
 import ctypes
 import functools
@@ -167,7 +168,9 @@ def conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: tuple[i
   """``conv(x, kernel, strides, padding) + bias``, the bias ``[Cout]`` (float32) added inside
   oneDNN's convolution, and its gradient computed in the backward-weights pass (XLA sums a
   bfloat16 activation gradient over ``[B, Ho, Wo]`` slowly: BENCHMARKS.md); ``relu``: and
-  ``max(., 0)`` as the kernel's post-op (one pass over the output fewer)."""
+  ``max(., 0)`` as the kernel's post-op (one pass over the output fewer), which turns a NaN
+  into 0 where ``nn.relu`` keeps it (NaN weights still reach the loss through the layers
+  after)."""
   kh, kw, _, cout = kernel.shape
   ho = conv_math.conv_output_size(x.shape[1] + sum(padding[0]), kh, strides[0])
   wo = conv_math.conv_output_size(x.shape[2] + sum(padding[1]), kw, strides[1])

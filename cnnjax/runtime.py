@@ -111,15 +111,15 @@ def configure(onednn: bool = True) -> bool:
 
 
 def onednn_in_use(dtype: str = "float32") -> bool:
-  """Whether the models' convolutions and batch norms of ``dtype`` run on oneDNN
-  (``configure``; bfloat16 only where the CPU has bf16 instructions)."""
+  """Whether the models' convolutions, batch norms and max pooling of ``dtype`` run on the
+  oneDNN extension (``configure``; bfloat16 only where the CPU has bf16 instructions)."""
   return _onednn_bf16 if dtype == "bfloat16" else _onednn
 
 
 def kernels() -> str:
   """What the layers run, in words (for run headers and benchmark reports)."""
   if _onednn:
-    return "oneDNN convolutions and batch norm (cnnjax.onednn)"
+    return "oneDNN convolutions and batch norm, max pooling (cnnjax.onednn)"
   from cnnjax import onednn as onednn_lib  # pylint: disable=import-outside-toplevel
   why = onednn_lib.unavailable_reason() or "not chosen: several devices, or no configure()"
   return f"XLA's kernels (oneDNN {why})"

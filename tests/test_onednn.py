@@ -167,6 +167,33 @@ def test_conv_with_bias_values_and_gradients_equal_lax(name, relu):
 
 
 @needs_onednn
+def test_the_fused_relu_in_bfloat16_is_relu_after_the_rounded_convolution():
+  kx, kk, kb, kr = jax.random.split(jax.random.key(4), 4)
+  x = jax.random.normal(kx, (4, 8, 8, 16), jnp.bfloat16)
+  kernel = jax.random.normal(kk, (3, 3, 16, 8), jnp.bfloat16)
+  bias = jax.random.normal(kb, (8,))
+  r = jax.random.normal(kr, (4, 8, 8, 8), jnp.bfloat16)
+
+  def value_and_grads(fn):
+    return jax.value_and_grad(lambda *a: (fn(*a) * r).astype(jnp.float32).sum(), (0, 1, 2))(
+        x, kernel, bias)
+
+  pad = ((1, 1), (1, 1))
+  fused = value_and_grads(lambda *a: onednn.conv_bias(*a, (1, 1), pad, True))
+  after = value_and_grads(lambda *a: nn.relu(onednn.conv_bias(*a, (1, 1), pad)))
+  for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_a_nan_before_the_fused_relu_comes_out_as_zero_as_documented():
+  if not (_installed() and onednn.available()):
+    pytest.skip("the onednn extra is not installed")
+  x = jnp.full((1, 3, 3, 1), jnp.nan)
+  y = onednn.conv_bias(x, jnp.ones((1, 1, 1, 2)), jnp.zeros(2), (1, 1), ((0, 0), (0, 0)), True)
+  np.testing.assert_array_equal(y, 0.0)  # oneDNN's max(x, 0); nn.relu (XLA) keeps the NaN
+
+
+@needs_onednn
 def test_the_conv_module_adds_its_bias_inside_onednn_as_nn_conv_would(monkeypatch):
   monkeypatch.setattr(runtime, "_onednn", True)
   x = jax.random.normal(jax.random.key(2), (2, 9, 9, 4))
@@ -262,7 +289,8 @@ def test_batch_norm_module_leaves_other_dtypes_and_axes_to_flax(monkeypatch):
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("shape, window", [((3, 8, 8, 5), 2), ((2, 7, 9, 4), 2), ((2, 9, 10, 3), 3)])
+@pytest.mark.parametrize("shape, window", [((3, 8, 8, 5), 2), ((2, 7, 9, 4), 2), ((2, 9, 10, 3), 3),
+                                           ((2, 1, 5, 3), 2)])  # last: no output rows
 def test_max_pool_values_and_gradients_equal_the_xla_version_bit_for_bit(shape, window, dtype):
   # Rounded values tie often; NaN, infinities and signed zeros sprinkled in. The XLA version
   # (blocks.max_pool) is tested against reduce_max in test_models.py.
@@ -276,14 +304,20 @@ def test_max_pool_values_and_gradients_equal_the_xla_version_bit_for_bit(shape, 
   def loss(pool):
     return jax.jit(jax.value_and_grad(lambda v: (pool(v, window) * r).astype(jnp.float32).sum()))
 
+  def bits(a):
+    return np.asarray(a).view(np.uint16 if a.dtype == jnp.bfloat16 else np.uint32)
+
+  # Equal values (of a window's -0 and +0 the kernel keeps the first, XLA's maximum +0) ...
   np.testing.assert_array_equal(onednn.max_pool(x, window), blocks.max_pool(x, window))
   (_, grad), (_, expected) = loss(onednn.max_pool)(x), loss(blocks.max_pool)(x)
   assert grad.dtype == dtype
-  np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(expected, np.float32))
+  np.testing.assert_array_equal(bits(grad), bits(expected))  # ... and the same gradient, bits
 
 
 @needs_onednn
 def test_pool_runs_max_pooling_on_the_extension_for_float32_and_bfloat16_only(monkeypatch):
+  monkeypatch.setattr(runtime, "_onednn", True)
+  monkeypatch.setattr(runtime, "_onednn_bf16", True)  # as on a CPU with bf16 instructions
   calls = []
   monkeypatch.setattr(onednn, "max_pool", lambda x, w: calls.append(x.dtype) or blocks.max_pool(x, w))
   for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):

@@ -443,9 +443,10 @@ ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F3
 
 // Max pooling over non-overlapping k x k windows, NHWC, float32 or bfloat16, as
 // cnnjax.models.blocks.max_pool computes it with XLA (same values and gradient, bit for bit):
-// the maximum of the window's k*k strided views in row-major order (a NaN wins), and the
-// gradient dy / (number of window elements equal to y) to each of them. XLA runs the bfloat16
-// passes through float32 conversions at a fraction of memory speed (BENCHMARKS.md).
+// the maximum of the window's k*k strided views in row-major order (a NaN wins; of -0 and +0
+// the first, where XLA's maximum gives +0: equal values, and the same gradient), and the
+// gradient dy / (number of window elements equal to y) to each of them. XLA runs the
+// bfloat16 passes through float32 conversions at a fraction of memory speed (BENCHMARKS.md).
 struct F32 {
   using Storage = float;
   using Bits = uint32_t;
@@ -543,9 +544,9 @@ void MaxPoolBackward(const typename T::Storage* x, const typename T::Storage* y,
 ffi::Error CheckPool(const ffi::AnyBuffer& x, ffi::AnyBuffer::Dimensions dx,
                      std::initializer_list<const ffi::AnyBuffer*> pooled, int64_t k, dt* type) {
   const auto d = x.dimensions();
-  if (!OnednnType(x.element_type(), type) || d.size() != 4 || k < 1 || d[1] < k || d[2] < k) {
+  if (!OnednnType(x.element_type(), type) || d.size() != 4 || k < 1) {
     return ffi::Error::InvalidArgument(
-        "max pooling takes float32 or bfloat16 [N, H, W, C] with H, W >= window >= 1");
+        "max pooling takes float32 or bfloat16 [N, H, W, C] and a window >= 1");
   }
   bool same = dx.size() == 4 && dx[0] == d[0] && dx[1] == d[1] && dx[2] == d[2] && dx[3] == d[3];
   for (const ffi::AnyBuffer* p : pooled) {

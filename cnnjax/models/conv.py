@@ -99,8 +99,10 @@ class Conv(nn.Conv):
   """``nn.Conv`` (fields, parameter names, initialisation and results) with the lowering
   above; where a 2-D NHWC convolution with a bias runs on oneDNN, the bias is added inside
   oneDNN's kernel (``onednn.conv_bias``), whose backward pass also gives the bias gradient.
-  ``relu=True`` returns ``nn.relu`` of the result (as Keras's ``activation='relu'``), inside
-  that kernel where it runs there. Input ``[B, H, W, Cin]``, output ``[B, Ho, Wo, features]``."""
+  ``relu=True`` returns ``nn.relu`` of the result (as Keras's ``activation='relu'``: the
+  layer's output, e.g. for ``cnnjax.interpret``, is the ReLU's), inside that kernel where it
+  runs there (a NaN then comes out as 0). Input ``[B, H, W, Cin]``, output
+  ``[B, Ho, Wo, features]``."""
   conv_general_dilated: Any = conv_general_dilated
   relu: bool = False
 
