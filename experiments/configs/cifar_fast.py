@@ -20,9 +20,10 @@ Result (2-core Intel Xeon with AMX, 2026-12-05, --config.precision=bfloat16), se
 94.3/93.9/94.3/94.0/94.9% on the 1,000 lossless test images (mean 94.28%, sd 0.39),
 86.5/86.6/86.3/86.5/86.6% on 10k (mean 86.51%), 11.4/12.3/12.1/10.5/12.3 min wall (mean
 11.7 min; epochs of 57-71 s as the machine's AMX throughput varied; seed 0 compiled into an
-empty cache: first step 17 s). Seed 0 again after that day's pooling kernel and with glibc's
-huge pages off (equal results: 94.3%, 86.53%): 10.5 min wall, first step 3.9 s, first
-epoch 75 s, the others 55-60 s. The same on a 2-core AMD EPYC with AVX-512 BF16 and no AMX
+empty cache: first step 17 s). Seeds 0-3 again after that day's pooling kernel, fused ReLU
+and with glibc's huge pages off (the same accuracies, run for run): 10.5/10.2/10.4/10.3 min
+wall (seed 0 into an empty cache: first step 3.9 s, first epoch 75 s; epochs 55-62 s);
+seed 4 not rerun. The same on a 2-core AMD EPYC with AVX-512 BF16 and no AMX
 (2026-12-04), seeds 0-4: 94.3/94.0/94.5/94.0/94.0% on the lossless images (mean 94.16%,
 sd 0.22), 86.9/86.5/86.5/86.4/86.4% on 10k (9k JPEG; mean 86.55%), 20.6-22.5 min wall each
 (10 epochs of 115-144 s, test with its 6 views ~41 s). The 1,000 images alone give +/-0.7 points of
