@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import jax
 
-from cnnjax import logs, onednn
+from cnnjax import logs, onednn, runtime
 
 # Versions that matter for the figures beyond those of ``logs.run_info``.
 PACKAGES = ("pillow", "onednn-cpu-gomp")
@@ -178,7 +178,7 @@ def machine(with_torch: bool) -> dict[str, str]:
       versions[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
       continue
-  kernels = ("oneDNN convolutions and batch norm, max pooling (cnnjax.onednn)" if onednn.available()
+  kernels = (runtime.ONEDNN_KERNELS if onednn.available()
              else f"XLA's (oneDNN unavailable: {onednn.unavailable_reason()})")
   return {
       "machine": (f"{info['cpu']}, {info['cpu_count']} cores "

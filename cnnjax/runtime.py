@@ -43,6 +43,7 @@ MALLOC_TUNABLES = {
 }
 _onednn = False
 _onednn_bf16 = False
+ONEDNN_KERNELS = "oneDNN convolutions and batch norm, max pooling (cnnjax.onednn)"  # kernels()
 PRECISIONS = ("auto", "float32", "bfloat16")
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo's names
 
@@ -119,7 +120,7 @@ def onednn_in_use(dtype: str = "float32") -> bool:
 def kernels() -> str:
   """What the layers run, in words (for run headers and benchmark reports)."""
   if _onednn:
-    return "oneDNN convolutions and batch norm, max pooling (cnnjax.onednn)"
+    return ONEDNN_KERNELS
   from cnnjax import onednn as onednn_lib  # pylint: disable=import-outside-toplevel
   why = onednn_lib.unavailable_reason() or "not chosen: several devices, or no configure()"
   return f"XLA's kernels (oneDNN {why})"

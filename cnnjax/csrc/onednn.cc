@@ -185,6 +185,31 @@ ffi::Error Guarded(const char* what, Body&& body) {
   }
 }
 
+// A float32 or bfloat16 element (bfloat16 stored as uint16_t): read as float, written with
+// rounding to nearest even.
+struct F32 {
+  using Storage = float;
+  using Bits = uint32_t;
+  static float Get(float v) { return v; }
+  static float Put(float v) { return v; }
+};
+struct BF16 {
+  using Storage = uint16_t;
+  using Bits = uint16_t;
+  static float Get(uint16_t v) {
+    const uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  static uint16_t Put(float f) {  // round to nearest even, NaN kept quiet (branch-free)
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>(f != f ? (bits >> 16) | 0x40u : rounded);
+  }
+};
+
 // Whether the weight gradient is computed as one matrix product (WeightsByMatmul) rather than
 // by oneDNN's backward-weights convolution: where AMX runs bfloat16 and the output map has at
 // most 16 pixels (4x4), its convolution kernels are slower than the product (BENCHMARKS.md).
@@ -249,14 +274,7 @@ ffi::Error WeightsByMatmul(const Key& key, const char* x, const void* dy, void* 
     for (int64_t c = 0; c < co; ++c) {
       float sum = 0.0f;
       for (int64_t r = 0; r < rows; ++r) {
-        if (type == dt::f32) {
-          sum += dy_f32[r * co + c];
-        } else {
-          const uint32_t bits = static_cast<uint32_t>(dy_bf16[r * co + c]) << 16;
-          float value;
-          std::memcpy(&value, &bits, sizeof value);
-          sum += value;
-        }
+        sum += type == dt::f32 ? dy_f32[r * co + c] : BF16::Get(dy_bf16[r * co + c]);
       }
       bias[c] = sum;
     }
@@ -442,34 +460,11 @@ ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F3
 }
 
 // Max pooling over non-overlapping k x k windows, NHWC, float32 or bfloat16, as
-// cnnjax.models.blocks.max_pool computes it with XLA (same values and gradient, bit for bit):
+// cnnjax.models.blocks.max_pool computes it with XLA (the same values, the gradient bit for bit):
 // the maximum of the window's k*k strided views in row-major order (a NaN wins; of -0 and +0
 // the first, where XLA's maximum gives +0: equal values, and the same gradient), and the
 // gradient dy / (number of window elements equal to y) to each of them. XLA runs the
 // bfloat16 passes through float32 conversions at a fraction of memory speed (BENCHMARKS.md).
-struct F32 {
-  using Storage = float;
-  using Bits = uint32_t;
-  static float Get(float v) { return v; }
-  static float Put(float v) { return v; }
-};
-struct BF16 {
-  using Storage = uint16_t;
-  using Bits = uint16_t;
-  static float Get(uint16_t v) {
-    const uint32_t bits = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
-  static uint16_t Put(float f) {  // round to nearest even, NaN kept quiet (branch-free)
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    return static_cast<uint16_t>(f != f ? (bits >> 16) | 0x40u : rounded);
-  }
-};
-
 template <typename T>
 void MaxPoolForward(const typename T::Storage* x, typename T::Storage* y, int64_t n,
                     int64_t h, int64_t w, int64_t c, int64_t k) {
@@ -539,21 +534,23 @@ void MaxPoolBackward(const typename T::Storage* x, const typename T::Storage* y,
   }
 }
 
-// Checks a pooling call's buffers: x and dx [N, H, W, C], y and dy [N, H / k, W / k, C], all
-// float32 or all bfloat16 (`*type`).
-ffi::Error CheckPool(const ffi::AnyBuffer& x, ffi::AnyBuffer::Dimensions dx,
+// Checks a pooling call's buffers: x (and dx, `full`) [N, H, W, C], y and dy (`pooled`)
+// [N, H / k, W / k, C], all float32 or all bfloat16 (`*type`).
+ffi::Error CheckPool(const ffi::AnyBuffer& x, std::initializer_list<const ffi::AnyBuffer*> full,
                      std::initializer_list<const ffi::AnyBuffer*> pooled, int64_t k, dt* type) {
   const auto d = x.dimensions();
   if (!OnednnType(x.element_type(), type) || d.size() != 4 || k < 1) {
     return ffi::Error::InvalidArgument(
         "max pooling takes float32 or bfloat16 [N, H, W, C] and a window >= 1");
   }
-  bool same = dx.size() == 4 && dx[0] == d[0] && dx[1] == d[1] && dx[2] == d[2] && dx[3] == d[3];
-  for (const ffi::AnyBuffer* p : pooled) {
+  auto agrees = [&](const ffi::AnyBuffer* p, int64_t by) {
     const auto pd = p->dimensions();
-    same = same && p->element_type() == x.element_type() && pd.size() == 4 && pd[0] == d[0] &&
-           pd[1] == d[1] / k && pd[2] == d[2] / k && pd[3] == d[3];
-  }
+    return p->element_type() == x.element_type() && pd.size() == 4 && pd[0] == d[0] &&
+           pd[1] == d[1] / by && pd[2] == d[2] / by && pd[3] == d[3];
+  };
+  bool same = true;
+  for (const ffi::AnyBuffer* p : full) same = same && agrees(p, 1);
+  for (const ffi::AnyBuffer* p : pooled) same = same && agrees(p, k);
   if (!same) return ffi::Error::InvalidArgument("max pooling: shapes or dtypes disagree");
   return ffi::Error::Success();
 }
@@ -561,7 +558,7 @@ ffi::Error CheckPool(const ffi::AnyBuffer& x, ffi::AnyBuffer::Dimensions dx,
 ffi::Error PoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t k) {
   const auto d = x.dimensions();
   dt type;
-  if (auto error = CheckPool(x, d, {&*y}, k, &type); error.failure()) return error;
+  if (auto error = CheckPool(x, {}, {&*y}, k, &type); error.failure()) return error;
   std::lock_guard<std::mutex> guard(Lock());  // one OpenMP team at a time, as for oneDNN's
   if (type == dt::f32) {
     MaxPoolForward<F32>(static_cast<const float*>(x.untyped_data()),
@@ -577,12 +574,7 @@ ffi::Error PoolBackward(ffi::AnyBuffer x, ffi::AnyBuffer y, ffi::AnyBuffer dy,
                         ffi::Result<ffi::AnyBuffer> dx, int64_t k) {
   const auto d = x.dimensions();
   dt type;
-  if (auto error = CheckPool(x, dx->dimensions(), {&y, &dy}, k, &type); error.failure()) {
-    return error;
-  }
-  if (dx->element_type() != x.element_type()) {
-    return ffi::Error::InvalidArgument("max pooling: shapes or dtypes disagree");
-  }
+  if (auto error = CheckPool(x, {&*dx}, {&y, &dy}, k, &type); error.failure()) return error;
   std::lock_guard<std::mutex> guard(Lock());
   if (type == dt::f32) {
     MaxPoolBackward<F32>(static_cast<const float*>(x.untyped_data()),
