@@ -90,19 +90,33 @@ def stop_at_step(monkeypatch, n: int) -> None:
   monkeypatch.setattr(steps.Runner, "create", create)
 
 
-def read_events(directory) -> dict[str, list[int]]:
-  """Tag -> steps of the scalars and images in the TensorBoard event files under
-  ``directory`` (TFRecord framing: length, CRC, an ``Event`` proto, CRC)."""
+def event_records(directory) -> list:
+  """The ``Event`` protos of the TensorBoard event files under ``directory``, decoded with
+  tensorboardX's protobuf classes and CRCs (independent of ``cnnjax.tensorboard``), checking
+  the TFRecord framing: length, its masked CRC-32C, the event, its masked CRC-32C."""
   import pathlib
   import struct
+  from tensorboardX.record_writer import masked_crc32c
   from tensorboardX.proto import event_pb2
-  tags: dict[str, list[int]] = {}
+  events = []
   for path in sorted(pathlib.Path(directory).glob("events.out.tfevents.*")):
     data, at = path.read_bytes(), 0
     while at < len(data):
-      (length,) = struct.unpack("<Q", data[at:at + 8])
-      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
-      at += 12 + length + 4
-      for value in event.summary.value:
-        tags.setdefault(value.tag, []).append(event.step)
+      header, (length,) = data[at:at + 8], struct.unpack("<Q", data[at:at + 8])
+      body = data[at + 12:at + 12 + length]
+      assert struct.unpack("<I", data[at + 8:at + 12])[0] == masked_crc32c(header)
+      assert struct.unpack("<I", data[at + 12 + length:at + 16 + length])[0] == masked_crc32c(body)
+      events.append(event_pb2.Event.FromString(body))
+      at += 16 + length
+    assert at == len(data)
+  return events
+
+
+def read_events(directory) -> dict[str, list[int]]:
+  """Tag -> steps of the scalars and images in the TensorBoard event files under
+  ``directory`` (``event_records``)."""
+  tags: dict[str, list[int]] = {}
+  for event in event_records(directory):
+    for value in event.summary.value:
+      tags.setdefault(value.tag, []).append(event.step)
   return tags
