@@ -36,19 +36,20 @@ def main() -> None:
   torch.manual_seed(args.seed)
   torch.set_num_threads(os.cpu_count())
   data = np.load(args.data)
-  x_train = torch.from_numpy(data["x_train"]).permute(0, 3, 1, 2)  # uint8 [N, C, H, W]
+  pixels = torch.from_numpy(data["x_train"])  # uint8 [N, H, W, C]
+  x_train = pixels.permute(0, 3, 1, 2)  # [N, C, H, W]
   y_train = torch.from_numpy(data["y_train"].astype(np.int64))
   x_test = torch.from_numpy(data["x_test"]).permute(0, 3, 1, 2)
   y_test = data["y_test"].astype(np.int64)
   lossless = data["test_is_lossless"] if "test_is_lossless" in data else None
-  # Channel statistics as cnnjax computes them (float64 sums in chunks): a float64 copy of all
-  # 153M values and numpy's std temporaries touched ~4 GB, 8-20 s of this process's start-up.
-  pixels, total = x_train.permute(0, 2, 3, 1).reshape(-1, 3).numpy(), np.zeros((2, 3))
-  for start in range(0, len(pixels), 1 << 22):
-    chunk = pixels[start:start + (1 << 22)].astype(np.float64)
-    total += chunk.sum(0), (chunk ** 2).sum(0)
-  moments = total / len(pixels)
-  del pixels, chunk
+  # Channel statistics, exact as cnnjax's: float64 sums of float32 values and squares in chunks
+  # of 1024 images (torch's fastest of those tried; 0.4-0.5 s here).
+  total = torch.zeros(2, 3, dtype=torch.float64)
+  for chunk in pixels.split(1024):
+    values = chunk.reshape(-1, 3).float()
+    total[0] += values.sum(0, dtype=torch.float64)
+    total[1] += (values * values).sum(0, dtype=torch.float64)
+  moments = (total / (pixels.numel() / 3)).numpy()
   mean = torch.tensor(moments[0], dtype=torch.float32).view(1, 3, 1, 1)
   std = torch.tensor(np.sqrt(moments[1] - moments[0] ** 2), dtype=torch.float32).view(1, 3, 1, 1)
 

@@ -26,11 +26,27 @@ def test_split_is_seeded_disjoint_and_complete():
     pipeline.split_validation(x, y, 100, seed=0)
 
 
-def test_channel_stats_match_numpy():
+@pytest.mark.parametrize("chunk_bytes, exact_pixels", [(1 << 26, None), (5000, None), (5000, 9),
+                                                       (5000, 3)])
+def test_channel_stats_match_numpy(monkeypatch, chunk_bytes, exact_pixels):
+  # Small chunks: several, the last padded; small exact_pixels: sums per row, then per pixel.
+  monkeypatch.setattr(pipeline, "_CHUNK_BYTES", chunk_bytes)
+  if exact_pixels:
+    monkeypatch.setattr(pipeline, "_EXACT_PIXELS", exact_pixels)
   x, _ = make_images(50)
   mean, std = pipeline.channel_stats(x)
-  np.testing.assert_allclose(mean, x.reshape(-1, 3).mean(0), rtol=1e-5)
-  np.testing.assert_allclose(std, x.reshape(-1, 3).std(0), rtol=1e-5)
+  flat = x.reshape(-1, 3).astype(np.float64)
+  np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(std, flat.std(0), rtol=1e-6)
+
+
+def test_channel_stats_exact_at_the_int32_limit():
+  x = np.full((2, 1, pipeline._EXACT_PIXELS, 1), 255, np.uint8)  # squares sum to just < 2**31
+  x[1, 0, ::2] = 0
+  mean, std = pipeline.channel_stats(x)
+  flat = x.reshape(-1).astype(np.float64)
+  np.testing.assert_allclose(mean, [flat.mean()], rtol=1e-7)
+  np.testing.assert_allclose(std, [flat.std()], rtol=1e-7)
 
 
 def test_train_epoch_is_deterministic_reshuffled_and_drops_remainder():
