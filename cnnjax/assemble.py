@@ -72,7 +72,7 @@ class Run:
     cfg = self.config
     schedule = optim.make_schedule(cfg.schedule, lr, self.total_steps)
     tx = optim.make_optimizer(cfg.optimizer, schedule)
-    state = self.state.replace(tx=tx, opt_state=tx.init(self.state.params))
+    state = self.state.replace(tx=tx, opt_state=steps.init_opt_state(tx, self.state.params))
     return dataclasses.replace(self, schedule=schedule, state=state)
 
 

@@ -198,8 +198,8 @@ def _fresh_state(runner: steps.Runner, state: steps.TrainState,
   state = runner.put_state(state)  # may alias the caller's buffers: copied next
   params, batch_stats, rng, ema = jax.tree.map(
       jnp.copy, (state.params, state.batch_stats, state.rng, state.ema))
-  fresh = steps.TrainState.create(apply_fn=state.apply_fn, params=params, tx=tx,
-                                  batch_stats=batch_stats, rng=rng, ema=ema)
+  fresh = state.replace(step=0, params=params, tx=tx, opt_state=steps.init_opt_state(tx, params),
+                        batch_stats=batch_stats, rng=rng, ema=ema)
   return runner.put_state(fresh)
 
 

@@ -34,32 +34,47 @@ class TrainState(train_state.TrainState):
   ema: Any = flax.struct.field(default_factory=dict)
 
 
-def init_variables(model: nn.Module, input_shape: tuple[int, ...], rng: jax.Array) -> dict[str, Any]:
-  """``model.init`` on zeros of ``input_shape`` ``[B, H, W, C]`` in inference mode (jitted);
-  a shape the model cannot take is a UserError naming it.
+def run_once(fn: Callable[..., Any], *args) -> Any:
+  """``fn(*args)`` jitted, for what runs once (initialisation): compiled at LLVM -O0, or
+  traced where ``args`` are tracers (under ``jit`` or ``eval_shape``).
 
-  Compiled at LLVM -O0: it runs once, and -O3 took 3-7 s of a run's start-up on CPU (-O0:
-  0.4-2 s). The values agree with -O3's to an ulp or so (FMA contraction in the
-  truncated-normal sampler)."""
+  One compiled call instead of eager operations that each compile on their own; -O3 took
+  3-7 s of a run's start-up on CPU (-O0: 0.4-2 s). The values agree with -O3's to an ulp or
+  so (FMA contraction in the truncated-normal sampler)."""
+  jitted = jax.jit(fn)
+  if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+    return jitted(*args)
+  return jitted.lower(*args).compile({"xla_backend_optimization_level": "0"})(*args)
+
+
+def init_variables(model: nn.Module, input_shape: tuple[int, ...], rng: jax.Array) -> dict[str, Any]:
+  """``model.init`` on zeros of ``input_shape`` ``[B, H, W, C]`` in inference mode
+  (``run_once``); a shape the model cannot take is a UserError naming it."""
   dummy = jnp.zeros(input_shape, jnp.float32)
   try:
-    init = jax.jit(lambda r: model.init(r, dummy, train=False))
-    if isinstance(rng, jax.core.Tracer):  # under eval_shape or jit: traced, not compiled here
-      return init(rng)
-    return init.lower(rng).compile({"xla_backend_optimization_level": "0"})(rng)
+    return run_once(lambda r: model.init(r, dummy, train=False), rng)
   except (TypeError, ValueError, ZeroDivisionError) as e:  # shape errors: input does not fit
     first = str(e).strip().splitlines()[0][:200]
     raise UserError(f"images of shape {tuple(input_shape[1:])} do not fit model "
                     f"{type(model).__name__} ({first})") from e
 
 
+def init_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
+  """``tx.init(params)`` (``run_once``)."""
+  return run_once(tx.init, params)
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        image_shape: tuple[int, ...], seed: int) -> TrainState:
-  """Initialises ``model`` for images ``[H, W, C]`` and wraps it with optimizer ``tx``."""
-  init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
-  variables = init_variables(model, (1, *image_shape), init_rng)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables.get("batch_stats", {}), rng=rng)
+  """Initialises ``model`` for images ``[H, W, C]`` and wraps it with optimizer ``tx``: one
+  compiled call (``run_once``) makes the keys, variables and optimizer state."""
+  def init(seed: jax.Array) -> tuple[dict[str, Any], Any, jax.Array]:
+    init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
+    variables = init_variables(model, (1, *image_shape), init_rng)
+    return variables, tx.init(variables["params"]), rng
+  variables, opt_state, rng = run_once(init, np.int32(seed))
+  return TrainState(step=0, apply_fn=model.apply, params=variables["params"], tx=tx,
+                    opt_state=opt_state, batch_stats=variables.get("batch_stats", {}), rng=rng)
 
 
 def model_variables(state: TrainState, params: Any = None) -> dict[str, Any]:

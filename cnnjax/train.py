@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -93,16 +92,24 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
     first = int(state.step) - epoch * steps_per_epoch
     batches = pipeline.train_epoch(train_data, batch_size, seed, epoch, augment, shard)
     bar = progress.Progress(steps_per_epoch, f"Epoch {epoch + 1}/{num_epochs}", first)
+    # The epoch's running sums, on the host: a step's sums are read (and added here) only at
+    # the next log step, so the loop queues no device work of its own between steps.
     sums = {"loss": 0.0, "correct": 0, "count": 0}
+    unread = []  # sums of the steps since the last log step
     start = time.time()
     stopped = False
-    pending = None  # (step, sums) of a log step, read once the next step is queued
+    pending = None  # (step, sums of the steps up to it) of a log step, read once the next is queued
 
-    def log(step: int, sums: dict[str, jax.Array]) -> None:
-      count = int(sums["count"])  # waits for that step, not for the one queued behind it
-      loss = float(sums["loss"]) / count
+    def add(step_sums: list[dict[str, jax.Array]]) -> None:
+      for values in jax.device_get(step_sums):  # waits for the last of them, not the queued one
+        for name, value in values.items():
+          sums[name] += value.item()
+
+    def log(step: int, step_sums: list[dict[str, jax.Array]]) -> None:
+      add(step_sums)
+      loss = sums["loss"] / sums["count"]
       bar.update(log_every_steps, loss=f"{loss:.4f}")
-      values = {"loss": loss, "accuracy": int(sums["correct"]) / count, "lr": rate(step)}
+      values = {"loss": loss, "accuracy": sums["correct"] / sums["count"], "lr": rate(step)}
       for callback in callbacks:
         callback.on_step_end(step, values)
 
@@ -116,9 +123,9 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
       if pending is not None:  # the device works on this step while the host logs
         log(*pending)
         pending = None
-      sums = jax.tree.map(jnp.add, sums, step_sums)
+      unread.append(step_sums)
       if (k + 1) % log_every_steps == 0:
-        pending = (epoch * steps_per_epoch + k + 1, sums)
+        pending, unread = (epoch * steps_per_epoch + k + 1, unread), []
       stopped = stop is not None and stop.agreed()
       if stopped:
         break
@@ -127,10 +134,10 @@ def fit(runner: steps.Runner, state: steps.TrainState, train_data: pipeline.Arra
     bar.close()
     if stopped:
       return state
-    sums = jax.device_get(sums)
+    add(unread)
     row = {"epoch": epoch + 1, "step": int(state.step),
-           "train_loss": float(sums["loss"]) / int(sums["count"]),
-           "train_accuracy": int(sums["correct"]) / int(sums["count"]),
+           "train_loss": sums["loss"] / sums["count"],
+           "train_accuracy": sums["correct"] / sums["count"],
            "lr": rate(int(state.step))}
     if len(val_data[1]):
       val = runner.evaluate(state, val_data, eval_batch_size, "Validation")
@@ -281,6 +288,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   result, pred = evaluate.test_report(run, state)
   if is_main:
     (workdir / "test_metrics.json").write_text(json.dumps(result, indent=2))
+    print(evaluate.format_test(result), flush=True)  # the result first, then its pictures
     evaluate.write_test_pictures(workdir, run.images, result, pred)
     step = int(state.step)
     events.scalars("test", {k: v for k, v in result.items()
@@ -288,7 +296,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     for name in ("confusion", "predictions"):
       events.image(name, workdir / f"{name}.png", step)
     events.close()
-    print(evaluate.format_test(result), flush=True)
   return result
 
 
