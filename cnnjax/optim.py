@@ -2,6 +2,7 @@
 and per-group learning rates from rules over parameter paths (``optax.partition`` labels),
 and the frozen modules run in inference mode (``frozen_inference``)."""
 import contextlib
+import functools
 import re
 from typing import Any, Sequence
 
@@ -74,10 +75,14 @@ def make_schedule(cfg: Any, lr: float, total_steps: int) -> optax.Schedule:
   raise UserError(f"unknown schedule {cfg.name!r}; expected one of {list(SCHEDULES)}")
 
 
+@functools.lru_cache(maxsize=4)
 def schedule_values(schedule: optax.Schedule, num_steps: int) -> np.ndarray:
-  """``[num_steps]`` the rates of steps ``0 .. num_steps - 1`` on the host, in one compiled
-  call (eagerly, each of the schedule's operations would compile on its own)."""
-  return np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(num_steps)))
+  """``[num_steps]`` the rates of steps ``0 .. num_steps - 1`` on the host (read-only), in
+  one compiled call (eagerly, each of the schedule's operations would compile on its own),
+  once per schedule."""
+  rates = np.asarray(jax.jit(lambda: jax.vmap(schedule)(jnp.arange(num_steps)))())
+  rates.flags.writeable = False
+  return rates
 
 
 def decay_mask(params: Any) -> Any:
