@@ -24,6 +24,8 @@ def test_split_is_seeded_disjoint_and_complete():
   assert not np.array_equal(vx, vx3)
   with pytest.raises(UserError, match="val_size=100 leaves no training data"):
     pipeline.split_validation(x, y, 100, seed=0)
+  (tx0, ty0), (vx0, vy0) = pipeline.split_validation(x, y, 0, seed=0)
+  assert tx0 is x and ty0 is y and vx0.shape == (0, *x.shape[1:]) and vy0.shape == (0,)
 
 
 @pytest.mark.parametrize("chunk_bytes, exact_pixels", [(1 << 26, None), (5000, None), (5000, 9),
