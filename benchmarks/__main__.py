@@ -18,9 +18,9 @@ Rows are printed on stderr as they are measured; the markdown report (command, m
 versions, date, method, table, notes) is printed on stdout, and appended to ``--out`` when
 given. Bad flags or input end with one ``error:`` line and exit status 2.
 """
+import importlib.util
 import shlex
 import sys
-import types
 from typing import Any, Callable, Iterator
 
 from absl import flags
@@ -127,14 +127,13 @@ def _parse(argv: list[str]) -> flags.FlagValues:
   return fv
 
 
-def _torch_peers(notes: list[str]) -> types.ModuleType | None:
-  """The benchmarks.torch_peers module, or None (a note says why) without torch."""
-  try:
-    from benchmarks import torch_peers
-  except ImportError as e:
-    harness.note(notes, f"PyTorch not importable ({e}): cnnjax figures only")
-    return None
-  return torch_peers
+def _with_torch(notes: list[str]) -> bool:
+  """Whether torch and torchvision are installed for the peers (a note says why not)."""
+  missing = [name for name in ("torch", "torchvision") if importlib.util.find_spec(name) is None]
+  if missing:
+    harness.note(notes, f"PyTorch peers not run ({', '.join(missing)} not installed): cnnjax "
+                 "figures only")
+  return not missing
 
 
 def _printed(measured: Iterator[Any], header: list[str],
@@ -154,8 +153,8 @@ def run(fv: flags.FlagValues, command: str) -> str:
   """Measures the mode of the parsed flags ``fv``; returns the report of ``command``."""
   windows = harness.Windows(fv.windows, fv.window_seconds, fv.warmup_seconds, fv.quiet_cores)
   notes = []
-  peers = None if fv.mode == "input" or fv.no_torch else _torch_peers(notes)
-  m = harness.machine(peers is not None)
+  with_torch = fv.mode != "input" and not fv.no_torch and _with_torch(notes)
+  m = harness.machine(with_torch)
   harness.progress(f"{m['machine']}\n{m['versions']}")
   if fv.mode == "input":
     title = f"Input pipelines vs the {fv.step_model} train step"
@@ -168,20 +167,20 @@ def run(fv: flags.FlagValues, command: str) -> str:
     measurements, notes = rows, [data.description, *input_rows.ratios(rows, data)]
   elif fv.mode == "convs":
     title = "Convolution lowering: lax vs cnnjax.models.conv"
-    rows, table = _printed(conv_rows.conv_rows(peers, windows), conv_rows.CONV_HEADER,
+    rows, table = _printed(conv_rows.conv_rows(with_torch, windows), conv_rows.CONV_HEADER,
                            conv_rows.format_conv_row)
     measurements, notes = [x for r in rows for x in r.measurements], [conv_rows.CONV_NOTE, *notes]
   else:
     title = "Train steps: cnnjax (JAX) vs PyTorch"
     rows, table = _printed(
         model_rows.model_rows(fv.only or list(model_rows.MODEL_ROWS), dict(fv.model_batches or ()),
-                              peers, windows, notes),
+                              with_torch, windows, notes),
         model_rows.MODEL_HEADER, model_rows.format_model_row)
     measurements = [x for r in rows for x in r.measurements]
     peaks = {dtype: roofline.peak_tflops(dtype) for dtype in ("float32", "bfloat16")}
     notes = [model_rows.MODEL_NOTE, *model_rows.torch_figures(rows),
              *model_rows.arithmetic(rows, peaks), *notes]
-  return harness.report(title, command, measurements, table, notes, windows, peers is not None)
+  return harness.report(title, command, measurements, table, notes, windows, with_torch)
 
 
 def main(argv: list[str]) -> None:

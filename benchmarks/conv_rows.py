@@ -20,7 +20,6 @@ lowered to XLA times the same op twice, its ~1.0x a check of the noise) and cnnj
 relative to PyTorch's.
 """
 import dataclasses
-import types
 from typing import Any, Callable, Iterator
 
 import jax
@@ -167,25 +166,27 @@ def _conv_dispatch(conv_fn: Callable[..., jax.Array], spec: ConvSpec) -> Callabl
   return lambda: step(x, kernel, r)
 
 
-def _conv_row(spec: ConvSpec, peers: types.ModuleType | None, windows: Windows) -> ConvRow:
-  """Measures ``spec`` with lax's lowering, with cnnjax's, then (``peers``: the
-  torch_peers module, or None) with PyTorch's float32 channels_last convolution."""
+def _conv_row(spec: ConvSpec, with_torch: bool, windows: Windows) -> ConvRow:
+  """Measures ``spec`` with lax's lowering, with cnnjax's, then (``with_torch``) with
+  PyTorch's float32 channels_last convolution in a process of its own."""
   batch_size = spec.x_shape[0]
   timed = {name: harness.timed_jax(f"{spec.title} {name}", _conv_dispatch(fn, spec),
                                    batch_size, windows)[0]
            for name, fn in (("lax", lax.conv_general_dilated),
                             ("cnnjax", conv.conv_general_dilated))}
-  if peers is not None:
-    step = peers.make_conv_step(spec.x_shape, spec.kernel_shape, spec.strides, spec.pads)
-    timed["torch"] = harness.timed_torch(f"{spec.title} torch", step, batch_size, windows)
+  if with_torch:
+    conv_args = {"x_shape": spec.x_shape, "kernel_shape": spec.kernel_shape,
+                 "strides": spec.strides, "pads": spec.pads}
+    peer = harness.peer_process({"conv": conv_args}, windows)
+    timed["torch"] = harness.peer_measurement(f"{spec.title} torch", batch_size, peer, windows)
   return ConvRow(spec, conv.lowering(spec.x_shape, spec.kernel_shape, spec.strides,
                                      spec.pads), **timed)
 
 
-def conv_rows(peers: types.ModuleType | None, windows: Windows) -> Iterator[ConvRow]:
+def conv_rows(with_torch: bool, windows: Windows) -> Iterator[ConvRow]:
   """The rows of ``CONV_SHAPES``, one after the other."""
   for spec in CONV_SHAPES:
-    yield _conv_row(spec, peers, windows)
+    yield _conv_row(spec, with_torch, windows)
 
 
 def _step_ms(m: Measurement) -> float:
@@ -228,4 +229,5 @@ CONV_NOTE = ("Each row times a jitted `jax.value_and_grad` of `sum(conv(x, kerne
              "(2 x B x Ho x Wo x kh x kw x Cin x Cout) per step; speedup = lax ms / cnnjax ms. "
              "torch: PyTorch's eager `conv2d` on the same shapes in float32 channels_last "
              "(oneDNN), forward and `backward()` to input and weight, `os.cpu_count()` "
-             "threads; cnnjax / torch = torch ms / cnnjax ms (> 1: cnnjax faster).")
+             "threads, in a process of its own per row; cnnjax / torch = torch ms / cnnjax ms "
+             "(> 1: cnnjax faster).")

@@ -6,19 +6,21 @@ window is read from /proc; a window is kept only when they used fewer than
 ``Windows.quiet_cores`` cores. When no window of a row was quiet, the row shows the median
 of all windows and is marked busy: such a figure is a lower bound, not a measurement of
 this code.
+
+The PyTorch peers are measured in a process of their own (``peer_process``): in a process
+that had run cnnjax's steps, PyTorch's BNCNN step ran 20-25% slower (BENCHMARKS.md). That
+process imports this module for ``measure``, so JAX and cnnjax are imported where used.
 """
 import dataclasses
 import datetime
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from importlib import metadata
 from typing import Any, Callable
-
-import jax
-
-from cnnjax import logs, onednn, runtime
 
 # Versions that matter for the figures beyond those of ``logs.run_info``.
 PACKAGES = ("pillow", "onednn-cpu-gomp")
@@ -131,6 +133,7 @@ def timed_jax(name: str, dispatch: Callable[[], Any], batch_size: int,
 
   Returns the measurement and the seconds of the first call (trace, compile, one run).
   """
+  import jax  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   held = [jax.block_until_ready(dispatch())]
   first = time.perf_counter() - start
@@ -144,11 +147,34 @@ def timed_jax(name: str, dispatch: Callable[[], Any], batch_size: int,
   return Measurement(name, batch_size, None, rates, others, windows.quiet_cores), first
 
 
-def timed_torch(name: str, step: Callable[[], int], batch_size: int,
-                windows: Windows) -> Measurement:
-  """Measures a synchronous torch ``step`` (``torch_peers``: returns when its images are done)."""
-  rates, others = measure(step, lambda: None, windows)
-  return Measurement(name, batch_size, None, rates, others, windows.quiet_cores)
+def peer_environment() -> dict[str, str]:
+  """This process's environment for a PyTorch peer: without the malloc tunables cnnjax's
+  commands add (``cnnjax.runtime.MALLOC_TUNABLES``, when they are all there is), as a
+  PyTorch user runs."""
+  from cnnjax import runtime  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ)
+  if env.get("GLIBC_TUNABLES") == runtime.malloc_tunables({}):
+    del env["GLIBC_TUNABLES"]
+  return env
+
+
+def peer_process(request: dict[str, Any], windows: Windows) -> dict[str, Any]:
+  """What ``python -m benchmarks.torch_peers`` measures for ``request`` (see its
+  ``measure_request``) with ``windows``, in a fresh process of its own."""
+  payload = json.dumps({**request, "windows": dataclasses.asdict(windows)})
+  done = subprocess.run([sys.executable, "-m", "benchmarks.torch_peers", payload],
+                        capture_output=True, text=True, env=peer_environment(), check=False)
+  if done.returncode:
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"the PyTorch peer's process exited with {done.returncode}: {last}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def peer_measurement(name: str, batch_size: int, result: dict[str, list[float]],
+                     windows: Windows) -> Measurement:
+  """A ``Measurement`` of a peer's ``{'rates', 'others'}``."""
+  return Measurement(name, batch_size, None, result["rates"], result["others"],
+                     windows.quiet_cores)
 
 
 def windows_kept(measurements: list[Measurement]) -> str:
@@ -171,6 +197,7 @@ def note(notes: list[str], text: str) -> None:
 def machine(with_torch: bool) -> dict[str, str]:
   """The machine, versions (the torch peers' too when ``with_torch``), tunables and
   kernels of this process, as the report's lines show them."""
+  from cnnjax import logs, onednn, runtime  # pylint: disable=import-outside-toplevel
   info = logs.run_info()
   versions = {"python": info["python"], **info["packages"]}
   for name in PACKAGES + (TORCH_PACKAGES if with_torch else ()):

@@ -15,9 +15,10 @@ the frozen base frozen by the ``optimizer.groups`` rules and run in inference mo
 step in flight; its first call (trace + compile + one step) is reported apart as the
 compile time; where this machine computes bfloat16 (``cnnjax.runtime.compute_dtype``) the
 same step runs again with ``precision='bfloat16'`` (bf16 compute, float32 parameters,
-optimizer and loss). The PyTorch peers (``benchmarks.torch_peers``, only when torch is importable)
-run eagerly on ``os.cpu_count()`` threads with Adam in ``model.train()`` (a frozen base in
-``eval()`` without gradients; a feature extractor in ``eval()`` under
+optimizer and loss). The PyTorch peers (``benchmarks.torch_peers``, where torch is
+installed) run in a process of their own per row (``harness.peer_process``: without JAX, and
+without cnnjax's malloc tunables), eagerly on ``os.cpu_count()`` threads with Adam in
+``model.train()`` (a frozen base in ``eval()`` without gradients; a feature extractor in ``eval()`` under
 ``torch.inference_mode()``), in float32 NCHW, float32 channels_last and bf16 autocast
 channels_last; the table shows the faster float32 layout, bf16, and JAX's ratios: float32 to
 float32, bf16 to bf16 autocast.
@@ -25,7 +26,6 @@ The parameter counts of both sides must agree (they are in the table); a row tha
 be built or measured is left out with a note saying why.
 """
 import dataclasses
-import types
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
@@ -176,11 +176,10 @@ def _jax_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...]]:
   return model_from_config(c.model), tuple(c.optimizer.groups)
 
 
-def _model_row(name: str, batch_size: int, peers: types.ModuleType | None,
-               windows: Windows) -> ModelRow:
-  """Builds the cnnjax model of row ``name`` and its torch peer (``peers``: the
-  torch_peers module, or None), checks that their parameter counts agree, then measures
-  the cnnjax step and each torch variant."""
+def _model_row(name: str, batch_size: int, with_torch: bool, windows: Windows) -> ModelRow:
+  """Measures the cnnjax step of row ``name`` and, ``with_torch``, each torch variant of its
+  peer in a process of their own (``harness.peer_process``), checking that the parameter
+  counts agree."""
   spec = MODEL_ROWS[name]
   batch = synthetic_batch(batch_size, spec.image_shape)
   model, groups = _jax_model(spec)
@@ -190,13 +189,6 @@ def _model_row(name: str, batch_size: int, peers: types.ModuleType | None,
       return _features_dispatch(model.backbone_model(), batch, dtype)
     return train_dispatch(model, groups, batch, dtype)
   dispatch, params = jax_dispatch("float32")
-  base = top = None
-  if peers is not None:
-    base, top = peers.build(spec.kind, name, spec.model, spec.image_shape, NUM_CLASSES,
-                            getattr(model, "dropout_rate", 0.0))
-    if peers.count_params(base, top) != params:
-      raise RuntimeError(f"parameter counts differ: cnnjax {params:,}, torch "
-                         f"{peers.count_params(base, top):,}; expected the same architecture")
   jax_row, compile_seconds = harness.timed_jax(f"{spec.title} JAX", dispatch, batch_size,
                                                windows)
   del dispatch  # frees the train state before the next runs
@@ -206,23 +198,29 @@ def _model_row(name: str, batch_size: int, peers: types.ModuleType | None,
     jax_bf16, _ = harness.timed_jax(f"{spec.title} JAX bf16", dispatch, batch_size, windows)
     del dispatch
   torch_rows = {}
-  for variant in peers.VARIANTS if peers is not None else ():
-    step = peers.make_step(spec.kind, base, top, batch_size, spec.image_shape, NUM_CLASSES,
-                           variant)
-    torch_rows[variant] = harness.timed_torch(f"{spec.title} torch {variant}", step,
-                                              batch_size, windows)
+  if with_torch:
+    peer = harness.peer_process(
+        {"row": name, "kind": spec.kind, "model": spec.model, "image_shape": spec.image_shape,
+         "batch_size": batch_size, "num_classes": NUM_CLASSES,
+         "dropout": getattr(model, "dropout_rate", 0.0)}, windows)
+    if peer["params"] != params:
+      raise RuntimeError(f"parameter counts differ: cnnjax {params:,}, torch "
+                         f"{peer['params']:,}; expected the same architecture")
+    torch_rows = {variant: harness.peer_measurement(f"{spec.title} torch {variant}", batch_size,
+                                                    result, windows)
+                  for variant, result in peer["variants"].items()}
   gflops = roofline.train_gflops(model, spec.image_shape) if spec.kind == "train" else None
   return ModelRow(spec, batch_size, params, jax_row, compile_seconds, torch_rows, jax_bf16,
                   gflops)
 
 
-def model_rows(names: list[str], batches: dict[str, int], peers: types.ModuleType | None,
+def model_rows(names: list[str], batches: dict[str, int], with_torch: bool,
                windows: Windows, notes: list[str]) -> Iterator[ModelRow]:
   """The rows ``names`` (keys of MODEL_ROWS; ``batches``: row -> batch size other than its
   default), one after the other; a row that fails is left out with a note saying why."""
   for name in names:
     try:
-      yield _model_row(name, batches.get(name, MODEL_ROWS[name].batch_size), peers, windows)
+      yield _model_row(name, batches.get(name, MODEL_ROWS[name].batch_size), with_torch, windows)
     except Exception as e:  # noqa: BLE001  (one row's failure must not stop the others)
       message = (str(e).strip().splitlines() or [""])[0][:300]
       harness.note(notes, f"{name}: not measured ({type(e).__name__}: {message})")
@@ -268,7 +266,8 @@ MODEL_NOTE = ("JAX: the cnnjax train step (`cnnjax.steps.Runner`: jit, donated s
               "workflow's `optimizer.groups`) or, for a feature extractor, the backbone's "
               "jitted inference, on one synthetic uint8 batch normalised in the step; compile "
               "= its first call (trace + compile + one step), before the warm-up. PyTorch "
-              "(benchmarks/torch_peers.py): the same architecture and parameter count, eager, "
+              "(benchmarks/torch_peers.py): the same architecture and parameter count, in a "
+              "process of its own per row (no JAX, glibc's default malloc settings), eager, "
               "`torch.set_num_threads(os.cpu_count())`, Adam, `model.train()`, backward, "
               "step; a frozen base in eval mode without gradients; a feature extractor in "
               "eval mode under `torch.inference_mode()`.")

@@ -9,11 +9,15 @@ EfficientNet-Lite0 the ``efficientnet_lite_pytorch`` package's model; as backbon
 lose their classifier (and Lite0 its dropout) and return pooled features ``[B, D]``, as
 ``TransferNet``'s backbone does.
 
-Imported by the benchmark only when torch is importable: ``cnnjax`` never imports torch.
+The benchmark runs this module in a process of its own (``benchmarks.harness.peer_process``:
+``python -m benchmarks.torch_peers REQUEST``, see ``measure_request``), apart from JAX;
+``cnnjax`` never imports torch.
 """
 import contextlib
+import json
 import os
-from typing import Callable
+import sys
+from typing import Any, Callable
 
 import torch
 import torchvision
@@ -255,3 +259,37 @@ def make_step(kind: str, base: nn.Module | None, top: nn.Module | None, batch_si
     optimizer.step()
     return batch_size
   return train
+
+
+def measure_request(request: dict[str, Any]) -> dict[str, Any]:
+  """Measures what ``request`` names with ``harness.measure`` in its ``windows`` (the fields
+  of ``harness.Windows``).
+
+  A model row (``row``, ``kind``, ``model``, ``image_shape``, ``batch_size``,
+  ``num_classes``, ``dropout``: see ``build`` and ``make_step``) returns ``{'params': n,
+  'variants': {variant: {'rates': [...], 'others': [...]}}}`` over every variant of
+  VARIANTS in turn; a convolution (``conv``: the arguments of ``make_conv_step``) returns
+  ``{'rates': [...], 'others': [...]}``.
+  """
+  from benchmarks import harness  # pylint: disable=import-outside-toplevel
+  windows = harness.Windows(**request["windows"])
+
+  def timed(step: Callable[[], int]) -> dict[str, list[float]]:
+    rates, others = harness.measure(step, lambda: None, windows)
+    return {"rates": rates, "others": others}
+  if "conv" in request:
+    c = request["conv"]
+    return timed(make_conv_step(tuple(c["x_shape"]), tuple(c["kernel_shape"]),
+                                tuple(c["strides"]), [tuple(p) for p in c["pads"]]))
+  image_shape = tuple(request["image_shape"])
+  base, top = build(request["kind"], request["row"], request["model"], image_shape,
+                    request["num_classes"], request["dropout"])
+  return {"params": count_params(base, top),
+          "variants": {variant: timed(make_step(request["kind"], base, top,
+                                                request["batch_size"], image_shape,
+                                                request["num_classes"], variant))
+                       for variant in VARIANTS}}
+
+
+if __name__ == "__main__":
+  print(json.dumps(measure_request(json.loads(sys.argv[1]))), flush=True)

@@ -86,7 +86,8 @@ def with_variables(state: steps.TrainState, variables: dict[str, Any], source: s
     raise UserError(f"{source} does not fit the model: {', '.join(problems[:8])}{more}; "
                     "expected the same architecture and head")
   params, batch_stats = (traverse_util.unflatten_dict(ours[col], sep="/") for col in ours)
-  return state.replace(params=params, batch_stats=batch_stats, opt_state=steps.init_opt_state(state.tx, params))
+  return state.replace(params=params, batch_stats=batch_stats,
+                       opt_state=steps.init_opt_state(state.tx, params))
 
 
 def pretrained_variables(model: nn.Module, model_name: str, spec: str,

@@ -257,7 +257,8 @@ class Learner:
     frozen = optim.frozen_modules(self.state.params, groups)
     self.run.runner = steps.Runner.for_config(c, self.run.normalize, self.run.runner.mesh, frozen)
     tx = optim.make_optimizer(c.optimizer, self._schedule)
-    self.state = self.run.runner.put_state(self.state.replace(tx=tx, opt_state=steps.init_opt_state(tx, self.state.params)))
+    opt_state = steps.init_opt_state(tx, self.state.params)
+    self.state = self.run.runner.put_state(self.state.replace(tx=tx, opt_state=opt_state))
     self._opt_start = int(self.state.step)
 
   def lr_find(self, sweep: lr_finder.Sweep = lr_finder.Sweep()) -> lr_finder.LRCurve:

@@ -47,7 +47,8 @@ def run_once(fn: Callable[..., Any], *args) -> Any:
   return jitted.lower(*args).compile({"xla_backend_optimization_level": "0"})(*args)
 
 
-def init_variables(model: nn.Module, input_shape: tuple[int, ...], rng: jax.Array) -> dict[str, Any]:
+def init_variables(model: nn.Module, input_shape: tuple[int, ...],
+                   rng: jax.Array) -> dict[str, Any]:
   """``model.init`` on zeros of ``input_shape`` ``[B, H, W, C]`` in inference mode
   (``run_once``); a shape the model cannot take is a UserError naming it."""
   dummy = jnp.zeros(input_shape, jnp.float32)

@@ -129,9 +129,9 @@ class Events:
 
   def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
     """``prefix/name`` for each number in ``values`` (other values are skipped)."""
-    summary = b"".join(scalar_value(f"{prefix}/{name}", float(value))
-                       for name, value in values.items()
-                       if isinstance(value, (int, float, np.number)) and not isinstance(value, bool))
+    numbers = {name: float(value) for name, value in values.items()
+               if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)}
+    summary = b"".join(scalar_value(f"{prefix}/{name}", v) for name, v in numbers.items())
     if summary:
       self._write(event(step, summary=summary))
 
