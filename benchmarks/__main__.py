@@ -167,7 +167,7 @@ def run(fv: flags.FlagValues, command: str) -> str:
     measurements, notes = rows, [data.description, *input_rows.ratios(rows, data)]
   elif fv.mode == "convs":
     title = "Convolution lowering: lax vs cnnjax.models.conv"
-    rows, table = _printed(conv_rows.conv_rows(with_torch, windows), conv_rows.CONV_HEADER,
+    rows, table = _printed(conv_rows.conv_rows(with_torch, windows, notes), conv_rows.CONV_HEADER,
                            conv_rows.format_conv_row)
     measurements, notes = [x for r in rows for x in r.measurements], [conv_rows.CONV_NOTE, *notes]
   else:

@@ -12,8 +12,8 @@ convolutions of the models, against plain lax and PyTorch.
 1x1 convolutions at 112, 56, 14 and 7 (batch 32). Each is timed as a jitted forward and
 both gradients (``value_and_grad`` of ``sum(y * r)`` with respect to input and kernel,
 fixed random float32 operands, one step in flight), once with ``lax.conv_general_dilated``
-and once with ``cnnjax.models.conv.conv_general_dilated``, and, when torch is importable,
-the same work in PyTorch (``conv2d`` in float32 channels_last, oneDNN's kernels). The table
+and once with ``cnnjax.models.conv.conv_general_dilated``, and, where torch is installed,
+in a process of its own, the same work in PyTorch (``conv2d`` in float32 channels_last, oneDNN's kernels). The table
 shows the lowering ``cnnjax.models.conv.lowering`` picks (onednn, im2col or xla), ms per
 step and GFLOP/s (3x the forward FLOPs) of each, the speedup of cnnjax over lax (a row
 lowered to XLA times the same op twice, its ~1.0x a check of the noise) and cnnjax's speed
@@ -166,9 +166,10 @@ def _conv_dispatch(conv_fn: Callable[..., jax.Array], spec: ConvSpec) -> Callabl
   return lambda: step(x, kernel, r)
 
 
-def _conv_row(spec: ConvSpec, with_torch: bool, windows: Windows) -> ConvRow:
+def _conv_row(spec: ConvSpec, with_torch: bool, windows: Windows, notes: list[str]) -> ConvRow:
   """Measures ``spec`` with lax's lowering, with cnnjax's, then (``with_torch``) with
-  PyTorch's float32 channels_last convolution in a process of its own."""
+  PyTorch's float32 channels_last convolution in a process of its own (if that fails, a note
+  says why and the torch cells stay empty)."""
   batch_size = spec.x_shape[0]
   timed = {name: harness.timed_jax(f"{spec.title} {name}", _conv_dispatch(fn, spec),
                                    batch_size, windows)[0]
@@ -177,16 +178,19 @@ def _conv_row(spec: ConvSpec, with_torch: bool, windows: Windows) -> ConvRow:
   if with_torch:
     conv_args = {"x_shape": spec.x_shape, "kernel_shape": spec.kernel_shape,
                  "strides": spec.strides, "pads": spec.pads}
-    peer = harness.peer_process({"conv": conv_args}, windows)
-    timed["torch"] = harness.peer_measurement(f"{spec.title} torch", batch_size, peer, windows)
+    try:
+      peer = harness.peer_process({"conv": conv_args}, windows)
+      timed["torch"] = harness.peer_measurement(f"{spec.title} torch", batch_size, peer, windows)
+    except RuntimeError as e:
+      harness.note(notes, f"{spec.title}: PyTorch peer not measured ({e})")
   return ConvRow(spec, conv.lowering(spec.x_shape, spec.kernel_shape, spec.strides,
                                      spec.pads), **timed)
 
 
-def conv_rows(with_torch: bool, windows: Windows) -> Iterator[ConvRow]:
-  """The rows of ``CONV_SHAPES``, one after the other."""
+def conv_rows(with_torch: bool, windows: Windows, notes: list[str]) -> Iterator[ConvRow]:
+  """The rows of ``CONV_SHAPES``, one after the other (``notes`` gets what went wrong)."""
   for spec in CONV_SHAPES:
-    yield _conv_row(spec, with_torch, windows)
+    yield _conv_row(spec, with_torch, windows, notes)
 
 
 def _step_ms(m: Measurement) -> float:

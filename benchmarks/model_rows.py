@@ -176,10 +176,11 @@ def _jax_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...]]:
   return model_from_config(c.model), tuple(c.optimizer.groups)
 
 
-def _model_row(name: str, batch_size: int, with_torch: bool, windows: Windows) -> ModelRow:
+def _model_row(name: str, batch_size: int, with_torch: bool, windows: Windows,
+               notes: list[str]) -> ModelRow:
   """Measures the cnnjax step of row ``name`` and, ``with_torch``, each torch variant of its
   peer in a process of their own (``harness.peer_process``), checking that the parameter
-  counts agree."""
+  counts agree; a peer that fails leaves the row's torch cells empty, with a note."""
   spec = MODEL_ROWS[name]
   batch = synthetic_batch(batch_size, spec.image_shape)
   model, groups = _jax_model(spec)
@@ -197,12 +198,16 @@ def _model_row(name: str, batch_size: int, with_torch: bool, windows: Windows) -
     dispatch, _ = jax_dispatch("bfloat16")
     jax_bf16, _ = harness.timed_jax(f"{spec.title} JAX bf16", dispatch, batch_size, windows)
     del dispatch
-  torch_rows = {}
+  torch_rows, peer = {}, None
   if with_torch:
-    peer = harness.peer_process(
-        {"row": name, "kind": spec.kind, "model": spec.model, "image_shape": spec.image_shape,
-         "batch_size": batch_size, "num_classes": NUM_CLASSES,
-         "dropout": getattr(model, "dropout_rate", 0.0)}, windows)
+    try:
+      peer = harness.peer_process(
+          {"row": name, "kind": spec.kind, "model": spec.model, "image_shape": spec.image_shape,
+           "batch_size": batch_size, "num_classes": NUM_CLASSES,
+           "dropout": getattr(model, "dropout_rate", 0.0)}, windows)
+    except RuntimeError as e:
+      harness.note(notes, f"{name}: PyTorch peer not measured ({e})")
+  if peer is not None:
     if peer["params"] != params:
       raise RuntimeError(f"parameter counts differ: cnnjax {params:,}, torch "
                          f"{peer['params']:,}; expected the same architecture")
@@ -220,7 +225,8 @@ def model_rows(names: list[str], batches: dict[str, int], with_torch: bool,
   default), one after the other; a row that fails is left out with a note saying why."""
   for name in names:
     try:
-      yield _model_row(name, batches.get(name, MODEL_ROWS[name].batch_size), with_torch, windows)
+      yield _model_row(name, batches.get(name, MODEL_ROWS[name].batch_size), with_torch, windows,
+                       notes)
     except Exception as e:  # noqa: BLE001  (one row's failure must not stop the others)
       message = (str(e).strip().splitlines() or [""])[0][:300]
       harness.note(notes, f"{name}: not measured ({type(e).__name__}: {message})")

@@ -190,6 +190,8 @@ def check_number(key: str, value, low: float, high: float = float("inf"), *, low
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Ranges of the keys a run reads; a bad value is a UserError naming it and its range."""
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2**31:
+    raise UserError(f"config.seed={config.seed!r}; expected an integer in [0, 2**31)")
   check_number("config.batch_size", config.batch_size, 1, integer=True)
   check_number("config.eval_batch_size", config.eval_batch_size, 1, integer=True)
   check_number("config.num_epochs", config.num_epochs, 1, integer=True)

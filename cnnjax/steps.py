@@ -36,13 +36,13 @@ class TrainState(train_state.TrainState):
 
 def run_once(fn: Callable[..., Any], *args) -> Any:
   """``fn(*args)`` jitted, for what runs once (initialisation): compiled at LLVM -O0, or
-  traced where ``args`` are tracers (under ``jit`` or ``eval_shape``).
+  traced inside a trace (under ``jit`` or ``eval_shape``).
 
   One compiled call instead of eager operations that each compile on their own; -O3 took
   3-7 s of a run's start-up on CPU (-O0: 0.4-2 s). The values agree with -O3's to an ulp or
   so (FMA contraction in the truncated-normal sampler)."""
   jitted = jax.jit(fn)
-  if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+  if isinstance(jnp.asarray(0), jax.core.Tracer):  # inside a trace every new value is a tracer
     return jitted(*args)
   return jitted.lower(*args).compile({"xla_backend_optimization_level": "0"})(*args)
 
@@ -68,7 +68,8 @@ def init_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        image_shape: tuple[int, ...], seed: int) -> TrainState:
   """Initialises ``model`` for images ``[H, W, C]`` and wraps it with optimizer ``tx``: one
-  compiled call (``run_once``) makes the keys, variables and optimizer state."""
+  compiled call (``run_once``) makes the keys, variables and optimizer state. ``seed`` in
+  ``[0, 2**31)``."""
   def init(seed: jax.Array) -> tuple[dict[str, Any], Any, jax.Array]:
     init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
     variables = init_variables(model, (1, *image_shape), init_rng)

@@ -14,7 +14,8 @@ The file is written here: TFRecords (length, masked CRC-32C, data, masked CRC-32
 ``Event`` protobuf messages, of which a scalar, an image (the PNG as it is) and the purge
 use a handful of fields. No TensorFlow, and no tensorboardX, whose import also imports
 torch where it is installed (1-2 s of a run's first epoch). The file opens at the first
-event and is flushed every epoch, at least every 10 s and on close.
+event; it is flushed every epoch (``flush``), by the first event 10 s after the last flush,
+and on close.
 """
 import os
 import pathlib
@@ -69,8 +70,8 @@ def _varint(n: int) -> bytes:
   return bytes(out)
 
 
-def _int(number: int, value: int) -> bytes:
-  return _varint(number << 3) + _varint(value)
+def _int(number: int, value: int) -> bytes:  # int32/int64: negatives as 64-bit two's complement
+  return _varint(number << 3) + _varint(value & 0xFFFFFFFFFFFFFFFF)
 
 
 def _message(number: int, data: bytes) -> bytes:  # also strings and bytes
@@ -78,7 +79,8 @@ def _message(number: int, data: bytes) -> bytes:  # also strings and bytes
 
 
 def _float(number: int, value: float) -> bytes:
-  return _varint(number << 3 | 5) + struct.pack("<f", value)
+  with np.errstate(over="ignore"):  # beyond float32's range: +-inf, as TensorBoard shows it
+    return _varint(number << 3 | 5) + np.float32(value).astype("<f4").tobytes()
 
 
 def event(step: int, *, summary: bytes = b"", file_version: str = "",
@@ -113,16 +115,20 @@ class Events:
 
   def __init__(self, workdir: str | pathlib.Path, start_step: int = 0):
     self._workdir, self._start_step = pathlib.Path(workdir), start_step
+    self._path = None  # the event file, once the first event opened it
     self._file = None
     self._flushed = time.monotonic()
 
   def _write(self, data: bytes) -> None:
-    if self._file is None:
+    if self._path is None:
       name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-      self._file = open(self._workdir / name, "ab")  # pylint: disable=consider-using-with
+      self._path = self._workdir / name
+      self._file = open(self._path, "ab")  # pylint: disable=consider-using-with
       self._file.write(record(event(0, file_version="brain.Event:2")))
       if self._start_step:
         self._file.write(record(event(self._start_step, session_start=True)))
+    elif self._file is None:  # written to after close: the same file, no second purge
+      self._file = open(self._path, "ab")  # pylint: disable=consider-using-with
     self._file.write(record(data))
     if time.monotonic() - self._flushed > FLUSH_SECONDS:
       self.flush()

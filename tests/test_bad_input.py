@@ -59,6 +59,8 @@ def bad_sources(tmp_path):
 CASES = [  # (overrides, the error line's pattern)
     (["--config.batch_size=-1"], r"config.batch_size=-1; expected an integer in \[1, inf\)"),
     (["--config.batch_size=0"], r"config.batch_size=0; expected an integer in \[1, inf\)"),
+    (["--config.seed=-1"], r"config.seed=-1; expected an integer in \[0, 2\*\*31\)"),
+    (["--config.seed=2147483648"], r"config.seed=2147483648; expected an integer in \[0, 2\*\*31\)"),
     (["--config.eval_batch_size=0"], r"config.eval_batch_size=0; expected an integer"),
     (["--config.num_epochs=0"], r"config.num_epochs=0; expected an integer in \[1, inf\)"),
     (["--config.optimizer.lr=-0.1"], r"config.optimizer.lr=-0.1; expected a number in \(0, inf\)"),

@@ -10,7 +10,7 @@ from PIL import Image
 from benchmarks import __main__ as bench
 import flax.linen as nn
 
-from benchmarks import conv_rows, model_rows, roofline
+from benchmarks import conv_rows, harness, model_rows, roofline
 from cnnjax import onednn, runtime
 
 TINY = ["--windows", "1", "--window_seconds", "0.05", "--warmup_seconds", "0"]
@@ -114,6 +114,25 @@ def test_models_mode_compares_jax_with_torch_peers(capsys):
     arithmetic = re.search(rf"^- {title}: [\d.]+ GFLOP per trained image .*$", text, re.M)[0]
     assert re.search(r"JAX f32 [\d.]+ TFLOP/s.*, torch f32 [\d.]+ TFLOP/s", arithmetic)
   assert "not measured" not in text
+
+
+def test_a_failing_torch_peer_is_a_note_and_keeps_the_jax_figures(monkeypatch, capsys):
+  def failing(request, windows):
+    raise RuntimeError("the PyTorch peer's process exited with 1: ImportError: no torch")
+  monkeypatch.setattr(bench, "_with_torch", lambda notes: True)
+  monkeypatch.setattr(harness, "peer_process", failing)
+  text = _run(["--mode=models", "--only", "lenet", "--model_batches", "lenet=8", *TINY], capsys)
+  (row,) = _table_rows(text)
+  assert row.startswith("| LeNet | 8 | 61,706 | ") and " | - | - | " in row
+  assert ("- lenet: PyTorch peer not measured (the PyTorch peer's process exited with 1: "
+          "ImportError: no torch)") in text
+
+
+def test_the_peers_run_without_the_commands_malloc_tunables(monkeypatch):
+  monkeypatch.setenv("GLIBC_TUNABLES", runtime.malloc_tunables({}))
+  assert "GLIBC_TUNABLES" not in harness.peer_environment()
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")  # the user's own stand
+  assert harness.peer_environment()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
 
 
 class _Dense(nn.Module):

@@ -40,6 +40,19 @@ def test_events_decode_as_tensorboard_reads_them(tmp_path, start_step):
   assert big.step == 2**40 and big.summary.value[0].simple_value == 7.0
 
 
+def test_after_close_events_go_to_the_same_file_without_a_second_purge(tmp_path):
+  events = tensorboard.Events(tmp_path, start_step=5)
+  events.scalars("train", {"loss": 1.0}, 5)
+  events.close()
+  events.scalars("train", {"loss": 3e39, "lr": -2.0}, 6)  # beyond float32: inf
+  events.close()
+  assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+  records = event_records(tmp_path)
+  assert [r.session_log.status for r in records].count(records[0].session_log.START) == 1
+  assert [(v.tag, v.simple_value) for v in records[-1].summary.value] == [
+      ("train/loss", float("inf")), ("train/lr", -2.0)]
+
+
 def test_an_empty_scalar_set_writes_nothing(tmp_path):
   events = tensorboard.Events(tmp_path)
   events.scalars("train", {"note": "x"}, 1)

@@ -49,7 +49,7 @@ def split_validation(images: np.ndarray, labels: np.ndarray, val_size: int | flo
 
 
 _EXACT_PIXELS = (2**31 - 1) // 255**2  # uint8 pixels whose squares an int32 sum holds exactly
-_CHUNK_BYTES = 1 << 26  # images per device call in channel_stats
+_CHUNK_BYTES = 1 << 26  # bytes of images per device call in channel_stats
 
 
 @functools.partial(jax.jit, static_argnums=1)
