@@ -6,7 +6,8 @@ and bfloat16 against bf16 autocast, alternating, in one run.
       [--out BENCHMARKS.md]
 
 Each run is a fresh process timed from launch to exit: ``python -m experiments.train --config
-experiments/configs/cifar_bn_fast.py`` in a new workdir (``--config.precision=bfloat16`` for
+experiments/configs/cifar_bn_fast.py --config.init=torch`` (the peer's initialisation: the
+same recipe, so the same accuracy) in a new workdir (``--config.precision=bfloat16`` for
 bf16) with an empty JAX compilation cache (every run compiles, as a first run does), and
 ``python -m benchmarks.torch_job``. cnnjax's time is split at its log lines: start-up (imports, data,
 model, until "Ready to train"), training (the epochs, the first step's compile included),
@@ -75,7 +76,7 @@ def cnnjax_run(data: str, epochs: int, precision: str, seed: int) -> dict:
     wall, marks, _, others = _timed(
         [sys.executable, "-m", "experiments.train", "--config", str(CONFIG), "--workdir", workdir,
          f"--config.data.source={data}", f"--config.num_epochs={epochs}",
-         f"--config.precision={precision}", f"--config.seed={seed}"],
+         f"--config.precision={precision}", f"--config.seed={seed}", "--config.init=torch"],
         {"JAX_COMPILATION_CACHE_DIR": cache})
     metrics = json.loads(open(os.path.join(workdir, "test_metrics.json")).read())
   phases = {"start-up": marks["ready"], "training": marks["trained"] - marks["ready"],
@@ -149,7 +150,8 @@ def main() -> None:
            "", f"`python -m benchmarks.job --data {_DATA.value} --epochs {_EPOCHS.value} "
            f"--pairs {_PAIRS.value}`", "", f"- Machine: {m['machine']}",
            f"- Versions: {m['versions']}", f"- cnnjax kernels: {m['kernels']}",
-           f"- Method: {_EPOCHS.value} epoch(s) of the cifar_bn_fast recipe on all 50k images, "
+           f"- Method: {_EPOCHS.value} epoch(s) of the cifar_bn_fast recipe on all 50k images "
+           f"(cnnjax with PyTorch's initialisation, `--config.init=torch`, as its peer), "
            f"then the 10k test images with test-time flips; each run a fresh process timed from "
            f"launch to exit; the variants alternate, {_PAIRS.value} round(s), seeds 0.."
            f"{_PAIRS.value - 1}; medians. A run is busy when other processes used >= "

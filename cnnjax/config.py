@@ -12,6 +12,8 @@ from cnnjax import optim, runtime
 from cnnjax.errors import UserError
 
 
+INITS = ("flax", "torch")  # config.init
+
 def default_config() -> ml_collections.ConfigDict:
   """Every key with its default value."""
   c = ml_collections.ConfigDict()
@@ -54,6 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
   # computed once (workdir/features.npz); or start from another run's latest weights.
   c.extract_features = False
   c.init_from = ml_collections.config_dict.placeholder(str)  # the --workdir of that run
+  # The weights no other source sets: 'flax' (its layers' defaults: lecun-normal kernels, zero
+  # biases) or 'torch' (PyTorch's Conv2d/Linear defaults; cnnjax.initial.torch_init).
+  c.init = "flax"
   c.eval_flip = False  # True: validation and test logits averaged over image and mirror image
   c.eval_shift = 0  # > 0: also over the image translated by +/- this many pixels (see train.test_time_logits)
   c.eval_rotation = 0.0  # > 0: also report test accuracy under random rotations up to this (deg)
@@ -129,6 +134,8 @@ DOCS = {
     "loss": "'cross_entropy' (softmax) or 'binary_cross_entropy' (one sigmoid output)",
     "extract_features": "train a 'transfer' model's head alone on its backbone's features",
     "init_from": "the --workdir of a run whose latest weights start this one",
+    "init": "initial weights otherwise: 'flax' (lecun-normal kernels, zero biases) or 'torch' "
+            "(PyTorch's layer defaults: kernels and biases U(+-1/sqrt(fan_in)))",
     "eval_flip": "average validation and test logits over image and mirror image",
     "eval_shift": "also over the image translated by +/- this many pixels (0: off)",
     "eval_rotation": "also report test accuracy under random rotations up to this (degrees)",
@@ -238,5 +245,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.early_stopping.mode not in ("min", "max"):
     raise UserError(f"config.early_stopping.mode={config.early_stopping.mode!r}; expected "
                     "'min' or 'max'")
+  if config.init not in INITS:
+    raise UserError(f"config.init={config.init!r}; expected one of {list(INITS)}")
   if config.test_with not in ("last", "best"):
     raise UserError(f"config.test_with={config.test_with!r}; expected 'last' or 'best'")

@@ -69,6 +69,7 @@ CASES = [  # (overrides, the error line's pattern)
     (["--config.schedule.pct_start=1.5"], r"config.schedule.pct_start=1.5; expected"),
     (["--config.data.augment.zoom=2.0"], r"config.data.augment.zoom=2.0; expected"),
     (["--config.test_with=worst"], r"config.test_with='worst'; expected 'last' or 'best'"),
+    (["--config.init=keras"], r"config.init='keras'; expected one of \['flax', 'torch'\]"),
     (["stray"], r"unexpected arguments \['stray'\]; expected only --flags"),
     (["--config.data.source={good}", "--config.model.num_classes=1"],
      r"num_classes=1 with config.loss='cross_entropy' learns nothing"),
