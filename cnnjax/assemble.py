@@ -177,7 +177,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
   total_steps = steps_per_epoch * config.num_epochs
   schedule = optim.make_schedule(config.schedule, config.optimizer.lr, total_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
-  state = steps.create_train_state(model, tx, image_shape, config.seed)
+  state = steps.create_train_state(model, tx, image_shape, config.seed, config.init)
   state, notes = initial.initial_state(config, model, state, train_data[0], normalize, image_shape)
   if config.ema:
     state = steps.with_ema(state)

@@ -57,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.extract_features = False
   c.init_from = ml_collections.config_dict.placeholder(str)  # the --workdir of that run
   # The weights no other source sets: 'flax' (its layers' defaults: lecun-normal kernels, zero
-  # biases) or 'torch' (PyTorch's Conv2d/Linear defaults; cnnjax.initial.torch_init).
+  # biases) or 'torch' (PyTorch's Conv2d/Linear defaults; cnnjax.steps.torch_init).
   c.init = "flax"
   c.eval_flip = False  # True: validation and test logits averaged over image and mirror image
   c.eval_shift = 0  # > 0: also over the image translated by +/- this many pixels (see train.test_time_logits)

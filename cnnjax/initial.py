@@ -1,5 +1,5 @@
-"""A run's initial variables, from its config, in one place: PyTorch's layer defaults
-(``init='torch'``), data-dependent init (a model's ``data_init``, e.g. AirbenchNet's
+"""A run's initial variables, from its config, in one place (PyTorch's layer defaults,
+``init='torch'``, are drawn with the model's own in ``steps.create_train_state``): data-dependent init (a model's ``data_init``, e.g. AirbenchNet's
 whitening), pretrained weights (``model.pretrained``), another run's (``init_from``) and
 pretrained classifier rows for the head (``model.head_classes``).
 
@@ -30,7 +30,7 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module, state: st
 
   ``init_from`` (another run's latest params and batch statistics) takes everything, so
   ``init``, ``model.pretrained`` and ``model.head_classes`` are not applied with it; else
-  ``init='torch'`` redraws the kernels and biases (``torch_init``), then
+  ``init='torch'`` (applied by ``steps.create_train_state``) is said, then
   ``model.pretrained`` loads the weights (a ``TransferNet``'s backbone only), or a model with
   a ``data_init(train_images, normalize)`` method gets the variables it returns; then
   ``model.head_classes`` initialises the head from the pretrained classifier's rows.
@@ -43,8 +43,7 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module, state: st
     note = f" ({' and '.join(skipped)} not applied: the run's weights replace them)" if skipped else ""
     return state, [f"Initial weights: all from run {config.init_from} (step {step}){note}"]
   lines = []
-  if config.init == "torch":
-    state = with_variables(state, {"params": torch_init(state.params, config.seed)}, "init='torch'")
+  if config.init == "torch":  # drawn by steps.create_train_state
     lines.append("Initial weights: PyTorch's layer defaults, kernels and biases U(+-1/sqrt(fan_in)) "
                  "(init='torch')")
   if pretrained:
@@ -64,26 +63,6 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module, state: st
                            f"the classifier rows {head_classes} of {pretrained!r}")
     lines.append(f"Initial weights: the head from rows {head_classes} of {pretrained!r}'s classifier")
   return state, lines
-
-
-def torch_init(params: Any, seed: int) -> Any:
-  """``params`` with every kernel (a parameter named 'kernel' of rank >= 2: Dense ``[in,
-  out]``, Conv ``[kh, kw, in / groups, out]``) and its layer's bias redrawn as PyTorch's
-  ``Conv2d``/``Linear.reset_parameters`` draw them: U(-b, b), b = 1 / sqrt(fan_in), fan_in
-  = the product of the kernel's dimensions but the last; other parameters (batch-norm scales
-  and offsets, ...) unchanged. One compiled call (``steps.run_once``), seeded by ``seed``."""
-  flat = traverse_util.flatten_dict(params)
-  fans = {path[:-1]: int(np.prod(v.shape[:-1])) for path, v in flat.items()
-          if path[-1] == "kernel" and np.ndim(v) >= 2}
-  paths = sorted(path for path in flat if path[:-1] in fans and path[-1] in ("kernel", "bias"))
-
-  def draw(seed: jax.Array) -> list[jax.Array]:
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # apart from the model's own init key
-    return [jax.random.uniform(jax.random.fold_in(key, i), flat[path].shape, flat[path].dtype,
-                               -1 / np.sqrt(fans[path[:-1]]), 1 / np.sqrt(fans[path[:-1]]))
-            for i, path in enumerate(paths)]
-  flat.update(zip(paths, steps.run_once(draw, np.int32(seed))))
-  return traverse_util.unflatten_dict(flat)
 
 
 def with_variables(state: steps.TrainState, variables: dict[str, Any], source: str,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from flax.training import train_state
 
 from cnnjax import optim, parallel, progress, runtime
@@ -65,16 +66,40 @@ def init_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
   return run_once(tx.init, params)
 
 
+def torch_init(params: Any, seed: int | jax.Array) -> Any:
+  """``params`` with every kernel (a parameter named 'kernel' of rank >= 2: Dense ``[in,
+  out]``, Conv ``[kh, kw, in / groups, out]``) and its layer's bias redrawn as PyTorch's
+  ``Conv2d``/``Linear.reset_parameters`` draw them: U(-b, b), b = 1 / sqrt(fan_in), fan_in
+  = the product of the kernel's dimensions but the last; other parameters (batch-norm scales
+  and offsets, ...) unchanged. One compiled call (``run_once``), or traced inside
+  ``create_train_state``'s; seeded by ``seed`` (an int, or traced)."""
+  flat = traverse_util.flatten_dict(params)
+  fans = {path[:-1]: int(np.prod(v.shape[:-1])) for path, v in flat.items()
+          if path[-1] == "kernel" and np.ndim(v) >= 2}
+  paths = sorted(path for path in flat if path[:-1] in fans and path[-1] in ("kernel", "bias"))
+
+  def draw(seed: jax.Array) -> list[jax.Array]:
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # apart from the model's own init key
+    return [jax.random.uniform(jax.random.fold_in(key, i), flat[path].shape, flat[path].dtype,
+                               -1 / np.sqrt(fans[path[:-1]]), 1 / np.sqrt(fans[path[:-1]]))
+            for i, path in enumerate(paths)]
+  flat.update(zip(paths, run_once(draw, seed if isinstance(seed, jax.Array) else np.int32(seed))))
+  return traverse_util.unflatten_dict(flat)
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, ...], seed: int) -> TrainState:
+                       image_shape: tuple[int, ...], seed: int, init: str = "flax") -> TrainState:
   """Initialises ``model`` for images ``[H, W, C]`` and wraps it with optimizer ``tx``: one
   compiled call (``run_once``) makes the keys, variables and optimizer state. ``seed`` in
-  ``[0, 2**31)``."""
-  def init(seed: jax.Array) -> tuple[dict[str, Any], Any, jax.Array]:
+  ``[0, 2**31)``; ``init``: 'flax' (the layers' own initialisers) or 'torch' (then
+  ``torch_init``, in the same call)."""
+  def init_all(seed: jax.Array) -> tuple[dict[str, Any], Any, jax.Array]:
     init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
     variables = init_variables(model, (1, *image_shape), init_rng)
+    if init == "torch":
+      variables = {**variables, "params": torch_init(variables["params"], seed)}
     return variables, tx.init(variables["params"]), rng
-  variables, opt_state, rng = run_once(init, np.int32(seed))
+  variables, opt_state, rng = run_once(init_all, np.int32(seed))
   return TrainState(step=0, apply_fn=model.apply, params=variables["params"], tx=tx,
                     opt_state=opt_state, batch_stats=variables.get("batch_stats", {}), rng=rng)
 

@@ -4,7 +4,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from cnnjax import assemble, initial, steps
+from cnnjax import assemble, steps
 from cnnjax.models import create_model
 from tests.conftest import tiny_config
 
@@ -15,7 +15,7 @@ def _flat(params):
 
 def test_torch_init_draws_kernels_and_biases_as_pytorch_layers_do():
   state = steps.create_train_state(create_model("bn_cnn"), optax.adam(1e-3), (32, 32, 3), 0)
-  ours, before = _flat(initial.torch_init(state.params, 0)), _flat(state.params)
+  ours, before = _flat(steps.torch_init(state.params, 0)), _flat(state.params)
   assert ours.keys() == before.keys()
   for name, conv_fan in [("Conv_0", 3 * 3 * 3), ("Conv_1", 3 * 3 * 32), ("Dense_0", None)]:
     kernel, bias = ours[f"{name}/kernel"], ours[f"{name}/bias"]
@@ -28,7 +28,7 @@ def test_torch_init_draws_kernels_and_biases_as_pytorch_layers_do():
   for name in before:
     if name.split("/")[-1] not in ("kernel", "bias") or "BatchNorm" in name:
       np.testing.assert_array_equal(ours[name], before[name])  # scales, offsets untouched
-  again, other = _flat(initial.torch_init(state.params, 0)), _flat(initial.torch_init(state.params, 1))
+  again, other = _flat(steps.torch_init(state.params, 0)), _flat(steps.torch_init(state.params, 1))
   assert all(np.array_equal(ours[k], again[k]) for k in ours)
   assert not np.array_equal(ours["Conv_0/kernel"], other["Conv_0/kernel"])
 
@@ -43,5 +43,18 @@ def test_config_init_torch_starts_a_run_from_pytorch_defaults(npz_path):
   assert all(np.abs(k).max() <= 1 / np.sqrt(np.prod(k.shape[:-1])) for k in kernels)
   np.testing.assert_array_equal(
       _flat(run.state.params)["ConvBlock_0/Conv_0/kernel"],
-      _flat(initial.torch_init(flax_run.state.params, 0))["ConvBlock_0/Conv_0/kernel"])
+      _flat(steps.torch_init(flax_run.state.params, 0))["ConvBlock_0/Conv_0/kernel"])
   assert jax.tree.structure(run.state.opt_state) == jax.tree.structure(flax_run.state.opt_state)
+
+
+def test_the_torch_init_is_drawn_in_the_one_compiled_init(monkeypatch):
+  compiles = []
+  real = jax.stages.Lowered.compile
+  monkeypatch.setattr(jax.stages.Lowered, "compile",
+                      lambda self, *a, **k: compiles.append(1) or real(self, *a, **k))
+  model, tx = create_model("seed_cnn"), optax.adam(1e-3)
+  state = steps.create_train_state(model, tx, (8, 8, 3), 3, "torch")
+  assert compiles == [1]
+  flax_state = steps.create_train_state(model, tx, (8, 8, 3), 3)
+  expected = _flat(steps.torch_init(flax_state.params, 3))  # the same draws, compiled apart
+  assert all(np.array_equal(v, expected[k]) for k, v in _flat(state.params).items())
