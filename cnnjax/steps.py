@@ -17,6 +17,7 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
+from cnnjax import config as config_lib
 from cnnjax import optim, parallel, progress, runtime
 from cnnjax.data import pipeline
 from cnnjax.errors import UserError
@@ -93,6 +94,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   compiled call (``run_once``) makes the keys, variables and optimizer state. ``seed`` in
   ``[0, 2**31)``; ``init``: 'flax' (the layers' own initialisers) or 'torch' (then
   ``torch_init``, in the same call)."""
+  if init not in config_lib.INITS:
+    raise UserError(f"init={init!r}; expected one of {list(config_lib.INITS)}")
+
   def init_all(seed: jax.Array) -> tuple[dict[str, Any], Any, jax.Array]:
     init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
     variables = init_variables(model, (1, *image_shape), init_rng)

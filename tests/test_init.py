@@ -5,6 +5,7 @@ import pytest
 from flax import traverse_util
 
 from cnnjax import assemble, steps
+from cnnjax.errors import UserError
 from cnnjax.models import create_model
 from tests.conftest import tiny_config
 
@@ -45,6 +46,11 @@ def test_config_init_torch_starts_a_run_from_pytorch_defaults(npz_path):
       _flat(run.state.params)["ConvBlock_0/Conv_0/kernel"],
       _flat(steps.torch_init(flax_run.state.params, 0))["ConvBlock_0/Conv_0/kernel"])
   assert jax.tree.structure(run.state.opt_state) == jax.tree.structure(flax_run.state.opt_state)
+
+
+def test_an_unknown_init_is_one_user_error():
+  with pytest.raises(UserError, match=r"init='keras'; expected one of \['flax', 'torch'\]"):
+    steps.create_train_state(create_model("seed_cnn"), optax.adam(1e-3), (8, 8, 3), 0, "keras")
 
 
 def test_the_torch_init_is_drawn_in_the_one_compiled_init(monkeypatch):
