@@ -2,7 +2,8 @@
 joined to other processes (both must happen before JAX starts, so not inside pytest).
 
   python -m tests.worker cli FLAGS...        ``python -m experiments.train FLAGS...``, and
-      each process saves what ``fit`` returned to ``$CNNJAX_TEST_DUMP/process<i>.npz``
+      each process saves what ``fit`` returned to ``$CNNJAX_TEST_DUMP/process<i>.npz``;
+      with ``$CNNJAX_TEST_SIGTERM_AT_STEP=n`` it sends itself SIGTERM in its n-th step
   python -m tests.worker parity OUT.npz      3 steps of a small BN CNN on 8 devices and on 1
   python -m tests.worker reshard SRC DST OUT.npz
       restores SRC's latest checkpoint onto this process's mesh, saves it to OUT.npz and
@@ -11,6 +12,7 @@ joined to other processes (both must happen before JAX starts, so not inside pyt
 import os
 import pathlib
 import sys
+import types
 
 import jax
 import numpy as np
@@ -19,7 +21,7 @@ import optax
 from cnnjax import parallel, steps, train
 from cnnjax.checkpoint import Checkpoints
 from cnnjax.models import create_model
-from tests.conftest import make_images
+from tests.conftest import make_images, stop_at_step
 
 IMAGE_SHAPE = (16, 16, 3)
 
@@ -109,6 +111,9 @@ if __name__ == "__main__":
   if command == "cli":
     from experiments import train as command
     _dump_fit(pathlib.Path(os.environ["CNNJAX_TEST_DUMP"]))
+    if os.environ.get("CNNJAX_TEST_SIGTERM_AT_STEP"):
+      stop_at_step(types.SimpleNamespace(setattr=setattr),
+                   int(os.environ["CNNJAX_TEST_SIGTERM_AT_STEP"]))
     command.cli([sys.argv[0], *args])
   elif command == "parity":
     parity(*args)
