@@ -13,7 +13,8 @@ convolutions of the models, against plain lax and PyTorch.
 both gradients (``value_and_grad`` of ``sum(y * r)`` with respect to input and kernel,
 fixed random float32 operands, one step in flight), once with ``lax.conv_general_dilated``
 and once with ``cnnjax.models.conv.conv_general_dilated``, and, where torch is installed,
-in a process of its own, the same work in PyTorch (``conv2d`` in float32 channels_last, oneDNN's kernels). The table
+in a process of its own, the same work in PyTorch (``conv2d`` in float32 channels_last,
+oneDNN's kernels). The table
 shows the lowering ``cnnjax.models.conv.lowering`` picks (onednn, im2col or xla), ms per
 step and GFLOP/s (3x the forward FLOPs) of each, the speedup of cnnjax over lax (a row
 lowered to XLA times the same op twice, its ~1.0x a check of the noise) and cnnjax's speed
@@ -178,11 +179,9 @@ def _conv_row(spec: ConvSpec, with_torch: bool, windows: Windows, notes: list[st
   if with_torch:
     conv_args = {"x_shape": spec.x_shape, "kernel_shape": spec.kernel_shape,
                  "strides": spec.strides, "pads": spec.pads}
-    try:
-      peer = harness.peer_process({"conv": conv_args}, windows)
+    peer = harness.peer_process({"conv": conv_args}, windows, notes, spec.title)
+    if peer is not None:
       timed["torch"] = harness.peer_measurement(f"{spec.title} torch", batch_size, peer, windows)
-    except RuntimeError as e:
-      harness.note(notes, f"{spec.title}: PyTorch peer not measured ({e})")
   return ConvRow(spec, conv.lowering(spec.x_shape, spec.kernel_shape, spec.strides,
                                      spec.pads), **timed)
 

@@ -158,15 +158,19 @@ def peer_environment() -> dict[str, str]:
   return env
 
 
-def peer_process(request: dict[str, Any], windows: Windows) -> dict[str, Any]:
+def peer_process(request: dict[str, Any], windows: Windows, notes: list[str],
+                 what: str) -> dict[str, Any] | None:
   """What ``python -m benchmarks.torch_peers`` measures for ``request`` (see its
-  ``measure_request``) with ``windows``, in a fresh process of its own."""
+  ``measure_request``) with ``windows``, in a fresh process of its own; None if that process
+  fails, with a note on ``what`` saying why (the row keeps its JAX figures)."""
   payload = json.dumps({**request, "windows": dataclasses.asdict(windows)})
   done = subprocess.run([sys.executable, "-m", "benchmarks.torch_peers", payload],
                         capture_output=True, text=True, env=peer_environment(), check=False)
   if done.returncode:
     last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    raise RuntimeError(f"the PyTorch peer's process exited with {done.returncode}: {last}")
+    note(notes, f"{what}: PyTorch peer not measured (the PyTorch peer's process exited with "
+                f"{done.returncode}: {last})")
+    return None
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 

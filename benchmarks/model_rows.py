@@ -18,8 +18,8 @@ same step runs again with ``precision='bfloat16'`` (bf16 compute, float32 parame
 optimizer and loss). The PyTorch peers (``benchmarks.torch_peers``, where torch is
 installed) run in a process of their own per row (``harness.peer_process``: without JAX, and
 without cnnjax's malloc tunables), eagerly on ``os.cpu_count()`` threads with Adam in
-``model.train()`` (a frozen base in ``eval()`` without gradients; a feature extractor in ``eval()`` under
-``torch.inference_mode()``), in float32 NCHW, float32 channels_last and bf16 autocast
+``model.train()`` (a frozen base in ``eval()`` without gradients; a feature extractor in
+``eval()`` under ``torch.inference_mode()``), in float32 NCHW, float32 channels_last and bf16 autocast
 channels_last; the table shows the faster float32 layout, bf16, and JAX's ratios: float32 to
 float32, bf16 to bf16 autocast.
 The parameter counts of both sides must agree (they are in the table); a row that cannot
@@ -200,13 +200,10 @@ def _model_row(name: str, batch_size: int, with_torch: bool, windows: Windows,
     del dispatch
   torch_rows, peer = {}, None
   if with_torch:
-    try:
-      peer = harness.peer_process(
-          {"row": name, "kind": spec.kind, "model": spec.model, "image_shape": spec.image_shape,
-           "batch_size": batch_size, "num_classes": NUM_CLASSES,
-           "dropout": getattr(model, "dropout_rate", 0.0)}, windows)
-    except RuntimeError as e:
-      harness.note(notes, f"{name}: PyTorch peer not measured ({e})")
+    peer = harness.peer_process(
+        {"row": name, "kind": spec.kind, "model": spec.model, "image_shape": spec.image_shape,
+         "batch_size": batch_size, "num_classes": NUM_CLASSES,
+         "dropout": getattr(model, "dropout_rate", 0.0)}, windows, notes, name)
   if peer is not None:
     if peer["params"] != params:
       raise RuntimeError(f"parameter counts differ: cnnjax {params:,}, torch "

@@ -14,6 +14,7 @@ from cnnjax.errors import UserError
 
 INITS = ("flax", "torch")  # config.init
 
+
 def default_config() -> ml_collections.ConfigDict:
   """Every key with its default value."""
   c = ml_collections.ConfigDict()
@@ -197,7 +198,8 @@ def check_number(key: str, value, low: float, high: float = float("inf"), *, low
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Ranges of the keys a run reads; a bad value is a UserError naming it and its range."""
-  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2**31:
+  seed = config.seed
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
     raise UserError(f"config.seed={config.seed!r}; expected an integer in [0, 2**31)")
   check_number("config.batch_size", config.batch_size, 1, integer=True)
   check_number("config.eval_batch_size", config.eval_batch_size, 1, integer=True)

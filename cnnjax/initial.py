@@ -1,7 +1,8 @@
 """A run's initial variables, from its config, in one place (PyTorch's layer defaults,
-``init='torch'``, are drawn with the model's own in ``steps.create_train_state``): data-dependent init (a model's ``data_init``, e.g. AirbenchNet's
-whitening), pretrained weights (``model.pretrained``), another run's (``init_from``) and
-pretrained classifier rows for the head (``model.head_classes``).
+``init='torch'``, are drawn with the model's own in ``steps.create_train_state``):
+data-dependent init (a model's ``data_init``, e.g. AirbenchNet's whitening), pretrained
+weights (``model.pretrained``), another run's (``init_from``) and pretrained classifier rows
+for the head (``model.head_classes``).
 
 ``initial_state`` applies them to a freshly initialised train state and says in one line each
 what initialised what.

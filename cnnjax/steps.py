@@ -81,9 +81,9 @@ def torch_init(params: Any, seed: int | jax.Array) -> Any:
 
   def draw(seed: jax.Array) -> list[jax.Array]:
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # apart from the model's own init key
+    bounds = [1 / np.sqrt(fans[path[:-1]]) for path in paths]
     return [jax.random.uniform(jax.random.fold_in(key, i), flat[path].shape, flat[path].dtype,
-                               -1 / np.sqrt(fans[path[:-1]]), 1 / np.sqrt(fans[path[:-1]]))
-            for i, path in enumerate(paths)]
+                               -bound, bound) for i, (path, bound) in enumerate(zip(paths, bounds))]
   flat.update(zip(paths, run_once(draw, seed if isinstance(seed, jax.Array) else np.int32(seed))))
   return traverse_util.unflatten_dict(flat)
 

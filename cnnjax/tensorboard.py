@@ -17,6 +17,7 @@ torch where it is installed (1-2 s of a run's first epoch). The file opens at th
 event; it is flushed every epoch (``flush``), by the first event 10 s after the last flush,
 and on close.
 """
+import io
 import os
 import pathlib
 import socket
@@ -143,9 +144,9 @@ class Events:
 
   def image(self, tag: str, path: str | pathlib.Path, step: int) -> None:
     """The PNG at ``path`` as image ``tag``."""
-    with Image.open(path) as img:
-      (width, height), colorspace = img.size, _COLORSPACES.get(img.mode, 3)
     png = pathlib.Path(path).read_bytes()
+    with Image.open(io.BytesIO(png)) as img:
+      (width, height), colorspace = img.size, _COLORSPACES.get(img.mode, 3)
     self._write(event(step, summary=image_value(tag, png, height, width, colorspace)))
 
   def flush(self) -> None:

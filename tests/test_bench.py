@@ -2,6 +2,7 @@
 ``--mode=models`` (small models) and ``--mode=convs`` (tiny shapes), with tiny windows; the
 PyTorch comparisons are slow and skip without torch."""
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -117,10 +118,10 @@ def test_models_mode_compares_jax_with_torch_peers(capsys):
 
 
 def test_a_failing_torch_peer_is_a_note_and_keeps_the_jax_figures(monkeypatch, capsys):
-  def failing(request, windows):
-    raise RuntimeError("the PyTorch peer's process exited with 1: ImportError: no torch")
+  def failing(cmd, **kwargs):  # the peer's process, as where torch does not import
+    return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nImportError: no torch\n")
   monkeypatch.setattr(bench, "_with_torch", lambda notes: True)
-  monkeypatch.setattr(harness, "peer_process", failing)
+  monkeypatch.setattr(harness.subprocess, "run", failing)
   text = _run(["--mode=models", "--only", "lenet", "--model_batches", "lenet=8", *TINY], capsys)
   (row,) = _table_rows(text)
   assert row.startswith("| LeNet | 8 | 61,706 | ") and " | - | - | " in row
