@@ -8,8 +8,9 @@ and bfloat16 against bf16 autocast, alternating, in one run.
 Each run is a fresh process timed from launch to exit: ``python -m experiments.train --config
 experiments/configs/cifar_bn_fast.py --config.init=torch`` (the peer's initialisation: the
 same recipe, so the same accuracy) in a new workdir (``--config.precision=bfloat16`` for
-bf16) with an empty JAX compilation cache (every run compiles, as a first run does), and
-``python -m benchmarks.torch_job``. cnnjax's time is split at its log lines: start-up (imports, data,
+bf16) with an empty JAX compilation cache (every run compiles, as a first run does;
+``--cache=warm``: one cache shared by the runs, filled by an untimed run of each precision
+first, as a rerun of the same study finds it), and ``python -m benchmarks.torch_job``. cnnjax's time is split at its log lines: start-up (imports, data,
 model, until "Ready to train"), training (the epochs, the first step's compile included),
 evaluation (to the "Test" line) and writing (pictures, checkpoints, TensorBoard, to the exit).
 bf16 rows run only where this machine computes bf16 (``cnnjax.runtime.compute_dtype``), the
@@ -23,6 +24,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +45,9 @@ _PAIRS = flags.DEFINE_integer("pairs", 1, "rounds of the alternating runs", lowe
                               flag_values=FLAGS)
 _QUIET = flags.DEFINE_float("quiet_cores", 0.1, "a run is busy when other processes used this "
                             "many cores during it", lower_bound=0, flag_values=FLAGS)
+_CACHE = flags.DEFINE_enum("cache", "cold", ["cold", "warm"], "cnnjax's JAX compilation "
+                           "cache: empty in each run (cold) or filled by an untimed run first "
+                           "(warm)", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "markdown file the report is appended to",
                            flag_values=FLAGS)
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "experiments/configs/cifar_bn_fast.py"
@@ -71,13 +76,16 @@ def _timed(cmd: list[str], env: dict[str, str] | None = None
   return wall, marks, lines, max(others, 0.0)
 
 
-def cnnjax_run(data: str, epochs: int, precision: str, seed: int) -> dict:
-  with tempfile.TemporaryDirectory() as workdir, tempfile.TemporaryDirectory() as cache:
+def cnnjax_run(data: str, epochs: int, precision: str, seed: int, cache: str | None = None
+               ) -> dict:
+  """One timed run; ``cache``: the JAX compilation cache's directory (None: a new, empty
+  one)."""
+  with tempfile.TemporaryDirectory() as workdir, tempfile.TemporaryDirectory() as empty:
     wall, marks, _, others = _timed(
         [sys.executable, "-m", "experiments.train", "--config", str(CONFIG), "--workdir", workdir,
          f"--config.data.source={data}", f"--config.num_epochs={epochs}",
          f"--config.precision={precision}", f"--config.seed={seed}", "--config.init=torch"],
-        {"JAX_COMPILATION_CACHE_DIR": cache})
+        {"JAX_COMPILATION_CACHE_DIR": cache or empty})
     metrics = json.loads(open(os.path.join(workdir, "test_metrics.json")).read())
   phases = {"start-up": marks["ready"], "training": marks["trained"] - marks["ready"],
             "evaluation": marks["tested"] - marks["trained"], "writing": wall - marks["tested"]}
@@ -131,9 +139,17 @@ def main() -> None:
   with_torch = importlib.util.find_spec("torch") is not None
   precisions = ["float32"] + ["bfloat16"] * (runtime.compute_dtype("bfloat16")[0] == "bfloat16")
   variants = {}
+  cache = tempfile.mkdtemp(prefix="cnnjax-job-cache-") if _CACHE.value == "warm" else None
   for precision in precisions:
     short = "f32" if precision == "float32" else "bf16"
-    variants[f"cnnjax {short}"] = functools.partial(cnnjax_run, data, _EPOCHS.value, precision)
+    variants[f"cnnjax {short}"] = functools.partial(cnnjax_run, data, _EPOCHS.value, precision,
+                                                    cache=cache)
+    if cache:
+      harness.progress(f"filling the compilation cache: cnnjax {short}, untimed")
+      cnnjax_run(data, _EPOCHS.value, precision, 0, cache)
+      if not any(os.scandir(cache)):
+        sys.exit(f"error: the untimed cnnjax {short} run left its compilation cache {cache} "
+                 "empty: JAX did not write it (cache options in cnnjax.runtime.configure)")
     if with_torch:
       variants[f"torch {short}"] = functools.partial(torch_run, data, _EPOCHS.value,
                                                      precision == "bfloat16")
@@ -146,16 +162,19 @@ def main() -> None:
                        f"({', '.join(f'{k} {v:.1f}' for k, v in r['phases'].items())}; "
                        f"others {r['others']:.2f} cores)")
   info, m = logs.run_info(), harness.machine(with_torch)
+  compiled = ("a JAX compilation cache filled by an untimed run (as a rerun of the study finds "
+              "it)" if cache else "an empty JAX compilation cache (as a first run)")
   lines = [f"## The whole job, cifar_bn_fast: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
            "", f"`python -m benchmarks.job --data {_DATA.value} --epochs {_EPOCHS.value} "
-           f"--pairs {_PAIRS.value}`", "", f"- Machine: {m['machine']}",
+           f"--pairs {_PAIRS.value}{' --cache=warm' if cache else ''}`", "",
+           f"- Machine: {m['machine']}",
            f"- Versions: {m['versions']}", f"- cnnjax kernels: {m['kernels']}",
            f"- Method: {_EPOCHS.value} epoch(s) of the cifar_bn_fast recipe on all 50k images "
            f"(cnnjax with PyTorch's initialisation, `--config.init=torch`, as its peer), "
            f"then the 10k test images with test-time flips; each run a fresh process timed from "
-           f"launch to exit; the variants alternate, {_PAIRS.value} round(s), seeds 0.."
-           f"{_PAIRS.value - 1}; medians. A run is busy when other processes used >= "
-           f"{_QUIET.value:g} cores during it.", "",
+           f"launch to exit, cnnjax's with {compiled}; the variants alternate, "
+           f"{_PAIRS.value} round(s), seeds 0..{_PAIRS.value - 1}; medians. A run is busy when "
+           f"other processes used >= {_QUIET.value:g} cores during it.", "",
            "| variant | wall s (each run) | start-up | training | evaluation | writing "
            "| test acc (lossless 1k) | busy runs |", "|---|---|---|---|---|---|---|---|"]
   for name, rs in runs.items():
@@ -182,6 +201,8 @@ def main() -> None:
   lines += [f"- jax {info['packages']['jax']}; PyTorch's start-up and training are timed "
             "inside its process (its writing is nil: it saves nothing).", "", ""]
   report = "\n".join(lines)
+  if cache:
+    shutil.rmtree(cache)
   print(report)
   if _OUT.value:
     with open(_OUT.value, "a") as f:

@@ -216,20 +216,28 @@ def test_bad_input_ends_with_one_error_line(args, message, capsys):
 
 
 @pytest.mark.slow
-def test_the_job_benchmark_times_whole_runs_and_writes_nothing(npz_path, tmp_path):
+@pytest.mark.parametrize("cache", ["cold", "warm"])
+def test_the_job_benchmark_times_whole_runs_and_writes_nothing(npz_path, tmp_path, cache):
   """``python -m benchmarks.job`` on a tiny CIFAR-shaped .npz: one row per variant (PyTorch's
-  where torch is importable), the phases of cnnjax's time, nothing left in the directory."""
+  where torch is importable), the phases of cnnjax's time, nothing left in the directory or
+  in the temporary one (``--cache=warm``'s shared compilation cache included)."""
   import importlib.util
   import os
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  done = subprocess.run([sys.executable, "-m", "benchmarks.job", "--data", str(npz_path)],
+  temporary = tmp_path / "tmp"
+  temporary.mkdir()
+  done = subprocess.run([sys.executable, "-m", "benchmarks.job", "--data", str(npz_path),
+                         f"--cache={cache}"],
                         cwd=tmp_path, capture_output=True, text=True,
-                        env={**os.environ, "PYTHONPATH": root}, timeout=600)
+                        env={**os.environ, "PYTHONPATH": root, "TMPDIR": str(temporary)},
+                        timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   text = done.stdout
   assert text.startswith("## The whole job, cifar_bn_fast: ")
+  assert ("filled by an untimed run" in text) == (cache == "warm")
+  assert not list(temporary.glob("cnnjax*"))  # (torch keeps its own caches there)
   rows = {row.split(" | ")[0][2:]: row for row in _table_rows(text)}
   expected = {"cnnjax f32"} | ({"cnnjax bf16"} if runtime.compute_dtype("bfloat16")[0] == "bfloat16"
                                else set())
@@ -243,4 +251,4 @@ def test_the_job_benchmark_times_whole_runs_and_writes_nothing(npz_path, tmp_pat
   assert re.search(r"^- Arithmetic \(benchmarks/roofline.py\): the model trains with [\d.]+ "
                    r"GFLOP per image .* Training phases sustained .*: cnnjax f32 [\d.]+ TFLOP/s",
                    text, re.M)
-  assert list(tmp_path.iterdir()) == [npz_path]
+  assert sorted(tmp_path.iterdir()) == sorted([npz_path, temporary])
