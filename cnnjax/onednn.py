@@ -7,7 +7,8 @@ PyTorch uses on CPU (``python -m benchmarks --mode=convs``), and its reductions 
 pass over the same tensor (BENCHMARKS.md notes). ``conv(x, kernel, strides, padding)`` runs
 a float32 or bfloat16 NHWC/HWIO 2-D convolution, its input gradient and its kernel gradient as oneDNN
 primitives; ``batch_norm(x, scale, shift, epsilon)`` the training-mode batch normalisation
-and its gradient (``cnnjax/csrc/onednn.cc``). Where AMX runs bfloat16, a kernel gradient
+and its gradient, ``batch_norm_inference(x, mean, var, scale, shift, epsilon)`` the
+inference-mode one (``cnnjax/csrc/onednn.cc``). Where AMX runs bfloat16, a kernel gradient
 on an output map of at most 4x4 is one matrix product of the input's patches and ``dy``
 instead (oneDNN's backward-weights convolution is slow there;
 ``CNNJAX_ONEDNN_WEIGHTS_MATMUL=1`` or ``=0`` forces the choice). ``max_pool(x, window)`` is
@@ -43,6 +44,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from cnnjax import conv_math, runtime
@@ -54,6 +56,7 @@ _TARGETS = {"conv_fwd": "CnnjaxOnednnConvFwd", "conv_bwd_data": "CnnjaxOnednnCon
             "conv_fwd_bias_relu": "CnnjaxOnednnConvFwdBiasRelu",
             "conv_bwd_weights_bias": "CnnjaxOnednnConvBwdWeightsBias",
             "norm_fwd": "CnnjaxOnednnNormFwd", "norm_bwd": "CnnjaxOnednnNormBwd",
+            "norm_infer": "CnnjaxOnednnNormInfer",
             "max_pool_fwd": "CnnjaxOnednnMaxPoolFwd", "max_pool_bwd": "CnnjaxOnednnMaxPoolBwd"}
 
 
@@ -231,6 +234,35 @@ def _norm_bwd(epsilon, residuals, cotangents):
 
 
 batch_norm.defvjp(_norm_fwd, _norm_bwd, symbolic_zeros=True)
+
+
+def _normalized(x, mean, var, scale, shift, epsilon):
+  """``batch_norm_inference``'s value in XLA's ops (flax's formula), for its gradient."""
+  y = (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + epsilon) * scale) + shift
+  return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def batch_norm_inference(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
+                         shift: jax.Array, epsilon: float) -> jax.Array:
+  """Inference-mode batch normalisation of ``x [..., C]`` (float32 or bfloat16) with the given
+  float32 ``mean``, ``var``, ``scale`` and ``shift`` ``[C]``: ``y = (x - mean) / sqrt(var +
+  epsilon) * scale + shift`` in ``x``'s dtype, in one oneDNN pass (``cnnjax.models.BatchNorm``
+  uses it on bfloat16 inputs). Its gradient (saliency, CAM through an evaluated model) is
+  XLA's of that formula."""
+  return _call("norm_infer", [(x.shape, x.dtype)], x, mean, var, scale, shift,
+               epsilon=np.float32(epsilon))[0]
+
+
+def _norm_infer_fwd(x, mean, var, scale, shift, epsilon):
+  return batch_norm_inference(x, mean, var, scale, shift, epsilon), (x, mean, var, scale, shift)
+
+
+def _norm_infer_bwd(epsilon, residuals, dy):
+  return jax.vjp(functools.partial(_normalized, epsilon=epsilon), *residuals)[1](dy)
+
+
+batch_norm_inference.defvjp(_norm_infer_fwd, _norm_infer_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

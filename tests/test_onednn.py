@@ -279,12 +279,67 @@ def test_batch_norm_module_trains_as_flax_does(options, shape, monkeypatch):
 
 @pytest.mark.slow
 def test_batch_norm_module_leaves_other_dtypes_and_axes_to_flax(monkeypatch):
-  monkeypatch.setattr(onednn, "batch_norm", lambda *a: pytest.fail("oneDNN used"))
+  for name in ("batch_norm", "batch_norm_inference"):
+    monkeypatch.setattr(onednn, name, lambda *a: pytest.fail("oneDNN used"))
   x = jnp.ones((4, 3, 5))
   for module, inputs in ((BatchNorm(axis=1), x), (BatchNorm(), x.astype(jnp.float16)),
                          (BatchNorm(dtype=jnp.bfloat16), x)):
     variables = module.init(jax.random.key(0), inputs, use_running_average=False)
     module.apply(variables, inputs, use_running_average=False, mutable=["batch_stats"])
+  module = BatchNorm()  # float32 inference: XLA's fusion (as fast there)
+  module.apply(module.init(jax.random.key(0), x, use_running_average=True), x,
+               use_running_average=True)
+
+
+def _inference_arguments(dtype):
+  k = jax.random.split(jax.random.key(2), 6)
+  shape = (4, 5, 6, 8)
+  x = (jax.random.normal(k[0], shape) * 3 + 1).astype(dtype)
+  mean, var = jax.random.normal(k[1], (8,)), jax.random.uniform(k[2], (8,), minval=0.5, maxval=2)
+  scale, shift = jax.random.normal(k[3], (8,)), jax.random.normal(k[4], (8,))
+  return (x, mean, var, scale, shift), jax.random.normal(k[5], shape)
+
+
+def _reference_inference(x, mean, var, scale, shift, epsilon):
+  return ((x.astype(jnp.float32) - mean) / jnp.sqrt(var + epsilon) * scale + shift).astype(x.dtype)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batch_norm_inference_values_and_gradients_equal_the_formula(dtype):
+  args, r = _inference_arguments(dtype)
+
+  def value_and_grads(fn):
+    return jax.jit(jax.value_and_grad(
+        lambda *a: jnp.sum(fn(*a, 1e-5).astype(jnp.float32) * r), tuple(range(5))))(*args)
+
+  y = jax.jit(onednn.batch_norm_inference, static_argnums=5)(*args, 1e-5)
+  want = _reference_inference(*args, 1e-5)
+  assert y.dtype == want.dtype == jnp.dtype(dtype)
+  tolerance = {"float32": 1e-5, "bfloat16": 2 ** -7}[dtype]  # bf16: one rounding apart at most
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32),
+                             rtol=tolerance, atol=tolerance)
+  (_, got), (_, expected) = value_and_grads(onednn.batch_norm_inference), value_and_grads(
+      _reference_inference)
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_batch_norm_module_evaluates_bfloat16_on_onednn_as_flax_does(monkeypatch):
+  if not runtime.onednn_in_use("bfloat16"):
+    pytest.skip("oneDNN's bfloat16 kernels do not run here")
+  (x, mean, var, scale, shift), _ = _inference_arguments("bfloat16")
+  variables = {"params": {"scale": scale, "bias": shift},
+               "batch_stats": {"mean": mean, "var": var}}
+  used = []
+  monkeypatch.setattr(onednn, "batch_norm_inference",
+                      lambda *a, f=onednn.batch_norm_inference: used.append(1) or f(*a))
+  got = BatchNorm().apply(variables, x, use_running_average=True)
+  want = nn.BatchNorm().apply(variables, x, use_running_average=True)  # float32 (promoted)
+  assert used, "BatchNorm did not run on oneDNN"
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2 ** -8, atol=2 ** -8)
 
 
 @needs_onednn

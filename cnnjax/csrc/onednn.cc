@@ -11,6 +11,8 @@
 //   (attributes: strides [2] and padding [4] = (top, bottom, left, right))
 //   cnnjax_onednn_norm_fwd  x [..., C], scale [C], shift [C] -> y [..., C], mean [C], var [C]
 //   cnnjax_onednn_norm_bwd  x, dy [..., C], scale, mean, var [C] -> dx, dscale, dshift
+//   cnnjax_onednn_norm_infer  x [..., C], mean, var, scale, shift [C] -> y [..., C] (the given
+//                             statistics: inference mode)
 //   (attribute: epsilon)
 //   cnnjax_onednn_max_pool_fwd  x [N, H, W, C] -> y [N, H / k, W / k, C]
 //   cnnjax_onednn_max_pool_bwd  x, y, dy -> dx [N, H, W, C]
@@ -369,29 +371,37 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
   return ffi::Error::Success();
 }
 
-// Batch normalisation in training mode over the rows of x [M, C] (any [..., C] flattened):
+// Batch normalisation over the rows of x [M, C] (any [..., C] flattened): in training mode
 // statistics per channel over all M rows (biased variance), y = (x - mean) / sqrt(var + eps)
-// * scale + shift; and its backward, dx, dscale and dshift from dy.
+// * scale + shift, and its backward, dx, dscale and dshift from dy; in inference mode y from
+// the given mean and var.
+enum class NormPass { kForward, kBackward, kInference };
+
 struct NormPlan {
   dnnl::primitive norm;
   dnnl::memory::desc rows_md, channels_md;
 };
 
-ffi::Error RunNorm(bool backward, dt type, int64_t rows, int64_t channels, float epsilon,
+ffi::Error RunNorm(NormPass pass, dt type, int64_t rows, int64_t channels, float epsilon,
                    const std::unordered_map<int, void*>& args) {
   using tag = dnnl::memory::format_tag;
+  using flag = dnnl::normalization_flags;
   std::lock_guard<std::mutex> guard(Lock());
-  static std::map<std::tuple<bool, dt, int64_t, int64_t, float>, std::unique_ptr<NormPlan>>
+  static std::map<std::tuple<NormPass, dt, int64_t, int64_t, float>, std::unique_ptr<NormPlan>>
       plans;
-  auto& plan = plans[{backward, type, rows, channels, epsilon}];
+  auto& plan = plans[{pass, type, rows, channels, epsilon}];
   if (!plan) {
     plan = std::make_unique<NormPlan>();
     plan->rows_md = Desc({rows, channels}, tag::nc, type);
     plan->channels_md = Desc({channels}, tag::a);
-    const auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+    const bool inference = pass == NormPass::kInference;
+    const auto flags = flag::use_scale | flag::use_shift |
+                       (inference ? flag::use_global_stats : flag::none);
     dnnl::batch_normalization_forward::primitive_desc fwd(
-        Engine(), dnnl::prop_kind::forward_training, plan->rows_md, plan->rows_md, epsilon, flags);
-    if (backward) {
+        Engine(), inference ? dnnl::prop_kind::forward_inference
+                            : dnnl::prop_kind::forward_training,
+        plan->rows_md, plan->rows_md, epsilon, flags);
+    if (pass == NormPass::kBackward) {
       plan->norm = dnnl::batch_normalization_backward(
           dnnl::batch_normalization_backward::primitive_desc(
               Engine(), dnnl::prop_kind::backward, plan->rows_md, plan->rows_md, plan->rows_md,
@@ -431,7 +441,7 @@ ffi::Error NormForward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
     return ffi::Error::InvalidArgument("batch norm's x and y must be float32 or bfloat16");
   }
   return Guarded("batch norm", [&] {
-    return RunNorm(false, type, x.element_count() / channels, channels, epsilon,
+    return RunNorm(NormPass::kForward, type, x.element_count() / channels, channels, epsilon,
                    {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
                     {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->untyped_data()},
                     {DNNL_ARG_MEAN, mean->typed_data()},
@@ -449,13 +459,32 @@ ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F3
     return ffi::Error::InvalidArgument("batch norm's x, dy and dx must be float32 or bfloat16");
   }
   return Guarded("batch norm", [&] {
-    return RunNorm(true, type, x.element_count() / channels, channels, epsilon,
+    return RunNorm(NormPass::kBackward, type, x.element_count() / channels, channels, epsilon,
                    {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_DIFF_DST, dy.untyped_data()},
                     {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_MEAN, mean.typed_data()},
                     {DNNL_ARG_VARIANCE, variance.typed_data()},
                     {DNNL_ARG_DIFF_SRC, dx->untyped_data()},
                     {DNNL_ARG_DIFF_SCALE, dscale->typed_data()},
                     {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}});
+  });
+}
+
+ffi::Error NormInference(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
+                         ffi::Buffer<ffi::F32> variance, ffi::Buffer<ffi::F32> scale,
+                         ffi::Buffer<ffi::F32> shift, ffi::Result<ffi::AnyBuffer> y,
+                         float epsilon) {
+  const int64_t channels = scale.element_count();
+  dt type;
+  if (!ActivationType(&type, x, *y)) {
+    return ffi::Error::InvalidArgument("batch norm's x and y must be float32 or bfloat16");
+  }
+  return Guarded("batch norm", [&] {
+    return RunNorm(NormPass::kInference, type, x.element_count() / channels, channels,
+                   epsilon,
+                   {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_MEAN, mean.typed_data()},
+                    {DNNL_ARG_VARIANCE, variance.typed_data()},
+                    {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_SHIFT, shift.typed_data()},
+                    {DNNL_ARG_DST, y->untyped_data()}});
   });
 }
 
@@ -669,6 +698,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnNormBwd, NormBackward,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<F32Buffer>()
                                   .Ret<F32Buffer>()
+                                  .Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnNormInfer, NormInference,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("epsilon"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolFwd, PoolForward,
                               ffi::Ffi::Bind()

@@ -1,15 +1,18 @@
-"""``BatchNorm``: flax's ``nn.BatchNorm`` (same fields, variables and results) whose training
-step runs on oneDNN where that is available.
+"""``BatchNorm``: flax's ``nn.BatchNorm`` (same fields, variables and results) that runs on
+oneDNN where that is available.
 
 XLA:CPU computes batch statistics and their gradients (reductions over ``[B, H, W]`` per
 channel) slowly: with its convolutions on oneDNN, BNCNN's step spent 67 of 208 ms of kernel
 time in such reductions (BENCHMARKS.md notes); oneDNN's batch norm does the same work in
-~20 ms. In training mode, for float32 or bfloat16 inputs normalised over all axes
-but the last, on one device and without a mask or a cross-device ``axis_name``, this module
-computes the statistics, the normalisation and its gradient with ``cnnjax.onednn.batch_norm``
-(oneDNN's batch normalisation, one pass for the statistics) and updates the running averages
-as flax does. Everything else (evaluation with the running averages, initialisation, other
-dtypes and axes, no oneDNN) is ``nn.BatchNorm``'s own code. Under mixed precision
+~20 ms. And in a bfloat16 evaluation step XLA's fusion of the normalisation took over a
+quarter of the step (BENCHMARKS.md notes, 2026-12-05). So for float32 or bfloat16 inputs
+normalised over all axes but the last, on one device and without a mask or a cross-device
+``axis_name``, this module runs on ``cnnjax.onednn``: in training mode ``batch_norm``
+(oneDNN's batch normalisation: the statistics in one pass, the normalisation and its
+gradient), updating the running averages as flax does; in inference mode on bfloat16 inputs
+``batch_norm_inference`` with the running averages (on float32 ones XLA's fusion is as fast:
+BENCHMARKS.md). Everything else (initialisation, float32 inference, other dtypes and axes,
+no oneDNN) is ``nn.BatchNorm``'s own code. Under mixed precision
 (``config.precision='bfloat16'``: bfloat16 inputs and parameters) the statistics stay float32
 and the output is bfloat16, as the next layer expects, on both paths. The variance is the batch's
 biased variance in both (oneDNN's is computed around the mean, flax's default as
@@ -23,12 +26,12 @@ from cnnjax import onednn, runtime
 
 
 class BatchNorm(nn.BatchNorm):
-  """``nn.BatchNorm`` with its training-mode step on oneDNN (see the module docstring).
+  """``nn.BatchNorm`` on oneDNN where it runs (see the module docstring).
 
   Input ``[..., C]``; returns ``[..., C]``."""
 
   def _runs_on_onednn(self, x: jax.Array, train: bool, mask: jax.Array | None) -> bool:
-    return (train and mask is None and self.axis_name is None and not self.is_initializing()
+    return ((train or x.dtype == jnp.bfloat16) and mask is None and self.axis_name is None and not self.is_initializing()
             and x.dtype in (jnp.float32, jnp.bfloat16) and self.param_dtype == jnp.float32
             and self.dtype in (None, jnp.float32) and self.axis in (-1, x.ndim - 1, (-1,))
             and runtime.onednn_in_use(x.dtype.name))
@@ -48,8 +51,12 @@ class BatchNorm(nn.BatchNorm):
              else jnp.ones((c,), jnp.float32))
     shift = (self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias
              else jnp.zeros((c,), jnp.float32))
-    y, mean, var = onednn.batch_norm(x, jnp.asarray(scale, jnp.float32),
-                                     jnp.asarray(shift, jnp.float32), self.epsilon)
+    scale, shift = jnp.asarray(scale, jnp.float32), jnp.asarray(shift, jnp.float32)
+    if not train:
+      return onednn.batch_norm_inference(x, jnp.asarray(ra_mean.value, jnp.float32),
+                                         jnp.asarray(ra_var.value, jnp.float32), scale, shift,
+                                         self.epsilon)
+    y, mean, var = onednn.batch_norm(x, scale, shift, self.epsilon)
     ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
     ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return y
