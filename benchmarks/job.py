@@ -10,13 +10,15 @@ experiments/configs/cifar_bn_fast.py --config.init=torch`` (the peer's initialis
 same recipe, so the same accuracy) in a new workdir (``--config.precision=bfloat16`` for
 bf16) with an empty JAX compilation cache (every run compiles, as a first run does;
 ``--cache=warm``: one cache shared by the runs, filled by an untimed run of each precision
-first, as a rerun of the same study finds it), and ``python -m benchmarks.torch_job``. cnnjax's time is split at its log lines: start-up (imports, data,
-model, until "Ready to train"), training (the epochs, the first step's compile included),
-evaluation (to the "Test" line) and writing (pictures, checkpoints, TensorBoard, to the exit).
+first, as a rerun of the same study finds it), and ``python -m benchmarks.torch_job``.
+cnnjax's time is split at its log lines: start-up (imports, data, model, until "Ready to
+train"), training (the epochs, the first step's compile included), evaluation (to the "Test"
+line) and writing (pictures, checkpoints, TensorBoard, to the exit).
 bf16 rows run only where this machine computes bf16 (``cnnjax.runtime.compute_dtype``), the
 PyTorch rows only where torch is importable. A run during which other processes used >=
 ``--quiet_cores`` cores is marked busy. Run it alone.
 """
+import contextlib
 import datetime
 import functools
 import importlib.util
@@ -24,7 +26,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -133,13 +134,12 @@ def arithmetic(runs: dict[str, list[dict]], data: str) -> list[str]:
           + f". Training phases sustained (cnnjax's with its compile): {sustained}."]
 
 
-def main() -> None:
-  from cnnjax import logs, runtime
-  data = os.path.abspath(os.path.expanduser(_DATA.value))
-  with_torch = importlib.util.find_spec("torch") is not None
-  precisions = ["float32"] + ["bfloat16"] * (runtime.compute_dtype("bfloat16")[0] == "bfloat16")
+def measure(data: str, precisions: list[str], with_torch: bool, cache: str | None
+            ) -> dict[str, list[dict]]:
+  """Each variant's runs (``cnnjax_run``, ``torch_run``), alternating, ``--pairs`` rounds;
+  ``cache``: cnnjax's shared compilation cache, filled first by an untimed run per precision
+  (None: an empty one in each run)."""
   variants = {}
-  cache = tempfile.mkdtemp(prefix="cnnjax-job-cache-") if _CACHE.value == "warm" else None
   for precision in precisions:
     short = "f32" if precision == "float32" else "bf16"
     variants[f"cnnjax {short}"] = functools.partial(cnnjax_run, data, _EPOCHS.value, precision,
@@ -147,9 +147,10 @@ def main() -> None:
     if cache:
       harness.progress(f"filling the compilation cache: cnnjax {short}, untimed")
       cnnjax_run(data, _EPOCHS.value, precision, 0, cache)
-      if not any(os.scandir(cache)):
-        sys.exit(f"error: the untimed cnnjax {short} run left its compilation cache {cache} "
-                 "empty: JAX did not write it (cache options in cnnjax.runtime.configure)")
+      with os.scandir(cache) as entries:
+        if not any(entries):
+          sys.exit(f"error: the untimed cnnjax {short} run left its compilation cache {cache} "
+                   "empty: JAX did not write it (cache options in cnnjax.runtime.configure)")
     if with_torch:
       variants[f"torch {short}"] = functools.partial(torch_run, data, _EPOCHS.value,
                                                      precision == "bfloat16")
@@ -161,12 +162,24 @@ def main() -> None:
       harness.progress(f"{name} seed {pair}: {r['wall']:.1f} s, {100 * r['accuracy']:.1f}% "
                        f"({', '.join(f'{k} {v:.1f}' for k, v in r['phases'].items())}; "
                        f"others {r['others']:.2f} cores)")
+  return runs
+
+
+def main() -> None:
+  from cnnjax import logs, runtime
+  data = os.path.abspath(os.path.expanduser(_DATA.value))
+  with_torch = importlib.util.find_spec("torch") is not None
+  precisions = ["float32"] + ["bfloat16"] * (runtime.compute_dtype("bfloat16")[0] == "bfloat16")
+  warm = _CACHE.value == "warm"
+  with (tempfile.TemporaryDirectory(prefix="cnnjax-job-cache-") if warm
+        else contextlib.nullcontext()) as cache:  # removed on any exit
+    runs = measure(data, precisions, with_torch, cache)
   info, m = logs.run_info(), harness.machine(with_torch)
   compiled = ("a JAX compilation cache filled by an untimed run (as a rerun of the study finds "
-              "it)" if cache else "an empty JAX compilation cache (as a first run)")
+              "it)" if warm else "an empty JAX compilation cache (as a first run)")
   lines = [f"## The whole job, cifar_bn_fast: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
            "", f"`python -m benchmarks.job --data {_DATA.value} --epochs {_EPOCHS.value} "
-           f"--pairs {_PAIRS.value}{' --cache=warm' if cache else ''}`", "",
+           f"--pairs {_PAIRS.value}{' --cache=warm' if warm else ''}`", "",
            f"- Machine: {m['machine']}",
            f"- Versions: {m['versions']}", f"- cnnjax kernels: {m['kernels']}",
            f"- Method: {_EPOCHS.value} epoch(s) of the cifar_bn_fast recipe on all 50k images "
@@ -201,8 +214,6 @@ def main() -> None:
   lines += [f"- jax {info['packages']['jax']}; PyTorch's start-up and training are timed "
             "inside its process (its writing is nil: it saves nothing).", "", ""]
   report = "\n".join(lines)
-  if cache:
-    shutil.rmtree(cache)
   print(report)
   if _OUT.value:
     with open(_OUT.value, "a") as f:

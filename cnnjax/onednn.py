@@ -200,6 +200,13 @@ def _conv_bias_bwd(strides, padding, relu, residuals, dy):
 conv_bias.defvjp(_conv_bias_fwd, _conv_bias_bwd)
 
 
+def _check_channels(x: jax.Array, *per_channel: jax.Array) -> None:
+  """The kernels read ``x.shape[-1]`` values of each per-channel operand: refuse others."""
+  if any(a.shape != x.shape[-1:] for a in per_channel):
+    raise ValueError(f"batch norm of x {x.shape} with per-channel operands of shapes "
+                     f"{[a.shape for a in per_channel]}; expected ({x.shape[-1]},) each")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array,
                epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -207,6 +214,7 @@ def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array,
   but the last: ``(y [..., C], mean [C], var [C])`` with the batch's biased variance and
   ``y = (x - mean) / sqrt(var + epsilon) * scale + shift``; ``y`` in ``x``'s dtype, the
   float32 ``scale``, ``shift``, ``mean`` and ``var`` (statistics accumulated in float32)."""
+  _check_channels(x, scale, shift)
   c, f32 = x.shape[-1], jnp.float32
   return tuple(_call("norm_fwd", [(x.shape, x.dtype), ((c,), f32), ((c,), f32)], x, scale,
                      shift, epsilon=np.float32(epsilon)))
@@ -250,6 +258,7 @@ def batch_norm_inference(x: jax.Array, mean: jax.Array, var: jax.Array, scale: j
   epsilon) * scale + shift`` in ``x``'s dtype, in one oneDNN pass (``cnnjax.models.BatchNorm``
   uses it on bfloat16 inputs). Its gradient (saliency, CAM through an evaluated model) is
   XLA's of that formula."""
+  _check_channels(x, mean, var, scale, shift)
   return _call("norm_infer", [(x.shape, x.dtype)], x, mean, var, scale, shift,
                epsilon=np.float32(epsilon))[0]
 

@@ -286,9 +286,14 @@ def test_batch_norm_module_leaves_other_dtypes_and_axes_to_flax(monkeypatch):
                          (BatchNorm(dtype=jnp.bfloat16), x)):
     variables = module.init(jax.random.key(0), inputs, use_running_average=False)
     module.apply(variables, inputs, use_running_average=False, mutable=["batch_stats"])
-  module = BatchNorm()  # float32 inference: XLA's fusion (as fast there)
+  module = BatchNorm()  # float32 inference: XLA's fusion (faster there)
   module.apply(module.init(jax.random.key(0), x, use_running_average=True), x,
                use_running_average=True)
+  x16 = x.astype(jnp.bfloat16)  # bfloat16 inference but another axis, dtype or a mask
+  for module, mask in ((BatchNorm(axis=1), None), (BatchNorm(dtype=jnp.bfloat16), None),
+                       (BatchNorm(), x16 > 0)):
+    module.apply(module.init(jax.random.key(0), x16, use_running_average=True), x16,
+                 use_running_average=True, mask=mask)
 
 
 def _inference_arguments(dtype):
@@ -321,25 +326,48 @@ def test_batch_norm_inference_values_and_gradients_equal_the_formula(dtype):
                              rtol=tolerance, atol=tolerance)
   (_, got), (_, expected) = value_and_grads(onednn.batch_norm_inference), value_and_grads(
       _reference_inference)
+  tolerance = {"float32": 1e-4, "bfloat16": 2 ** -7}[dtype]  # dx: bf16, grouped differently
   for a, b in zip(got, expected):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                               rtol=1e-4, atol=1e-4)
+                               rtol=tolerance, atol=tolerance)
 
 
-def test_batch_norm_module_evaluates_bfloat16_on_onednn_as_flax_does(monkeypatch):
+@needs_onednn
+def test_batch_norm_refuses_per_channel_operands_of_another_length():
+  (x, mean, var, scale, shift), _ = _inference_arguments("float32")
+  with pytest.raises(ValueError, match=r"expected \(8,\) each"):
+    onednn.batch_norm_inference(x, mean[:5], var, scale, shift, 1e-5)
+  with pytest.raises(ValueError, match=r"expected \(8,\) each"):
+    onednn.batch_norm(x, scale, jnp.zeros(9), 1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"use_scale": False, "use_bias": False}])
+def test_batch_norm_module_evaluates_bfloat16_on_onednn_as_flax_does(options, monkeypatch):
   if not runtime.onednn_in_use("bfloat16"):
     pytest.skip("oneDNN's bfloat16 kernels do not run here")
-  (x, mean, var, scale, shift), _ = _inference_arguments("bfloat16")
-  variables = {"params": {"scale": scale, "bias": shift},
-               "batch_stats": {"mean": mean, "var": var}}
+  (x, mean, var, scale, shift), r = _inference_arguments("bfloat16")
+  params = {"scale": scale, "bias": shift}
+  params = {k: v for k, v in params.items() if options.get(f"use_{k}", True)}
+  stats = {"mean": mean, "var": var}
   used = []
   monkeypatch.setattr(onednn, "batch_norm_inference",
                       lambda *a, f=onednn.batch_norm_inference: used.append(1) or f(*a))
-  got = BatchNorm().apply(variables, x, use_running_average=True)
-  want = nn.BatchNorm().apply(variables, x, use_running_average=True)  # float32 (promoted)
+
+  def value_and_grads(module):  # a saliency-style gradient through the evaluated layer
+    def loss(params, x):
+      y = module.apply({"params": params, "batch_stats": stats}, x, use_running_average=True)
+      return jnp.sum(y.astype(jnp.float32) * r), y
+    return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+
+  (_, got), grads = value_and_grads(BatchNorm(**options))
   assert used, "BatchNorm did not run on oneDNN"
+  (_, want), want_grads = value_and_grads(nn.BatchNorm(**options))  # float32 (promoted)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2 ** -8, atol=2 ** -8)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    # The cotangent of a bfloat16 output is bfloat16: sums over the batch of rounded terms.
+    b = np.asarray(b, np.float32)
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=2 ** -6 * np.abs(b).max())
 
 
 @needs_onednn

@@ -85,3 +85,24 @@ def test_a_command_restarts_once_with_its_arguments_and_the_tunable(monkeypatch)
 def test_pytest_or_a_notebook_is_not_restarted(monkeypatch):
   assert _prepare(monkeypatch, [sys.executable, "-m", "pytest"])[0] is None
   assert _prepare(monkeypatch, [sys.executable, "-c", "pass"])[0] is None
+
+
+def test_configure_caches_compiles_from_a_tenth_of_a_second_unless_the_user_says(monkeypatch,
+                                                                                   tmp_path):
+  # JAX's default threshold (1 s) would leave the evaluation step's compile out of the cache.
+  import jax
+  name = "jax_persistent_cache_min_compile_time_secs"
+  before, directory = getattr(jax.config, name), jax.config.jax_compilation_cache_dir
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path))  # a place of the user's
+  try:
+    monkeypatch.delenv(name.upper(), raising=False)
+    jax.config.update(name, 1.0)
+    runtime.configure()
+    assert getattr(jax.config, name) == 0.1
+    assert jax.config.jax_compilation_cache_dir == directory  # not replaced
+    monkeypatch.setenv(name.upper(), "2")
+    jax.config.update(name, 2.0)  # as JAX reads the variable
+    runtime.configure()
+    assert getattr(jax.config, name) == 2.0
+  finally:
+    jax.config.update(name, before)

@@ -2,17 +2,16 @@
 oneDNN where that is available.
 
 XLA:CPU computes batch statistics and their gradients (reductions over ``[B, H, W]`` per
-channel) slowly: with its convolutions on oneDNN, BNCNN's step spent 67 of 208 ms of kernel
-time in such reductions (BENCHMARKS.md notes); oneDNN's batch norm does the same work in
-~20 ms. And in a bfloat16 evaluation step XLA's fusion of the normalisation took over a
-quarter of the step (BENCHMARKS.md notes, 2026-12-05). So for float32 or bfloat16 inputs
-normalised over all axes but the last, on one device and without a mask or a cross-device
-``axis_name``, this module runs on ``cnnjax.onednn``: in training mode ``batch_norm``
-(oneDNN's batch normalisation: the statistics in one pass, the normalisation and its
-gradient), updating the running averages as flax does; in inference mode on bfloat16 inputs
-``batch_norm_inference`` with the running averages (on float32 ones XLA's fusion is as fast:
-BENCHMARKS.md). Everything else (initialisation, float32 inference, other dtypes and axes,
-no oneDNN) is ``nn.BatchNorm``'s own code. Under mixed precision
+channel) slowly, and its fusion of the inference-mode normalisation is slower than oneDNN's
+on bfloat16 inputs, though not on float32 ones (BENCHMARKS.md notes). So for float32 or
+bfloat16 inputs normalised over all axes but the last, on one device and without a mask or
+a cross-device ``axis_name``, this module runs on ``cnnjax.onednn``: in training mode
+``batch_norm`` (oneDNN's batch normalisation: the statistics in one pass, the normalisation
+and its gradient), updating the running averages as flax does; in inference mode on
+bfloat16 inputs ``batch_norm_inference`` with the running averages. Everything else
+(initialisation, float32 inference, other dtypes and axes, no oneDNN) is ``nn.BatchNorm``'s
+own code. Both oneDNN paths have custom VJPs: forward-mode ``jax.jvp`` through them needs
+``runtime.configure(onednn=False)``. Under mixed precision
 (``config.precision='bfloat16'``: bfloat16 inputs and parameters) the statistics stay float32
 and the output is bfloat16, as the next layer expects, on both paths. The variance is the batch's
 biased variance in both (oneDNN's is computed around the mean, flax's default as
@@ -31,10 +30,10 @@ class BatchNorm(nn.BatchNorm):
   Input ``[..., C]``; returns ``[..., C]``."""
 
   def _runs_on_onednn(self, x: jax.Array, train: bool, mask: jax.Array | None) -> bool:
-    return ((train or x.dtype == jnp.bfloat16) and mask is None and self.axis_name is None and not self.is_initializing()
-            and x.dtype in (jnp.float32, jnp.bfloat16) and self.param_dtype == jnp.float32
-            and self.dtype in (None, jnp.float32) and self.axis in (-1, x.ndim - 1, (-1,))
-            and runtime.onednn_in_use(x.dtype.name))
+    return ((train or x.dtype == jnp.bfloat16) and mask is None and self.axis_name is None
+            and not self.is_initializing() and x.dtype in (jnp.float32, jnp.bfloat16)
+            and self.param_dtype == jnp.float32 and self.dtype in (None, jnp.float32)
+            and self.axis in (-1, x.ndim - 1, (-1,)) and runtime.onednn_in_use(x.dtype.name))
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
