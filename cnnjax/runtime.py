@@ -16,9 +16,8 @@
   It also turns on JAX's persistent compilation cache in ``cache_dir()/xla`` (unless
   ``JAX_COMPILATION_CACHE_DIR`` chooses another place, or is set empty to turn it off), so
   a second run of a study skips XLA's compiles: those of 0.1 s or more (JAX's default, 1 s,
-  leaves out the evaluation step's), at most 2 GiB, least recently used evicted; a
-  ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` or ``JAX_COMPILATION_CACHE_MAX_SIZE`` of
-  the user's stands.
+  leaves out the evaluation step's; ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` sets
+  another), in cnnjax's place at most 2 GiB, least recently used evicted.
 - ``cache_dir()``: where cnnjax keeps built and converted files.
 - ``compute_dtype(precision)``: what ``config.precision`` computes in here: 'bfloat16' on
   GPU/TPU and on CPUs with bf16 instructions (AVX-512 BF16 or AMX), else float32; 'auto'
@@ -105,12 +104,12 @@ def configure(onednn: bool = True) -> bool:
   global _onednn, _onednn_bf16
   import jax  # pylint: disable=import-outside-toplevel
   from cnnjax import onednn as onednn_lib  # pylint: disable=import-outside-toplevel
-  cache = {"jax_compilation_cache_dir": str(cache_dir() / "xla"),
-           "jax_persistent_cache_min_compile_time_secs": 0.1,  # JAX's 1 s skips the eval step
-           "jax_compilation_cache_max_size": 2 << 30}  # least recently used entries go first
-  for name, value in cache.items():
-    if name.upper() not in os.environ:  # the user's own setting stands
-      jax.config.update(name, value)
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_compilation_cache_max_size", 2 << 30)  # least recently used evicted
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    # JAX's default, 1 s, would leave the evaluation step's compile out.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   _onednn = bool(onednn) and jax.device_count() == 1 and onednn_lib.available()
   _onednn_bf16 = _onednn and cpu_has_bf16()
   return _onednn

@@ -93,13 +93,16 @@ def test_configure_caches_compiles_from_a_tenth_of_a_second_unless_the_user_says
   import jax
   name = "jax_persistent_cache_min_compile_time_secs"
   before, directory = getattr(jax.config, name), jax.config.jax_compilation_cache_dir
+  size = jax.config.jax_compilation_cache_max_size
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path))  # a place of the user's
   try:
     monkeypatch.delenv(name.upper(), raising=False)
     jax.config.update(name, 1.0)
     runtime.configure()
     assert getattr(jax.config, name) == 0.1
-    assert jax.config.jax_compilation_cache_dir == directory  # not replaced
+    # The user's place and its size are left alone (a bound makes JAX keep access times).
+    assert jax.config.jax_compilation_cache_dir == directory
+    assert jax.config.jax_compilation_cache_max_size == size
     monkeypatch.setenv(name.upper(), "2")
     jax.config.update(name, 2.0)  # as JAX reads the variable
     runtime.configure()

@@ -431,61 +431,57 @@ bool ActivationType(dt* type, const ffi::AnyBuffer& first, const Buffers&... res
          ((rest.element_type() == first.element_type()) && ...);
 }
 
+// RunNorm on x [..., C] (C: the per-channel operands' length) after checking that the
+// activations (x and the others, `named` as in " and y") share a dtype oneDNN takes.
+template <typename... Buffers>
+ffi::Error Norm(NormPass pass, int64_t channels, float epsilon, const char* named,
+                const std::unordered_map<int, void*>& args, const ffi::AnyBuffer& x,
+                const Buffers&... others) {
+  dt type;
+  if (!ActivationType(&type, x, others...)) {
+    return ffi::Error::InvalidArgument(std::string("batch norm's x") + named +
+                                       " must be float32 or bfloat16");
+  }
+  return Guarded("batch norm", [&] {
+    return RunNorm(pass, type, x.element_count() / channels, channels, epsilon, args);
+  });
+}
+
 ffi::Error NormForward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                        ffi::Buffer<ffi::F32> shift, ffi::Result<ffi::AnyBuffer> y,
                        ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> variance,
                        float epsilon) {
-  const int64_t channels = scale.element_count();
-  dt type;
-  if (!ActivationType(&type, x, *y)) {
-    return ffi::Error::InvalidArgument("batch norm's x and y must be float32 or bfloat16");
-  }
-  return Guarded("batch norm", [&] {
-    return RunNorm(NormPass::kForward, type, x.element_count() / channels, channels, epsilon,
-                   {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
-                    {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->untyped_data()},
-                    {DNNL_ARG_MEAN, mean->typed_data()},
-                    {DNNL_ARG_VARIANCE, variance->typed_data()}});
-  });
+  return Norm(NormPass::kForward, scale.element_count(), epsilon, " and y",
+              {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
+               {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->untyped_data()},
+               {DNNL_ARG_MEAN, mean->typed_data()},
+               {DNNL_ARG_VARIANCE, variance->typed_data()}},
+              x, *y);
 }
 
 ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> scale,
                         ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> variance,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::ResultBuffer<ffi::F32> dscale,
                         ffi::ResultBuffer<ffi::F32> dshift, float epsilon) {
-  const int64_t channels = scale.element_count();
-  dt type;
-  if (!ActivationType(&type, x, dy, *dx)) {
-    return ffi::Error::InvalidArgument("batch norm's x, dy and dx must be float32 or bfloat16");
-  }
-  return Guarded("batch norm", [&] {
-    return RunNorm(NormPass::kBackward, type, x.element_count() / channels, channels, epsilon,
-                   {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_DIFF_DST, dy.untyped_data()},
-                    {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_MEAN, mean.typed_data()},
-                    {DNNL_ARG_VARIANCE, variance.typed_data()},
-                    {DNNL_ARG_DIFF_SRC, dx->untyped_data()},
-                    {DNNL_ARG_DIFF_SCALE, dscale->typed_data()},
-                    {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}});
-  });
+  return Norm(NormPass::kBackward, scale.element_count(), epsilon, ", dy and dx",
+              {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_DIFF_DST, dy.untyped_data()},
+               {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_MEAN, mean.typed_data()},
+               {DNNL_ARG_VARIANCE, variance.typed_data()},
+               {DNNL_ARG_DIFF_SRC, dx->untyped_data()},
+               {DNNL_ARG_DIFF_SCALE, dscale->typed_data()},
+               {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}},
+              x, dy, *dx);
 }
 
 ffi::Error NormInference(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
                          ffi::Buffer<ffi::F32> variance, ffi::Buffer<ffi::F32> scale,
                          ffi::Buffer<ffi::F32> shift, ffi::Result<ffi::AnyBuffer> y,
                          float epsilon) {
-  const int64_t channels = scale.element_count();
-  dt type;
-  if (!ActivationType(&type, x, *y)) {
-    return ffi::Error::InvalidArgument("batch norm's x and y must be float32 or bfloat16");
-  }
-  return Guarded("batch norm", [&] {
-    return RunNorm(NormPass::kInference, type, x.element_count() / channels, channels,
-                   epsilon,
-                   {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_MEAN, mean.typed_data()},
-                    {DNNL_ARG_VARIANCE, variance.typed_data()},
-                    {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_SHIFT, shift.typed_data()},
-                    {DNNL_ARG_DST, y->untyped_data()}});
-  });
+  return Norm(NormPass::kInference, scale.element_count(), epsilon, " and y",
+              {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_MEAN, mean.typed_data()},
+               {DNNL_ARG_VARIANCE, variance.typed_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
+               {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->untyped_data()}},
+              x, *y);
 }
 
 // Max pooling over non-overlapping k x k windows, NHWC, float32 or bfloat16, as
