@@ -52,6 +52,7 @@ _CACHE = flags.DEFINE_enum("cache", "cold", ["cold", "warm"], "cnnjax's JAX comp
 _OUT = flags.DEFINE_string("out", None, "markdown file the report is appended to",
                            flag_values=FLAGS)
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "experiments/configs/cifar_bn_fast.py"
+TEMPORARY = "cnnjax-job-"  # the prefix of the workdirs and caches (all removed)
 PHASES = {"ready": re.compile(r"^Ready to train"), "trained": re.compile(r"^Epoch \d+/\d+ \|"),
           "tested": re.compile(r"^Test \|")}
 
@@ -81,12 +82,14 @@ def cnnjax_run(data: str, epochs: int, precision: str, seed: int, cache: str | N
                ) -> dict:
   """One timed run; ``cache``: the JAX compilation cache's directory (None: a new, empty
   one)."""
-  with tempfile.TemporaryDirectory() as workdir, tempfile.TemporaryDirectory() as empty:
+  with (tempfile.TemporaryDirectory(prefix=TEMPORARY) as workdir,
+        contextlib.nullcontext(cache) if cache else tempfile.TemporaryDirectory(
+            prefix=TEMPORARY) as cache):
     wall, marks, _, others = _timed(
         [sys.executable, "-m", "experiments.train", "--config", str(CONFIG), "--workdir", workdir,
          f"--config.data.source={data}", f"--config.num_epochs={epochs}",
          f"--config.precision={precision}", f"--config.seed={seed}", "--config.init=torch"],
-        {"JAX_COMPILATION_CACHE_DIR": cache or empty})
+        {"JAX_COMPILATION_CACHE_DIR": cache})
     metrics = json.loads(open(os.path.join(workdir, "test_metrics.json")).read())
   phases = {"start-up": marks["ready"], "training": marks["trained"] - marks["ready"],
             "evaluation": marks["tested"] - marks["trained"], "writing": wall - marks["tested"]}
@@ -146,11 +149,11 @@ def measure(data: str, precisions: list[str], with_torch: bool, cache: str | Non
                                                     cache=cache)
     if cache:
       harness.progress(f"filling the compilation cache: cnnjax {short}, untimed")
+      before = set(os.listdir(cache))
       cnnjax_run(data, _EPOCHS.value, precision, 0, cache)
-      with os.scandir(cache) as entries:
-        if not any(entries):
-          sys.exit(f"error: the untimed cnnjax {short} run left its compilation cache {cache} "
-                   "empty: JAX did not write it (cache options in cnnjax.runtime.configure)")
+      if set(os.listdir(cache)) <= before:
+        sys.exit(f"error: the untimed cnnjax {short} run added nothing to its compilation cache "
+                 f"{cache}: JAX did not write it (cache options in cnnjax.runtime.configure)")
     if with_torch:
       variants[f"torch {short}"] = functools.partial(torch_run, data, _EPOCHS.value,
                                                      precision == "bfloat16")
@@ -171,7 +174,7 @@ def main() -> None:
   with_torch = importlib.util.find_spec("torch") is not None
   precisions = ["float32"] + ["bfloat16"] * (runtime.compute_dtype("bfloat16")[0] == "bfloat16")
   warm = _CACHE.value == "warm"
-  with (tempfile.TemporaryDirectory(prefix="cnnjax-job-cache-") if warm
+  with (tempfile.TemporaryDirectory(prefix=TEMPORARY) if warm
         else contextlib.nullcontext()) as cache:  # removed on any exit
     runs = measure(data, precisions, with_torch, cache)
   info, m = logs.run_info(), harness.machine(with_torch)

@@ -225,6 +225,7 @@ def test_the_job_benchmark_times_whole_runs_and_writes_nothing(npz_path, tmp_pat
   import os
   import subprocess
   import sys
+  from benchmarks import job
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   temporary = tmp_path / "tmp"
   temporary.mkdir()
@@ -237,7 +238,7 @@ def test_the_job_benchmark_times_whole_runs_and_writes_nothing(npz_path, tmp_pat
   text = done.stdout
   assert text.startswith("## The whole job, cifar_bn_fast: ")
   assert ("filled by an untimed run" in text) == (cache == "warm")
-  assert not list(temporary.glob("cnnjax*"))  # (torch keeps its own caches there)
+  assert not list(temporary.glob(f"{job.TEMPORARY}*"))  # (torch keeps its own caches there)
   rows = {row.split(" | ")[0][2:]: row for row in _table_rows(text)}
   expected = {"cnnjax f32"} | ({"cnnjax bf16"} if runtime.compute_dtype("bfloat16")[0] == "bfloat16"
                                else set())

@@ -14,7 +14,7 @@ Result (2-core AMD EPYC, 2026-12-04, seed 0, the full `experiments.course` run):
 (0.29x) on that day's VM, slower than 2026-12-01's; bf16 (--config.precision=bfloat16),
 seeds 0/1/2: 83.3/83.9/83.3% and 80.9/80.4/79.9% in 3.6-3.8 min; 2026-12-05 (`python -m
 benchmarks.job --epochs 3`, seed 0, with a max-pooling gradient since reverted): 84.1% /
-80.3% in 4.5 min float32, 83.7% / 80.3% in 3.0 min bf16; 2026-12-05 11:40, bf16, seeds
+80.3% in 4.5 min float32, 83.7% / 80.3% in 3.0 min bf16; 2026-12-05 11:40 (Intel Xeon), bf16, seeds
 0/1/2: 84.0/83.5/84.0% lossless and 80.8/80.0/80.2% on 10k (means 83.8% / 80.3%), with
 PyTorch's initialisation (--config.init=torch) 84.0/83.5/84.7% and 80.6/80.6/80.7% (84.1% /
 80.6%): equal within the seeds' spread, so the default stays flax's. Earlier, 2026-12-01 with
