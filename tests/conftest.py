@@ -68,6 +68,17 @@ def tiny_config(npz_path, **kw):
   return c
 
 
+@pytest.fixture
+def compiles(monkeypatch) -> list:
+  """One entry per XLA compile (``jax.stages.Lowered.compile``) from here on."""
+  import jax
+  seen = []
+  real = jax.stages.Lowered.compile
+  monkeypatch.setattr(jax.stages.Lowered, "compile",
+                      lambda self, *a, **k: seen.append(1) or real(self, *a, **k))
+  return seen
+
+
 def stop_at_step(monkeypatch, n: int) -> None:
   """Runs built after this send themselves SIGTERM (as a preemption would) in their ``n``-th
   training step, so ``train_and_evaluate`` saves a checkpoint there and stops."""
