@@ -5,8 +5,8 @@ XLA:CPU's convolution kernels (Eigen) run up to 3.9x slower than oneDNN's, the l
 PyTorch uses on CPU (``python -m benchmarks --mode=convs``), and its reductions over
 ``[B, H, W]`` per channel (batch-norm statistics and their gradients) take 3x an elementwise
 pass over the same tensor (BENCHMARKS.md notes). ``conv(x, kernel, strides, padding)`` runs
-a float32 or bfloat16 NHWC/HWIO 2-D convolution, its input gradient and its kernel gradient as oneDNN
-primitives; ``batch_norm(x, scale, shift, epsilon)`` the training-mode batch normalisation
+a float32 or bfloat16 NHWC/HWIO 2-D convolution (grouped too: depthwise), its input gradient and its
+kernel gradient as oneDNN primitives; ``batch_norm(x, scale, shift, epsilon)`` the training-mode batch normalisation
 and its gradient, ``batch_norm_inference(x, mean, var, scale, shift, epsilon)`` the
 inference-mode one (``cnnjax/csrc/onednn.cc``). Where AMX runs bfloat16, a kernel gradient
 on an output map of at most 4x4 is one matrix product of the input's patches and ``dy``
@@ -143,9 +143,10 @@ def _conv_call(name, out_shape, a, b, strides, padding) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
          padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-  """``[B, H, W, Cin]`` conv ``[kh, kw, Cin, Cout]`` -> ``[B, Ho, Wo, Cout]`` (all float32 or
-  all bfloat16), ``lax.conv_general_dilated``'s NHWC/HWIO result with explicit ``padding``
-  pairs."""
+  """``[B, H, W, Cin]`` conv ``[kh, kw, Cin / G, Cout]`` -> ``[B, Ho, Wo, Cout]`` (all float32
+  or all bfloat16), ``lax.conv_general_dilated``'s NHWC/HWIO result with explicit ``padding``
+  pairs and ``feature_group_count=G`` (``G = Cin // kernel.shape[2]``; depthwise: ``[kh, kw,
+  1, Cin]``)."""
   kh, kw, _, cout = kernel.shape
   ho = conv_math.conv_output_size(x.shape[1] + sum(padding[0]), kh, strides[0])
   wo = conv_math.conv_output_size(x.shape[2] + sum(padding[1]), kw, strides[1])

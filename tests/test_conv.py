@@ -77,17 +77,33 @@ def test_im2col_computes_the_xla_cases_too():
         rtol=1e-5, atol=1e-4, err_msg=name)
 
 
-def test_grouped_dilated_nchw_and_float16_convolutions_go_to_lax(monkeypatch):
+def test_dilated_nchw_and_float16_convolutions_go_to_lax(monkeypatch):
   monkeypatch.setattr(conv, "im2col_conv", lambda *a: pytest.fail("im2col used"))
   monkeypatch.setattr(onednn, "conv", lambda *a: pytest.fail("oneDNN used"))
   x = jnp.ones((1, 6, 6, 4))
-  conv.conv_general_dilated(x, jnp.ones((3, 3, 1, 4)), (1, 1), "SAME",
-                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
   conv.conv_general_dilated(x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", rhs_dilation=(2, 2),
                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
   conv.conv_general_dilated(jnp.ones((1, 4, 6, 6)), jnp.ones((4, 4, 3, 3)), (1, 1), "SAME")
   conv.conv_general_dilated(x.astype(jnp.float16), jnp.ones((1, 1, 4, 4), jnp.float16),
                             (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("feature_groups", [4, 2])
+def test_grouped_convolutions_run_on_onednn_where_it_runs_else_on_lax(feature_groups, lowerings,
+                                                                     monkeypatch):
+  """Never im2col (it has no groups); lax's result either way."""
+  monkeypatch.setattr(conv, "im2col_conv", lambda *a: pytest.fail("im2col used"))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+  kernel = jax.random.normal(jax.random.key(1), (1, 1, 4 // feature_groups, 8))  # 1x1/2: im2col's
+  args = (x, kernel, (2, 2), "SAME")
+  kwargs = {"dimension_numbers": ("NHWC", "HWIO", "NHWC"), "feature_group_count": feature_groups}
+  jaxpr = str(jax.make_jaxpr(lambda: conv.conv_general_dilated(*args, **kwargs))())
+  assert ("cnnjax_onednn_conv" in jaxpr) == (lowerings == "onednn")
+  np.testing.assert_allclose(jax.jit(lambda: conv.conv_general_dilated(*args, **kwargs))(),
+                             lax.conv_general_dilated(*args, **kwargs), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError):  # lax's own check of the groups
+    conv.conv_general_dilated(x, kernel, (2, 2), "SAME", dimension_numbers=kwargs["dimension_numbers"],
+                              feature_group_count=3)
 
 
 def test_bfloat16_convolutions_run_on_onednn_only_where_the_cpu_has_bf16(monkeypatch):

@@ -70,7 +70,17 @@ CONV_CASES = {
     "3x3/2 on odd size": ((2, 7, 7, 5), (3, 3, 5, 7), (2, 2), ((1, 1), (1, 1))),
     "1x1/2": ((2, 9, 9, 16), (1, 1, 16, 8), (2, 2), ((0, 0), (0, 0))),
     "1x1 map": ((4, 1, 1, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1))),
+    "depthwise 3x3/2, pads (0, 1)": ((2, 9, 9, 8), (3, 3, 1, 8), (2, 2), ((0, 1), (0, 1))),
+    "depthwise 5x5 same": ((2, 8, 8, 6), (5, 5, 1, 6), (1, 1), ((2, 2), (2, 2))),
+    "2 groups 3x3": ((2, 6, 6, 8), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1))),
 }
+
+
+def _lax_conv(x, kernel, strides, padding):
+  """lax's NHWC/HWIO convolution, grouped as the shapes say (the reference)."""
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=x.shape[-1] // kernel.shape[2])
 
 
 @pytest.mark.slow
@@ -86,8 +96,7 @@ def test_conv_values_and_gradients_equal_lax(name):
     return jnp.sum(y * jax.random.normal(kr, y.shape)), y
 
   def reference(x, kernel):
-    return lax.conv_general_dilated(x, kernel, strides, padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _lax_conv(x, kernel, strides, padding)
 
   def ours(x, kernel):
     return onednn.conv(x, kernel, strides, padding)
@@ -106,15 +115,15 @@ def test_conv_values_and_gradients_equal_lax(name):
 def test_the_weight_gradient_as_one_matrix_product_equals_the_convolution_s(dtype, monkeypatch):
   """CNNJAX_ONEDNN_WEIGHTS_MATMUL=1 forces the patches^T dy product that AMX machines use on
   small maps; =0 oneDNN's backward-weights convolution. Both against lax, with and without
-  the bias gradient, on every case (strided, unequally padded, 1x1 map)."""
+  the bias gradient, on every case (strided, unequally padded, 1x1 map; grouped ones always
+  take the convolution)."""
   for name, (x_shape, k_shape, strides, padding) in CONV_CASES.items():
     kx, kk, kd = jax.random.split(jax.random.key(2), 3)
     x = jax.random.normal(kx, x_shape).astype(dtype)
     kernel = jax.random.normal(kk, k_shape).astype(dtype)
     dy = jax.random.normal(kd, onednn.conv(x, kernel, strides, padding).shape).astype(dtype)
-    _, vjp = jax.vjp(lambda k: lax.conv_general_dilated(
-        x.astype(jnp.float32), k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")),
-        kernel.astype(jnp.float32))
+    _, vjp = jax.vjp(lambda k: _lax_conv(x.astype(jnp.float32), k, strides, padding),
+                     kernel.astype(jnp.float32))
     want, want_bias = vjp(dy.astype(jnp.float32))[0], dy.astype(jnp.float32).sum((0, 1, 2))
     results = {}
     for mode in ("1", "0"):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnnjax import runtime
 from cnnjax.errors import UserError
 from cnnjax.models.efficientnet import DepthwiseConv, EfficientNetLite, MBConv, round_filters
 from cnnjax.models.resnet import (BasicBlock, ResNet, ResNet18, ResNet34, ResNet50,
@@ -137,22 +138,36 @@ def test_resnet_batchnorm_momentum_is_torch_0_1_and_eval_uses_running_stats():
   assert not np.allclose(logits_before, logits_after)  # eval reads the running stats
 
 
+@pytest.mark.parametrize("kernels", ["onednn", "taps"])
 @pytest.mark.parametrize("height, width, kernel, strides", [
     (16, 16, 3, 2), (15, 17, 5, 2), (7, 7, 5, 1)])
-def test_depthwise_conv_equals_flax_grouped_conv(height, width, kernel, strides):
+def test_depthwise_conv_equals_flax_grouped_conv(height, width, kernel, strides, kernels,
+                                                 monkeypatch):
+  """Values and gradients, on oneDNN's grouped convolution and as the sum of taps."""
+  if kernels == "taps":
+    monkeypatch.setattr(runtime, "_onednn", False)
+  elif not runtime.onednn_in_use():
+    pytest.skip("oneDNN's kernels are not in use here")
   x = jax.random.normal(KEY, (2, height, width, 6))
   grouped = nn.Conv(6, (kernel, kernel), strides=(strides, strides), feature_group_count=6,
-                    padding="SAME", use_bias=False, kernel_init=conv_kernel_init)
+                    padding="SAME", use_bias=False, kernel_init=conv_kernel_init,
+                    conv_general_dilated=jax.lax.conv_general_dilated)
   ours = DepthwiseConv(kernel, strides)
+  variables = jax.jit(grouped.init)(KEY, x)
+  np.testing.assert_array_equal(jax.jit(ours.init)(KEY, x)["params"]["kernel"],
+                                variables["params"]["kernel"])
+  cotangent = jax.random.normal(jax.random.key(1), grouped.apply(variables, x).shape)
 
-  @jax.jit
-  def run(x):
-    variables = grouped.init(KEY, x)
-    return variables, ours.init(KEY, x), grouped.apply(variables, x), ours.apply(variables, x)
+  def value_and_grads(module):
+    loss = lambda v, x: jnp.sum(module.apply(v, x) * cotangent)
+    return jax.jit(jax.value_and_grad(loss, (0, 1)))(variables, x)
 
-  ref_vars, our_vars, expected, got = run(x)
-  np.testing.assert_array_equal(our_vars["params"]["kernel"], ref_vars["params"]["kernel"])
-  np.testing.assert_allclose(got, expected, atol=1e-5)
+  (want, want_grads), (got, got_grads) = value_and_grads(grouped), value_and_grads(ours)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+  on_onednn = "cnnjax_onednn_conv" in str(jax.make_jaxpr(ours.apply)(variables, x))
+  assert on_onednn == (kernels == "onednn")
 
 
 @pytest.mark.slow

@@ -1,14 +1,15 @@
 // oneDNN convolutions and batch normalisation as XLA FFI handlers (CPU, float32 or bfloat16,
 // NHWC activations, HWIO kernels), one handler per pass so that JAX wraps each op in a custom VJP
 // (cnnjax/onednn.py):
-//   cnnjax_onednn_conv_fwd          x [N, H, W, Ci], w [KH, KW, Ci, Co] -> y [N, Ho, Wo, Co]
+//   cnnjax_onednn_conv_fwd          x [N, H, W, Ci], w [KH, KW, Ci / G, Co] -> y [N, Ho, Wo, Co]
 //   cnnjax_onednn_conv_bwd_data     dy [N, Ho, Wo, Co], w [KH, KW, Ci, Co] -> dx [N, H, W, Ci]
 //   cnnjax_onednn_conv_bwd_weights  x [N, H, W, Ci], dy [N, Ho, Wo, Co] -> dw [KH, KW, Ci, Co]
 //   cnnjax_onednn_conv_fwd_bias          x, w, bias [Co] (float32) -> y = conv(x, w) + bias
 //   cnnjax_onednn_conv_fwd_bias_relu     x, w, bias -> y = max(conv(x, w) + bias, 0) (a post-op)
 //   cnnjax_onednn_conv_bwd_weights_bias  x, dy -> dw, dbias [Co] (float32): the bias gradient
 //                                        (dy summed over N, Ho, Wo) in the same pass
-//   (attributes: strides [2] and padding [4] = (top, bottom, left, right))
+//   (attributes: strides [2] and padding [4] = (top, bottom, left, right); G groups, as lax's
+//   feature_group_count, from the shapes: G = Ci / w's third dimension, depthwise G = Ci)
 //   cnnjax_onednn_norm_fwd  x [..., C], scale [C], shift [C] -> y [..., C], mean [C], var [C]
 //   cnnjax_onednn_norm_bwd  x, dy [..., C], scale, mean, var [C] -> dx, dscale, dshift
 //   cnnjax_onednn_norm_infer  x [..., C], mean, var, scale, shift [C] -> y [..., C] (the given
@@ -53,8 +54,8 @@ namespace {
 enum class Pass { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
 // N, H, W, Ci, KH, KW, Co, stride h, stride w, pad top, bottom, left, right, pass, dtype,
-// epilogue (0: none, 1: bias, 2: bias and ReLU, the forward pass's post-op).
-using Key = std::array<int64_t, 16>;
+// epilogue (0: none, 1: bias, 2: bias and ReLU, the forward pass's post-op), groups.
+using Key = std::array<int64_t, 17>;
 
 using dt = dnnl::memory::data_type;
 
@@ -74,7 +75,11 @@ Shapes ShapesOf(const Key& k) {
   const int64_t n = k[0], h = k[1], w = k[2], ci = k[3], kh = k[4], kw = k[5], co = k[6];
   const int64_t ho = (h + k[9] + k[10] - kh) / k[7] + 1;
   const int64_t wo = (w + k[11] + k[12] - kw) / k[8] + 1;
-  return {{n, ci, h, w}, {co, ci, kh, kw}, {n, co, ho, wo},
+  const int64_t g = k[16];
+  return {{n, ci, h, w},
+          g == 1 ? dnnl::memory::dims{co, ci, kh, kw}
+                 : dnnl::memory::dims{g, co / g, ci / g, kh, kw},
+          {n, co, ho, wo},
           {k[7], k[8]}, {k[9], k[11]}, {k[10], k[12]}};
 }
 
@@ -119,7 +124,9 @@ std::unique_ptr<Plan> MakePlan(const Key& key) {
   const auto src = plan->src_md = Desc(s.src, tag::nhwc, type);
   const auto dst = plan->dst_md = Desc(s.dst, tag::nhwc, type);
   const auto any_weights = Desc(s.weights, tag::any, type);
-  plan->hwio_md = Desc(s.weights, tag::hwio, type);
+  // A grouped kernel [KH, KW, Ci / G, Co] (lax's layout, output channels group-major) is
+  // oneDNN's [G, Co / G, Ci / G, KH, KW] in the order h, w, i, g, o.
+  plan->hwio_md = Desc(s.weights, key[16] == 1 ? tag::hwio : tag::hwigo, type);
   const bool with_bias = key[15] != 0;
   const auto bias = plan->bias_md;
   if (key[15] == 2) {
@@ -306,16 +313,23 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
   auto w_dims = pass == Pass::kBackwardWeights ? out->dimensions() : b.dimensions();
   if (x_dims.size() != 4 || w_dims.size() != 4) {
     return ffi::Error::InvalidArgument(
-        "activations must be [N, H, W, C] and kernels [KH, KW, Ci, Co]");
+        "activations must be [N, H, W, C] and kernels [KH, KW, Ci / groups, Co]");
+  }
+  // Groups: the input's channels over the kernel's input channels (lax's feature_group_count).
+  const int64_t groups = w_dims[2] > 0 ? x_dims[3] / w_dims[2] : 0;
+  if (groups < 1 || x_dims[3] != groups * w_dims[2] || w_dims[3] % groups != 0) {
+    return ffi::Error::InvalidArgument(
+        "the input's channels must be the kernel's input channels times a number of groups "
+        "that divides the kernel's output channels");
   }
   const Key key = {x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1],
                    w_dims[3], strides[0], strides[1], padding[0], padding[1], padding[2],
                    padding[3], static_cast<int64_t>(pass), static_cast<int64_t>(type),
-                   bias == nullptr ? 0 : relu ? 2 : 1};
+                   bias == nullptr ? 0 : relu ? 2 : 1, groups};
   std::lock_guard<std::mutex> guard(Lock());
   if (pass == Pass::kBackwardWeights) {
     const Shapes s = ShapesOf(key);
-    if (UseWeightsMatmul(type, s.dst[2] * s.dst[3])) {
+    if (groups == 1 && UseWeightsMatmul(type, s.dst[2] * s.dst[3])) {
       return WeightsByMatmul(key, static_cast<const char*>(a.untyped_data()), b.untyped_data(),
                              out->untyped_data(), bias);
     }

@@ -22,8 +22,11 @@ BENCHMARKS.md "Convolution lowering"). So ``lowering`` picks, for a float32 (or 
   gradients are products too (plus slice/pad adds). im2col also wins on narrow contractions
   (``kh * kw * Cin <= 150``) in isolation, but not in whole train steps (first layers need no
   input gradient; SeedCNN's step ran 1.8x slower), so those stay with XLA.
-- ``"xla"``: every other convolution, and any grouped, dilated, mixed-dtype or non-NHWC one:
+- ``"xla"``: every other convolution, and any dilated, mixed-dtype or non-NHWC one:
   ``lax.conv_general_dilated``.
+
+Grouped convolutions (``feature_group_count``; depthwise) run on oneDNN where ``"onednn"``
+applies, else on lax's.
 
 ``tests/test_conv.py`` checks values and gradients of each lowering against lax's.
 """
@@ -71,14 +74,16 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-  """``lax.conv_general_dilated``'s signature; NHWC/HWIO 2-D convolutions without groups or
-  dilation, both operands float32 or both bfloat16, run as ``lowering`` picks, all others as
-  lax's."""
+  """``lax.conv_general_dilated``'s signature; NHWC/HWIO 2-D convolutions without dilation,
+  both operands float32 or both bfloat16, run as ``lowering`` picks (grouped ones on oneDNN
+  only), all others as lax's."""
   plain = functools.partial(
       lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, precision=precision, **kwargs)
-  if (lhs.ndim != 4 or feature_group_count != 1 or kwargs or precision is not None
+  if (lhs.ndim != 4 or kwargs or precision is not None
+      or lhs.shape[-1] != feature_group_count * rhs.shape[-2]  # lax says what is wrong
+      or rhs.shape[-1] % feature_group_count
       or lhs.dtype not in (jnp.float32, jnp.bfloat16) or rhs.dtype != lhs.dtype
       or any(d != 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -90,6 +95,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   how = lowering(lhs.shape, rhs.shape, strides, padding, lhs.dtype.name)
   if how == "onednn":
     return onednn.conv(lhs, rhs, strides, padding)
+  if feature_group_count != 1:
+    return plain()
   if how == "im2col":
     return im2col_conv(lhs, rhs, strides, padding)
   return plain()
