@@ -15,7 +15,9 @@ instead (oneDNN's backward-weights convolution is slow there;
 the extension's own OpenMP loop, not oneDNN's (whose gradient goes to one maximum of a tie):
 ``cnnjax.models.blocks.max_pool``'s values and gradient in one pass each way, where XLA
 materialises the window's views in the forward pass and runs bfloat16 at half the speed of
-float32 in the backward pass. All are called from jitted
+float32 in the backward pass; ``window_max_pool(x, window, stride, padding)`` the same loop
+for overlapping padded windows with ``flax.linen.max_pool``'s values and gradient (XLA:CPU's
+bfloat16 ``reduce_window`` is several times slower than its float32 one). All are called from jitted
 code like any other op; oneDNN's errors (a shape it has no kernel for) are raised as JAX
 runtime errors.
 
@@ -57,7 +59,8 @@ _TARGETS = {"conv_fwd": "CnnjaxOnednnConvFwd", "conv_bwd_data": "CnnjaxOnednnCon
             "conv_bwd_weights_bias": "CnnjaxOnednnConvBwdWeightsBias",
             "norm_fwd": "CnnjaxOnednnNormFwd", "norm_bwd": "CnnjaxOnednnNormBwd",
             "norm_infer": "CnnjaxOnednnNormInfer",
-            "max_pool_fwd": "CnnjaxOnednnMaxPoolFwd", "max_pool_bwd": "CnnjaxOnednnMaxPoolBwd"}
+            "max_pool_fwd": "CnnjaxOnednnMaxPoolFwd", "max_pool_bwd": "CnnjaxOnednnMaxPoolBwd",
+            "max_pool_bwd_first": "CnnjaxOnednnMaxPoolBwdFirst"}
 
 
 def _installed_file(distribution: str, name: str) -> pathlib.Path:
@@ -275,14 +278,26 @@ def _norm_infer_bwd(epsilon, residuals, dy):
 batch_norm_inference.defvjp(_norm_infer_fwd, _norm_infer_bwd)
 
 
+def _pool_attributes(window, stride, padding) -> dict[str, np.ndarray]:
+  return {"window": np.int64(window), "stride": np.int64(stride),
+          "padding": np.asarray([p for pair in padding for p in pair], np.int64)}
+
+
+def _pooled(x, window, stride, padding) -> jax.Array:
+  """``x [B, H, W, C]``'s maxima over ``window x window`` windows, ``[B, Ho, Wo, C]``."""
+  b, h, w, c = x.shape
+  ho, wo = (max((n + sum(pads) - window) // stride + 1, 0)
+            for n, pads in ((h, padding[0]), (w, padding[1])))
+  return _call("max_pool_fwd", [((b, ho, wo, c), x.dtype)], x,
+               **_pool_attributes(window, stride, padding))[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def max_pool(x: jax.Array, window: int) -> jax.Array:
   """``[B, H, W, C]`` -> ``[B, H // window, W // window, C]`` (float32 or bfloat16): the
   maximum of each non-overlapping window, with ``cnnjax.models.blocks.max_pool``'s values and
   gradient (shared among ties), in one OpenMP pass each way."""
-  b, h, w, c = x.shape
-  return _call("max_pool_fwd", [((b, h // window, w // window, c), x.dtype)], x,
-               window=np.int64(window))[0]
+  return _pooled(x, window, window, ((0, 0), (0, 0)))
 
 
 def _max_pool_fwd(x, window):
@@ -293,7 +308,31 @@ def _max_pool_fwd(x, window):
 def _max_pool_bwd(window, residuals, dy):
   x, y = residuals
   return (_call("max_pool_bwd", [(x.shape, x.dtype)], x, y, dy.astype(x.dtype),
-                window=np.int64(window))[0],)
+                **_pool_attributes(window, window, ((0, 0), (0, 0))))[0],)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def window_max_pool(x: jax.Array, window: int, stride: int,
+                    padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """``[B, H, W, C]`` -> ``[B, Ho, Wo, C]`` (float32 or bfloat16): ``flax.linen.max_pool(x,
+  (window, window), (stride, stride), padding)``'s values (padded with -inf) and gradient
+  (``lax.reduce_window``'s: all of a window's to its first maximum, summed where windows
+  overlap), in one OpenMP pass each way."""
+  return _pooled(x, window, stride, padding)
+
+
+def _window_max_pool_fwd(x, window, stride, padding):
+  y = window_max_pool(x, window, stride, padding)
+  return y, (x, y)
+
+
+def _window_max_pool_bwd(window, stride, padding, residuals, dy):
+  x, y = residuals
+  return (_call("max_pool_bwd_first", [(x.shape, x.dtype)], x, y, dy.astype(x.dtype),
+                **_pool_attributes(window, stride, padding))[0],)
+
+
+window_max_pool.defvjp(_window_max_pool_fwd, _window_max_pool_bwd)

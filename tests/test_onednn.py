@@ -421,3 +421,55 @@ def test_pool_runs_max_pooling_on_the_extension_for_float32_and_bfloat16_only(mo
   for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
     blocks.pool(jnp.ones((1, 4, 4, 2), dtype), "max", 2)
   assert calls == [jnp.float32, jnp.bfloat16]
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape, window, stride, padding", [
+    ((2, 9, 9, 5), 3, 2, ((1, 1), (1, 1))),  # ResNet's stem
+    ((2, 8, 7, 3), 3, 2, ((0, 1), (1, 0))),  # unequal padding
+    ((2, 7, 7, 3), 3, 1, ((1, 1), (1, 1))),  # every pixel in nine windows
+    ((1, 6, 5, 4), 2, 2, ((0, 0), (0, 0))),  # non-overlapping, a remainder column
+    ((1, 2, 2, 3), 3, 2, ((2, 2), (2, 2)))])  # windows wholly in the padding: -inf
+def test_window_max_pool_values_and_gradients_equal_flax_s(shape, window, stride, padding,
+                                                           dtype):
+  """``nn.max_pool``'s values, and its gradient (all to a window's first maximum) on ties:
+  bit for bit in float32; in bfloat16 overlapping windows' shares are summed in float32 and
+  rounded once, where XLA rounds each addition."""
+  rng = np.random.default_rng(0)
+  x = np.maximum(np.round(rng.normal(size=shape) * 1.5), 0).astype(np.float32)  # many ties
+  x.flat[rng.choice(x.size, 3, replace=False)] = [np.inf, -np.inf, -0.0]
+  x = jnp.asarray(x, dtype)
+
+  def flax_pool(v):
+    return nn.max_pool(v, (window, window), (stride, stride), padding)
+
+  y = flax_pool(x)
+  r = jnp.asarray(rng.normal(size=y.shape), dtype)
+
+  def value_and_grad(pool):
+    return jax.jit(jax.value_and_grad(lambda v: (pool(v) * r).astype(jnp.float32).sum()))(x)
+
+  np.testing.assert_array_equal(onednn.window_max_pool(x, window, stride, padding), y)
+  (_, grad), (_, expected) = (
+      value_and_grad(lambda v: onednn.window_max_pool(v, window, stride, padding)),
+      value_and_grad(flax_pool))
+  assert grad.dtype == dtype
+  if dtype == "float32" or stride == window:
+    np.testing.assert_array_equal(grad, expected)
+  else:
+    np.testing.assert_allclose(grad.astype(jnp.float32), expected.astype(jnp.float32),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_window_max_pool_runs_on_the_extension_where_it_runs(monkeypatch):
+  monkeypatch.setattr(runtime, "_onednn_bf16", False)  # as on a CPU without bf16
+  calls = []
+  monkeypatch.setattr(onednn, "window_max_pool",
+                      lambda x, *a: calls.append(x.dtype) or jnp.zeros((1, 3, 3, 2), x.dtype))
+  for on in (True, False):
+    monkeypatch.setattr(runtime, "_onednn", on)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+      y = blocks.window_max_pool(jnp.ones((1, 6, 6, 2), dtype), 3, 2, ((1, 1), (1, 1)))
+      assert y.shape == (1, 3, 3, 2)
+  assert calls == [jnp.float32]

@@ -15,11 +15,14 @@
 //   cnnjax_onednn_norm_infer  x [..., C], mean, var, scale, shift [C] -> y [..., C] (the given
 //                             statistics: inference mode)
 //   (attribute: epsilon)
-//   cnnjax_onednn_max_pool_fwd  x [N, H, W, C] -> y [N, H / k, W / k, C]
-//   cnnjax_onednn_max_pool_bwd  x, y, dy -> dx [N, H, W, C]
-//   (attribute: window k; non-overlapping k x k windows, the remainder rows and columns
-//   dropped; not oneDNN's pooling: its gradient goes to one maximum, this one is shared among
-//   ties as jax's reduce_max's is)
+//   cnnjax_onednn_max_pool_fwd  x [N, H, W, C] -> y [N, Ho, Wo, C]
+//   cnnjax_onednn_max_pool_bwd  x, y, dy -> dx [N, H, W, C], shared among a window's ties
+//   cnnjax_onednn_max_pool_bwd_first  x, y, dy -> dx, all to a window's first maximum
+//   (attributes: window k, stride s and padding [4] = (top, bottom, left, right) of k x k
+//   windows, Ho = (H + top + bottom - k) / s + 1; max_pool_bwd only for non-overlapping
+//   unpadded windows, s = k (the remainder rows and columns dropped), the gradient of jax's
+//   reduce_max; max_pool_bwd_first that of lax.reduce_window (flax's nn.max_pool, padded with
+//   -inf). Not oneDNN's pooling, whose gradient goes to one maximum in its own order.)
 // A convolution's operands and result share one dtype (float32 or bfloat16); batch norm's x, y,
 // dy and dx are float32 or bfloat16, its per-channel scale, shift, mean, var and their
 // gradients always float32 (mixed precision keeps statistics in float32).
@@ -30,7 +33,9 @@
 // cached; executions are serialised by one lock, because every primitive already runs on all
 // of oneDNN's OpenMP threads and XLA may call two of them at once (a convolution's two
 // gradients).
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -498,32 +503,95 @@ ffi::Error NormInference(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
               x, *y);
 }
 
-// Max pooling over non-overlapping k x k windows, NHWC, float32 or bfloat16, as
-// cnnjax.models.blocks.max_pool computes it with XLA (the same values, the gradient bit for bit):
-// the maximum of the window's k*k strided views in row-major order (a NaN wins; of -0 and +0
-// the first, where XLA's maximum gives +0: equal values, and the same gradient), and the
-// gradient dy / (number of window elements equal to y) to each of them. XLA runs the
-// bfloat16 passes through float32 conversions at a fraction of memory speed (BENCHMARKS.md).
+// Max pooling, NHWC, float32 or bfloat16, over k x k windows with stride s and padding (as
+// lax.reduce_window pads with -inf: padded positions never win): the maximum of the window's
+// in-bounds views in row-major order (a NaN wins; of -0 and +0 the first, where XLA's maximum
+// gives +0: equal values, and the same gradient). Backward, either as
+// cnnjax.models.blocks.max_pool computes it with XLA for non-overlapping windows (the gradient
+// bit for bit): dy / (number of window elements equal to y) to each of them; or as
+// lax.reduce_window's (select_and_scatter_add with >=): all of dy to the window's first
+// element equal to y (the first NaN where y is NaN), summed where windows overlap. XLA runs
+// the bfloat16 passes through float32 conversions at a fraction of memory speed
+// (BENCHMARKS.md).
+struct PoolWindow {
+  int64_t k, s, top, left;  // size, stride, padding before the rows and before the columns
+};
+
 template <typename T>
 void MaxPoolForward(const typename T::Storage* x, typename T::Storage* y, int64_t n,
-                    int64_t h, int64_t w, int64_t c, int64_t k) {
-  const int64_t ho = h / k, wo = w / k;
+                    int64_t h, int64_t w, int64_t c, int64_t ho, int64_t wo, PoolWindow win) {
+  const int64_t k = win.k;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t i = 0; i < ho; ++i) {
       for (int64_t j = 0; j < wo; ++j) {
         typename T::Storage* out = y + ((b * ho + i) * wo + j) * c;
-        const typename T::Storage* corner = x + ((b * h + i * k) * w + j * k) * c;
-        std::memcpy(out, corner, c * sizeof *out);
-        for (int64_t v = 1; v < k * k; ++v) {
-          const typename T::Storage* view = corner + (v / k * w + v % k) * c;
+        const int64_t row = i * win.s - win.top, col = j * win.s - win.left;
+        bool first = true;
+        for (int64_t v = 0; v < k * k; ++v) {
+          const int64_t r = row + v / k, cl = col + v % k;
+          if (r < 0 || r >= h || cl < 0 || cl >= w) continue;
+          const typename T::Storage* view = x + ((b * h + r) * w + cl) * c;
+          if (first) {
+            std::memcpy(out, view, c * sizeof *out);
+            first = false;
+            continue;
+          }
 #pragma omp simd
           for (int64_t ch = 0; ch < c; ++ch) {
             const float m = T::Get(out[ch]), a = T::Get(view[ch]);
             out[ch] = (a > m || a != a) ? view[ch] : out[ch];
           }
         }
+        if (first) {  // a window wholly in the padding: -inf, as reduce_window's
+          for (int64_t ch = 0; ch < c; ++ch) out[ch] = T::Put(-INFINITY);
+        }
       }
+    }
+  }
+}
+
+template <typename T>
+void MaxPoolBackwardFirst(const typename T::Storage* x, const typename T::Storage* y,
+                          const typename T::Storage* dy, typename T::Storage* dx, int64_t n,
+                          int64_t h, int64_t w, int64_t c, int64_t ho, int64_t wo,
+                          PoolWindow win) {
+  const int64_t k = win.k;
+#pragma omp parallel
+  {
+    // One image's dx summed in float32 (windows overlap), and per output pixel which
+    // channels have found their maximum.
+    std::vector<float> sum(h * w * c), found(c), top(c), grad(c);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n; ++b) {
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t i = 0; i < ho; ++i) {
+        for (int64_t j = 0; j < wo; ++j) {
+          const int64_t out = ((b * ho + i) * wo + j) * c;
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) {
+            top[ch] = T::Get(y[out + ch]), grad[ch] = T::Get(dy[out + ch]), found[ch] = 0.0f;
+          }
+          const int64_t row = i * win.s - win.top, col = j * win.s - win.left;
+          for (int64_t v = 0; v < k * k; ++v) {
+            const int64_t r = row + v / k, cl = col + v % k;
+            if (r < 0 || r >= h || cl < 0 || cl >= w) continue;
+            const typename T::Storage* xp = x + ((b * h + r) * w + cl) * c;
+            float* sp = sum.data() + (r * w + cl) * c;
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) {
+              const float a = T::Get(xp[ch]);
+              const bool hit = found[ch] == 0.0f &&
+                               (a == top[ch] || (a != a && top[ch] != top[ch]));
+              sp[ch] += hit ? grad[ch] : 0.0f;
+              found[ch] += hit ? 1.0f : 0.0f;
+            }
+          }
+        }
+      }
+      typename T::Storage* dxp = dx + b * h * w * c;
+#pragma omp simd
+      for (int64_t e = 0; e < h * w * c; ++e) dxp[e] = T::Put(sum[e]);
     }
   }
 }
@@ -574,57 +642,96 @@ void MaxPoolBackward(const typename T::Storage* x, const typename T::Storage* y,
 }
 
 // Checks a pooling call's buffers: x (and dx, `full`) [N, H, W, C], y and dy (`pooled`)
-// [N, H / k, W / k, C], all float32 or all bfloat16 (`*type`).
+// [N, Ho, Wo, C] with Ho = (H + top + bottom - k) / s + 1 (0 where H + top + bottom < k; Wo
+// likewise), all float32 or all bfloat16 (`*type`); `*win` the windows.
 ffi::Error CheckPool(const ffi::AnyBuffer& x, std::initializer_list<const ffi::AnyBuffer*> full,
-                     std::initializer_list<const ffi::AnyBuffer*> pooled, int64_t k, dt* type) {
+                     std::initializer_list<const ffi::AnyBuffer*> pooled, int64_t k, int64_t s,
+                     ffi::Span<const int64_t> padding, dt* type, PoolWindow* win) {
   const auto d = x.dimensions();
-  if (!OnednnType(x.element_type(), type) || d.size() != 4 || k < 1) {
+  if (!OnednnType(x.element_type(), type) || d.size() != 4 || k < 1 || s < 1 ||
+      padding.size() != 4 || *std::min_element(padding.begin(), padding.end()) < 0) {
     return ffi::Error::InvalidArgument(
-        "max pooling takes float32 or bfloat16 [N, H, W, C] and a window >= 1");
+        "max pooling takes float32 or bfloat16 [N, H, W, C], a window and stride >= 1 and "
+        "4 paddings >= 0");
   }
-  auto agrees = [&](const ffi::AnyBuffer* p, int64_t by) {
+  *win = {k, s, padding[0], padding[2]};
+  auto outputs = [&](int64_t size) { return size >= k ? (size - k) / s + 1 : 0; };
+  const int64_t ho = outputs(d[1] + padding[0] + padding[1]);
+  const int64_t wo = outputs(d[2] + padding[2] + padding[3]);
+  auto agrees = [&](const ffi::AnyBuffer* p, int64_t rows, int64_t cols) {
     const auto pd = p->dimensions();
     return p->element_type() == x.element_type() && pd.size() == 4 && pd[0] == d[0] &&
-           pd[1] == d[1] / by && pd[2] == d[2] / by && pd[3] == d[3];
+           pd[1] == rows && pd[2] == cols && pd[3] == d[3];
   };
   bool same = true;
-  for (const ffi::AnyBuffer* p : full) same = same && agrees(p, 1);
-  for (const ffi::AnyBuffer* p : pooled) same = same && agrees(p, k);
+  for (const ffi::AnyBuffer* p : full) same = same && agrees(p, d[1], d[2]);
+  for (const ffi::AnyBuffer* p : pooled) same = same && agrees(p, ho, wo);
   if (!same) return ffi::Error::InvalidArgument("max pooling: shapes or dtypes disagree");
   return ffi::Error::Success();
 }
 
-ffi::Error PoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t k) {
+ffi::Error PoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t k, int64_t s,
+                       ffi::Span<const int64_t> padding) {
   const auto d = x.dimensions();
   dt type;
-  if (auto error = CheckPool(x, {}, {&*y}, k, &type); error.failure()) return error;
+  PoolWindow win;
+  if (auto error = CheckPool(x, {}, {&*y}, k, s, padding, &type, &win); error.failure()) {
+    return error;
+  }
+  const auto yd = y->dimensions();
   std::lock_guard<std::mutex> guard(Lock());  // one OpenMP team at a time, as for oneDNN's
   if (type == dt::f32) {
     MaxPoolForward<F32>(static_cast<const float*>(x.untyped_data()),
-                        static_cast<float*>(y->untyped_data()), d[0], d[1], d[2], d[3], k);
+                        static_cast<float*>(y->untyped_data()), d[0], d[1], d[2], d[3], yd[1],
+                        yd[2], win);
   } else {
     MaxPoolForward<BF16>(static_cast<const uint16_t*>(x.untyped_data()),
-                         static_cast<uint16_t*>(y->untyped_data()), d[0], d[1], d[2], d[3], k);
+                         static_cast<uint16_t*>(y->untyped_data()), d[0], d[1], d[2], d[3],
+                         yd[1], yd[2], win);
   }
   return ffi::Error::Success();
 }
 
+// Backward: `first` lax.reduce_window's gradient, else the ties' shared one (non-overlapping
+// unpadded windows only).
+template <bool first>
 ffi::Error PoolBackward(ffi::AnyBuffer x, ffi::AnyBuffer y, ffi::AnyBuffer dy,
-                        ffi::Result<ffi::AnyBuffer> dx, int64_t k) {
+                        ffi::Result<ffi::AnyBuffer> dx, int64_t k, int64_t s,
+                        ffi::Span<const int64_t> padding) {
   const auto d = x.dimensions();
   dt type;
-  if (auto error = CheckPool(x, {&*dx}, {&y, &dy}, k, &type); error.failure()) return error;
+  PoolWindow win;
+  if (auto error = CheckPool(x, {&*dx}, {&y, &dy}, k, s, padding, &type, &win);
+      error.failure()) {
+    return error;
+  }
+  if (!first && (s != k || std::any_of(padding.begin(), padding.end(),
+                                       [](int64_t p) { return p != 0; }))) {
+    return ffi::Error::InvalidArgument(
+        "max pooling's shared gradient takes non-overlapping unpadded windows");
+  }
+  const auto yd = y.dimensions();
   std::lock_guard<std::mutex> guard(Lock());
   if (type == dt::f32) {
-    MaxPoolBackward<F32>(static_cast<const float*>(x.untyped_data()),
-                         static_cast<const float*>(y.untyped_data()),
-                         static_cast<const float*>(dy.untyped_data()),
-                         dx->untyped_data(), d[0], d[1], d[2], d[3], k);
+    const auto* xp = static_cast<const float*>(x.untyped_data());
+    const auto* yp = static_cast<const float*>(y.untyped_data());
+    const auto* dyp = static_cast<const float*>(dy.untyped_data());
+    if (first) {
+      MaxPoolBackwardFirst<F32>(xp, yp, dyp, static_cast<float*>(dx->untyped_data()), d[0],
+                                d[1], d[2], d[3], yd[1], yd[2], win);
+    } else {
+      MaxPoolBackward<F32>(xp, yp, dyp, dx->untyped_data(), d[0], d[1], d[2], d[3], k);
+    }
   } else {
-    MaxPoolBackward<BF16>(static_cast<const uint16_t*>(x.untyped_data()),
-                          static_cast<const uint16_t*>(y.untyped_data()),
-                          static_cast<const uint16_t*>(dy.untyped_data()),
-                          dx->untyped_data(), d[0], d[1], d[2], d[3], k);
+    const auto* xp = static_cast<const uint16_t*>(x.untyped_data());
+    const auto* yp = static_cast<const uint16_t*>(y.untyped_data());
+    const auto* dyp = static_cast<const uint16_t*>(dy.untyped_data());
+    if (first) {
+      MaxPoolBackwardFirst<BF16>(xp, yp, dyp, static_cast<uint16_t*>(dx->untyped_data()),
+                                 d[0], d[1], d[2], d[3], yd[1], yd[2], win);
+    } else {
+      MaxPoolBackward<BF16>(xp, yp, dyp, dx->untyped_data(), d[0], d[1], d[2], d[3], k);
+    }
   }
   return ffi::Error::Success();
 }
@@ -722,11 +829,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolFwd, PoolForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("window"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolBwd, PoolBackward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("window"));
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));
+#define CNNJAX_POOL_BACKWARD_HANDLER(symbol, first)                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, PoolBackward<first>,              \
+                                ffi::Ffi::Bind()                          \
+                                    .Arg<ffi::AnyBuffer>()                \
+                                    .Arg<ffi::AnyBuffer>()                \
+                                    .Arg<ffi::AnyBuffer>()                \
+                                    .Ret<ffi::AnyBuffer>()                \
+                                    .Attr<int64_t>("window")              \
+                                    .Attr<int64_t>("stride")              \
+                                    .Attr<ffi::Span<const int64_t>>("padding"));
+CNNJAX_POOL_BACKWARD_HANDLER(CnnjaxOnednnMaxPoolBwd, false)
+CNNJAX_POOL_BACKWARD_HANDLER(CnnjaxOnednnMaxPoolBwdFirst, true)

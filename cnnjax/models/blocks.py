@@ -92,6 +92,17 @@ def pool(x: jax.Array, kind: Literal["max", "avg"], window: int) -> jax.Array:
   return x[:, :h * window, :w * window].reshape(b, h, window, w, window, c).mean(axis=(2, 4))
 
 
+def window_max_pool(x: jax.Array, window: int, stride: int,
+                    padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """``nn.max_pool(x, (window, window), (stride, stride), padding)`` (windows may overlap,
+  padding counts as -inf), ``[B, H, W, C]`` -> ``[B, Ho, Wo, C]``: the same values and
+  gradient computed by ``cnnjax.onednn.window_max_pool`` where ``runtime.onednn_in_use`` (XLA:CPU
+  runs it in bfloat16 several times slower than in float32; BENCHMARKS.md)."""
+  if x.dtype in (jnp.float32, jnp.bfloat16) and runtime.onednn_in_use(x.dtype.name):
+    return onednn.window_max_pool(x, window, stride, padding)
+  return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+
+
 class ConvBlock(nn.Module):
   """The seed course's block: conv k x k ('same') -> activation -> pooling rho x rho.
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from cnnjax.errors import UserError
 from cnnjax.models.batch_norm import BatchNorm
+from cnnjax.models.blocks import window_max_pool
 from cnnjax.models.conv import Conv
 
 ModuleDef = Any
@@ -141,7 +142,7 @@ class ResNet(nn.Module):
     else:
       x = conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
       x = nn.relu(norm(name="bn1")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD1)  # pads with -inf
+      x = window_max_pool(x, 3, 2, _PAD1)  # pads with -inf
     self.sow("intermediates", "stem", x)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
