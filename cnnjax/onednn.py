@@ -5,12 +5,13 @@ XLA:CPU's convolution kernels (Eigen) run up to 3.9x slower than oneDNN's, the l
 PyTorch uses on CPU (``python -m benchmarks --mode=convs``), and its reductions over
 ``[B, H, W]`` per channel (batch-norm statistics and their gradients) take 3x an elementwise
 pass over the same tensor (BENCHMARKS.md notes). ``conv(x, kernel, strides, padding)`` runs
-a float32 or bfloat16 NHWC/HWIO 2-D convolution (grouped too: depthwise), its input gradient and its
-kernel gradient as oneDNN primitives; ``batch_norm(x, scale, shift, epsilon)`` the training-mode batch normalisation
-and its gradient, ``batch_norm_inference(x, mean, var, scale, shift, epsilon)`` the
-inference-mode one (``cnnjax/csrc/onednn.cc``). Where AMX runs bfloat16, a kernel gradient
-on an output map of at most 4x4 is one matrix product of the input's patches and ``dy``
-instead (oneDNN's backward-weights convolution is slow there;
+a float32 or bfloat16 NHWC/HWIO 2-D convolution (grouped too: depthwise), its input gradient
+and its kernel gradient as oneDNN primitives; ``batch_norm(x, scale, shift, epsilon)`` the
+training-mode batch normalisation and its gradient (``cnnjax/csrc/onednn.cc``);
+``batch_norm_inference(x, mean, var, scale, shift, epsilon, activation)`` the inference-mode
+one and a ReLU after it, in one pass. Where AMX runs
+bfloat16, a kernel gradient on an output map of at most 4x4 is one matrix product of the
+input's patches and ``dy`` instead (oneDNN's backward-weights convolution is slow there;
 ``CNNJAX_ONEDNN_WEIGHTS_MATMUL=1`` or ``=0`` forces the choice). ``max_pool(x, window)`` is
 the extension's own OpenMP loop, not oneDNN's (whose gradient goes to one maximum of a tie):
 ``cnnjax.models.blocks.max_pool``'s values and gradient in one pass each way, where XLA
@@ -38,6 +39,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 from importlib import metadata
@@ -71,23 +73,42 @@ def _installed_file(distribution: str, name: str) -> pathlib.Path:
   raise RuntimeError(f"{distribution} has no file {name}; reinstall it")
 
 
+def _cpu() -> str:
+  """This CPU's instruction sets (``/proc/cpuinfo``'s flags on Linux): the extension is
+  compiled for them (``-march=native``, so that its own loops use AVX-512 where there is
+  any), and a cache directory shared by other kinds of CPU keeps one build per kind."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      return next((line for line in f if line.startswith("flags")), platform.processor())
+  except OSError:
+    return platform.processor()
+
+
+_FLAGS = ("-O2", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w")
+
+
+def _target(compiler: str, library: pathlib.Path) -> pathlib.Path:
+  """Where the build for this source, compiler, flags, CPU, jax and oneDNN goes."""
+  key = hashlib.sha256(_SOURCE.read_bytes() + f"{jax.__version__} {library} "
+                       f"{metadata.version('onednn-cpu-gomp')} {compiler} {_FLAGS} "
+                       f"{_cpu()}".encode()).hexdigest()[:16]
+  return runtime.cache_dir() / f"onednn_{key}.so"
+
+
 def _build() -> pathlib.Path:
-  """Compiles the extension (once per source, jax and oneDNN install); its path."""
+  """Compiles the extension (once per ``_target``); its path."""
   header = _installed_file("onednn-devel-cpu-gomp", "dnnl.hpp")  # PackageNotFoundError
   library = _installed_file("onednn-cpu-gomp", "libdnnl.so.3")
   compiler = os.environ.get("CXX", "g++")
   if shutil.which(compiler) is None:
     raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
-  key = hashlib.sha256(_SOURCE.read_bytes() + f"{jax.__version__} {library} "
-                       f"{metadata.version('onednn-cpu-gomp')}".encode()).hexdigest()[:16]
-  target = runtime.cache_dir() / f"onednn_{key}.so"
+  target = _target(compiler, library)
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   partial = target.with_suffix(f".{os.getpid()}.tmp")
-  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
-             f"-I{jax.ffi.include_dir()}", f"-I{header.parent}", str(_SOURCE), str(library),
-             f"-Wl,-rpath,{library.parent}", "-o", str(partial)]
+  command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{header.parent}",
+             str(_SOURCE), str(library), f"-Wl,-rpath,{library.parent}", "-o", str(partial)]
   done = subprocess.run(command, capture_output=True, text=True)
   if done.returncode != 0:
     raise RuntimeError(f"compiling {_SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
@@ -248,31 +269,39 @@ def _norm_bwd(epsilon, residuals, cotangents):
 batch_norm.defvjp(_norm_fwd, _norm_bwd, symbolic_zeros=True)
 
 
-def _normalized(x, mean, var, scale, shift, epsilon):
+ACTIVATIONS = {None: lambda y: y, "relu": jax.nn.relu, "relu6": jax.nn.relu6}
+
+
+def _normalized(x, mean, var, scale, shift, epsilon, activation=None):
   """``batch_norm_inference``'s value in XLA's ops (flax's formula), for its gradient."""
   y = (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + epsilon) * scale) + shift
-  return y.astype(x.dtype)
+  return ACTIVATIONS[activation](y).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def batch_norm_inference(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
-                         shift: jax.Array, epsilon: float) -> jax.Array:
+                         shift: jax.Array, epsilon: float,
+                         activation: str | None = None) -> jax.Array:
   """Inference-mode batch normalisation of ``x [..., C]`` (float32 or bfloat16) with the given
-  float32 ``mean``, ``var``, ``scale`` and ``shift`` ``[C]``: ``y = (x - mean) / sqrt(var +
-  epsilon) * scale + shift`` in ``x``'s dtype, in one oneDNN pass (``cnnjax.models.BatchNorm``
-  uses it on bfloat16 inputs). Its gradient (saliency, CAM through an evaluated model) is
-  XLA's of that formula."""
+  float32 ``mean``, ``var``, ``scale`` and ``shift`` ``[C]``, then ``activation`` (None or
+  'relu'): ``y = act((x - mean) / sqrt(var + epsilon) * scale + shift)`` in ``x``'s dtype,
+  in one oneDNN pass (``cnnjax.models.BatchNorm`` uses it on bfloat16 inputs). Its gradient
+  (saliency, CAM through an evaluated model) is XLA's of that formula."""
   _check_channels(x, mean, var, scale, shift)
+  if activation not in (None, "relu"):
+    raise ValueError(f"activation {activation!r}; expected None or 'relu'")
   return _call("norm_infer", [(x.shape, x.dtype)], x, mean, var, scale, shift,
-               epsilon=np.float32(epsilon))[0]
+               epsilon=np.float32(epsilon), relu=np.int64(activation == "relu"))[0]
 
 
-def _norm_infer_fwd(x, mean, var, scale, shift, epsilon):
-  return batch_norm_inference(x, mean, var, scale, shift, epsilon), (x, mean, var, scale, shift)
+def _norm_infer_fwd(x, mean, var, scale, shift, epsilon, activation):
+  return (batch_norm_inference(x, mean, var, scale, shift, epsilon, activation),
+          (x, mean, var, scale, shift))
 
 
-def _norm_infer_bwd(epsilon, residuals, dy):
-  return jax.vjp(functools.partial(_normalized, epsilon=epsilon), *residuals)[1](dy)
+def _norm_infer_bwd(epsilon, activation, residuals, dy):
+  return jax.vjp(functools.partial(_normalized, epsilon=epsilon, activation=activation),
+                 *residuals)[1](dy)
 
 
 batch_norm_inference.defvjp(_norm_infer_fwd, _norm_infer_bwd)

@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 from cnnjax import onednn, runtime
+from cnnjax.errors import UserError
 from cnnjax.models import blocks, conv
 from cnnjax.models.batch_norm import BatchNorm
 
@@ -60,6 +61,18 @@ def test_a_failed_build_says_why_and_leaves_xla_s_kernels(monkeypatch, tmp_path)
     monkeypatch.undo()
     onednn._load.cache_clear()
     runtime.configure()
+
+
+@pytest.mark.skipif(not _installed(), reason="the onednn extra is not installed")
+def test_each_kind_of_cpu_gets_its_own_build(monkeypatch):
+  """The build is compiled with -march=native: a cache shared with another CPU must not load
+  it there."""
+  library = onednn._installed_file("onednn-cpu-gomp", "libdnnl.so.3")
+  here = onednn._target("g++", library)
+  assert onednn._target("g++", library) == here
+  monkeypatch.setattr(onednn, "_cpu", lambda: "flags : fpu sse2")
+  assert onednn._target("g++", library) != here
+  assert onednn._target("clang++", library) != onednn._target("g++", library)
 
 
 # (x shape, kernel shape, strides, padding pairs): first layers, strided, unequal and no padding.
@@ -257,24 +270,27 @@ def test_batch_norm_values_and_gradients_equal_the_formula(shape, differentiate_
 
 @pytest.mark.slow
 @needs_onednn
-@pytest.mark.parametrize("options", [{}, {"use_scale": False, "epsilon": 1e-12, "momentum": 0.4}])
+@pytest.mark.parametrize("options", [{}, {"use_scale": False, "epsilon": 1e-12, "momentum": 0.4},
+                                     {"activation": "relu6"}])
 @pytest.mark.parametrize("shape", [(8, 4, 4, 6), (32, 5)])
 def test_batch_norm_module_trains_as_flax_does(options, shape, monkeypatch):
   x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
-  plain, ours = nn.BatchNorm(**options), BatchNorm(**options)
+  ours = BatchNorm(**options)
+  then = onednn.ACTIVATIONS[options.pop("activation", None)]  # after flax's
+  plain = nn.BatchNorm(**options)
   variables = plain.init(jax.random.key(1), x, use_running_average=False)
   assert jax.tree.structure(ours.init(jax.random.key(1), x, use_running_average=False)) \
       == jax.tree.structure(variables)
   used = []
   monkeypatch.setattr(onednn, "batch_norm", lambda *a, f=onednn.batch_norm: used.append(1) or f(*a))
 
-  def loss(module, params):
+  def loss(module, params, then=lambda y: y):
     y, updates = module.apply({**variables, "params": params}, x, use_running_average=False,
                               mutable=["batch_stats"])
-    return jnp.sum(jnp.sin(y)), (y, updates)
+    return jnp.sum(jnp.sin(then(y))), (then(y), updates)
 
   (_, (y_want, u_want)), g_want = jax.value_and_grad(
-      lambda p: loss(plain, p), has_aux=True)(variables["params"])
+      lambda p: loss(plain, p, then), has_aux=True)(variables["params"])
   (_, (y_got, u_got)), g_got = jax.value_and_grad(
       lambda p: loss(ours, p), has_aux=True)(variables["params"])
   assert used, "BatchNorm did not run on oneDNN"
@@ -283,7 +299,13 @@ def test_batch_norm_module_trains_as_flax_does(options, shape, monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   # Evaluation uses the running averages through flax's own code: the same result.
   np.testing.assert_allclose(ours.apply(variables, x, use_running_average=True),
-                             plain.apply(variables, x, use_running_average=True), rtol=1e-6)
+                             then(plain.apply(variables, x, use_running_average=True)), rtol=1e-6)
+
+
+def test_batch_norm_module_refuses_an_unknown_activation():
+  with pytest.raises(UserError, match="BatchNorm activation 'gelu'; expected one of"):
+    BatchNorm(activation="gelu").init(jax.random.key(0), jnp.ones((2, 3)),
+                                      use_running_average=True)
 
 
 @pytest.mark.slow
@@ -300,42 +322,53 @@ def test_batch_norm_module_leaves_other_dtypes_and_axes_to_flax(monkeypatch):
                use_running_average=True)
 
 
-def test_bfloat16_inference_with_another_axis_dtype_or_a_mask_stays_flax_s(monkeypatch):
+def test_bfloat16_with_another_axis_dtype_a_mask_relu6_or_24_channels_stays_flax_s(monkeypatch):
   if not runtime.onednn_in_use("bfloat16"):
     pytest.skip("oneDNN's bfloat16 kernels do not run here")
   monkeypatch.setattr(onednn, "batch_norm_inference", lambda *a: pytest.fail("oneDNN used"))
   x = jnp.ones((4, 3, 5), jnp.bfloat16)
   for module, mask in ((BatchNorm(axis=1), None), (BatchNorm(dtype=jnp.bfloat16), None),
-                       (BatchNorm(), x > 0)):
+                       (BatchNorm(), x > 0), (BatchNorm(activation="relu6"), None)):
     module.apply(module.init(jax.random.key(0), x, use_running_average=True), x,
                  use_running_average=True, mask=mask)
+  monkeypatch.setattr(onednn, "batch_norm", lambda *a: pytest.fail("oneDNN used"))
+  x = jnp.ones((4, 3, 24), jnp.bfloat16)  # oneDNN's bf16 kernels want multiples of 16 channels
+  for train in (False, True):
+    module = BatchNorm(use_running_average=not train)
+    module.apply(module.init(jax.random.key(0), x), x, mutable=["batch_stats"])
 
 
 def _inference_arguments(dtype):
   k = jax.random.split(jax.random.key(2), 6)
-  shape = (4, 5, 6, 8)
+  shape = (4, 5, 6, 16)  # bfloat16 on oneDNN: a multiple of 16 channels
   x = (jax.random.normal(k[0], shape) * 3 + 1).astype(dtype)
-  mean, var = jax.random.normal(k[1], (8,)), jax.random.uniform(k[2], (8,), minval=0.5, maxval=2)
-  scale, shift = jax.random.normal(k[3], (8,)), jax.random.normal(k[4], (8,))
+  mean = jax.random.normal(k[1], (16,))
+  var = jax.random.uniform(k[2], (16,), minval=0.5, maxval=2)
+  scale, shift = jax.random.normal(k[3], (16,)) * 4, jax.random.normal(k[4], (16,))
   return (x, mean, var, scale, shift), jax.random.normal(k[5], shape)
 
 
-def _reference_inference(x, mean, var, scale, shift, epsilon):
-  return ((x.astype(jnp.float32) - mean) / jnp.sqrt(var + epsilon) * scale + shift).astype(x.dtype)
+def _reference_inference(x, mean, var, scale, shift, epsilon, activation=None):
+  y = (x.astype(jnp.float32) - mean) / jnp.sqrt(var + epsilon) * scale + shift
+  return {None: y, "relu": nn.relu(y)}[activation].astype(x.dtype)
 
 
 @needs_onednn
+@pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_batch_norm_inference_values_and_gradients_equal_the_formula(dtype):
+def test_batch_norm_inference_values_and_gradients_equal_the_formula(dtype, activation):
   args, r = _inference_arguments(dtype)
 
   def value_and_grads(fn):
     return jax.jit(jax.value_and_grad(
-        lambda *a: jnp.sum(fn(*a, 1e-5).astype(jnp.float32) * r), tuple(range(5))))(*args)
+        lambda *a: jnp.sum(fn(*a, 1e-5, activation).astype(jnp.float32) * r),
+        tuple(range(5))))(*args)
 
-  y = jax.jit(onednn.batch_norm_inference, static_argnums=5)(*args, 1e-5)
-  want = _reference_inference(*args, 1e-5)
+  y = jax.jit(onednn.batch_norm_inference, static_argnums=(5, 6))(*args, 1e-5, activation)
+  want = _reference_inference(*args, 1e-5, activation)
   assert y.dtype == want.dtype == jnp.dtype(dtype)
+  if activation:  # both sides of the clipping are exercised
+    assert (want == 0).any() and (want > 0).any()
   tolerance = {"float32": 1e-5, "bfloat16": 2 ** -7}[dtype]  # bf16: one rounding apart at most
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32),
                              rtol=tolerance, atol=tolerance)
@@ -350,13 +383,14 @@ def test_batch_norm_inference_values_and_gradients_equal_the_formula(dtype):
 @needs_onednn
 def test_batch_norm_refuses_per_channel_operands_of_another_length():
   (x, mean, var, scale, shift), _ = _inference_arguments("float32")
-  with pytest.raises(ValueError, match=r"expected \(8,\) each"):
+  with pytest.raises(ValueError, match=r"expected \(16,\) each"):
     onednn.batch_norm_inference(x, mean[:5], var, scale, shift, 1e-5)
-  with pytest.raises(ValueError, match=r"expected \(8,\) each"):
+  with pytest.raises(ValueError, match=r"expected \(16,\) each"):
     onednn.batch_norm(x, scale, jnp.zeros(9), 1e-5)
 
 
-@pytest.mark.parametrize("options", [{}, {"use_scale": False, "use_bias": False}])
+@pytest.mark.parametrize("options", [{}, {"use_scale": False, "use_bias": False},
+                                     {"activation": "relu"}])
 def test_batch_norm_module_evaluates_bfloat16_on_onednn_as_flax_does(options, monkeypatch):
   if not runtime.onednn_in_use("bfloat16"):
     pytest.skip("oneDNN's bfloat16 kernels do not run here")
@@ -368,15 +402,18 @@ def test_batch_norm_module_evaluates_bfloat16_on_onednn_as_flax_does(options, mo
   monkeypatch.setattr(onednn, "batch_norm_inference",
                       lambda *a, f=onednn.batch_norm_inference: used.append(1) or f(*a))
 
-  def value_and_grads(module):  # a saliency-style gradient through the evaluated layer
+  def value_and_grads(module, then=lambda y: y):  # saliency-style: through the evaluated layer
     def loss(params, x):
-      y = module.apply({"params": params, "batch_stats": stats}, x, use_running_average=True)
+      y = then(module.apply({"params": params, "batch_stats": stats}, x,
+                            use_running_average=True))
       return jnp.sum(y.astype(jnp.float32) * r), y
     return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
 
   (_, got), grads = value_and_grads(BatchNorm(**options))
   assert used, "BatchNorm did not run on oneDNN"
-  (_, want), want_grads = value_and_grads(nn.BatchNorm(**options))  # float32 (promoted)
+  activation = options.pop("activation", None)
+  (_, want), want_grads = value_and_grads(nn.BatchNorm(**options),  # float32 (promoted)
+                                          onednn.ACTIVATIONS[activation])
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2 ** -8, atol=2 ** -8)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):

@@ -16,6 +16,7 @@ import pytest
 
 from cnnjax import runtime
 from cnnjax.errors import UserError
+from cnnjax.models.batch_norm import BatchNorm
 from cnnjax.models.efficientnet import DepthwiseConv, EfficientNetLite, MBConv, round_filters
 from cnnjax.models.resnet import (BasicBlock, ResNet, ResNet18, ResNet34, ResNet50,
                                   conv_kernel_init)
@@ -177,7 +178,7 @@ def test_mbconv_drop_connect_drops_whole_residual_branches_while_training():
   def block(rate):
     return MBConv(features=8, kernel_size=3, strides=1, expand_ratio=2, drop_rate=rate,
                   conv=functools.partial(nn.Conv, use_bias=False),
-                  norm=functools.partial(nn.BatchNorm, use_running_average=False))
+                  norm=functools.partial(BatchNorm, use_running_average=False))
 
   @jax.jit
   def run(x):

@@ -13,7 +13,8 @@
 //   cnnjax_onednn_norm_fwd  x [..., C], scale [C], shift [C] -> y [..., C], mean [C], var [C]
 //   cnnjax_onednn_norm_bwd  x, dy [..., C], scale, mean, var [C] -> dx, dscale, dshift
 //   cnnjax_onednn_norm_infer  x [..., C], mean, var, scale, shift [C] -> y [..., C] (the given
-//                             statistics: inference mode)
+//                             statistics: inference mode), then a ReLU where the attribute
+//                             relu is 1 (oneDNN's fuse_norm_relu: the same pass)
 //   (attribute: epsilon)
 //   cnnjax_onednn_max_pool_fwd  x [N, H, W, C] -> y [N, Ho, Wo, C]
 //   cnnjax_onednn_max_pool_bwd  x, y, dy -> dx [N, H, W, C], shared among a window's ties
@@ -393,8 +394,8 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
 // Batch normalisation over the rows of x [M, C] (any [..., C] flattened): in training mode
 // statistics per channel over all M rows (biased variance), y = (x - mean) / sqrt(var + eps)
 // * scale + shift, and its backward, dx, dscale and dshift from dy; in inference mode y from
-// the given mean and var.
-enum class NormPass { kForward, kBackward, kInference };
+// the given mean and var, and max(y, 0) (kInferenceRelu).
+enum class NormPass { kForward, kBackward, kInference, kInferenceRelu };
 
 struct NormPlan {
   dnnl::primitive norm;
@@ -413,9 +414,10 @@ ffi::Error RunNorm(NormPass pass, dt type, int64_t rows, int64_t channels, float
     plan = std::make_unique<NormPlan>();
     plan->rows_md = Desc({rows, channels}, tag::nc, type);
     plan->channels_md = Desc({channels}, tag::a);
-    const bool inference = pass == NormPass::kInference;
+    const bool inference = pass == NormPass::kInference || pass == NormPass::kInferenceRelu;
     const auto flags = flag::use_scale | flag::use_shift |
-                       (inference ? flag::use_global_stats : flag::none);
+                       (inference ? flag::use_global_stats : flag::none) |
+                       (pass == NormPass::kInferenceRelu ? flag::fuse_norm_relu : flag::none);
     dnnl::batch_normalization_forward::primitive_desc fwd(
         Engine(), inference ? dnnl::prop_kind::forward_inference
                             : dnnl::prop_kind::forward_training,
@@ -495,8 +497,9 @@ ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F3
 ffi::Error NormInference(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
                          ffi::Buffer<ffi::F32> variance, ffi::Buffer<ffi::F32> scale,
                          ffi::Buffer<ffi::F32> shift, ffi::Result<ffi::AnyBuffer> y,
-                         float epsilon) {
-  return Norm(NormPass::kInference, scale.element_count(), epsilon, " and y",
+                         float epsilon, int64_t relu) {
+  return Norm(relu ? NormPass::kInferenceRelu : NormPass::kInference, scale.element_count(),
+              epsilon, " and y",
               {{DNNL_ARG_SRC, x.untyped_data()}, {DNNL_ARG_MEAN, mean.typed_data()},
                {DNNL_ARG_VARIANCE, variance.typed_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
                {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->untyped_data()}},
@@ -824,7 +827,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnNormInfer, NormInference,
                                   .Arg<F32Buffer>()
                                   .Arg<F32Buffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("epsilon"));
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolFwd, PoolForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()

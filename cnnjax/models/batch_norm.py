@@ -8,9 +8,13 @@ bfloat16 inputs normalised over all axes but the last, on one device and without
 a cross-device ``axis_name``, this module runs on ``cnnjax.onednn``: in training mode
 ``batch_norm`` (oneDNN's batch normalisation: the statistics in one pass, the normalisation
 and its gradient), updating the running averages as flax does; in inference mode on
-bfloat16 inputs ``batch_norm_inference`` with the running averages. Everything else
-(initialisation, float32 inference, other dtypes and axes, no oneDNN) is ``nn.BatchNorm``'s
-own code. Both oneDNN paths have custom VJPs: forward-mode ``jax.jvp`` through them needs
+bfloat16 inputs ``batch_norm_inference`` with the running averages, and a ReLU
+``activation`` in the same pass. Everything else (initialisation, float32 inference, a
+bfloat16 one followed by ReLU6, which XLA fuses into one pass with the normalisation,
+bfloat16 with a channel count that is not a multiple of 16, where oneDNN has no vectorised
+kernel and runs ~20x slower than XLA, other dtypes and axes, no oneDNN) is
+``nn.BatchNorm``'s own code, then the activation. Both
+oneDNN paths have custom VJPs: forward-mode ``jax.jvp`` through them needs
 ``runtime.configure(onednn=False)``. Under mixed precision
 (``config.precision='bfloat16'``: bfloat16 inputs and parameters) the statistics stay float32
 and the output is bfloat16, as the next layer expects, on both paths. The variance is the batch's
@@ -22,15 +26,22 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import onednn, runtime
+from cnnjax.errors import UserError
 
 
 class BatchNorm(nn.BatchNorm):
-  """``nn.BatchNorm`` on oneDNN where it runs (see the module docstring).
+  """``nn.BatchNorm`` on oneDNN where it runs (see the module docstring), then
+  ``activation``: None, 'relu' or 'relu6' (``nn.relu`` / ``nn.relu6`` of the result; the
+  layer's output, e.g. for ``cnnjax.interpret``, is the activation's, as with ``Conv(...,
+  relu=True)``).
 
   Input ``[..., C]``; returns ``[..., C]``."""
+  activation: str | None = None
 
   def _runs_on_onednn(self, x: jax.Array, train: bool, mask: jax.Array | None) -> bool:
-    return ((train or x.dtype == jnp.bfloat16) and mask is None and self.axis_name is None
+    return ((train or (x.dtype == jnp.bfloat16 and self.activation != "relu6"))
+            and (x.dtype != jnp.bfloat16 or x.shape[-1] % 16 == 0)
+            and mask is None and self.axis_name is None
             and not self.is_initializing() and x.dtype in (jnp.float32, jnp.bfloat16)
             and self.param_dtype == jnp.float32 and self.dtype in (None, jnp.float32)
             and self.axis in (-1, x.ndim - 1, (-1,)) and runtime.onednn_in_use(x.dtype.name))
@@ -40,8 +51,12 @@ class BatchNorm(nn.BatchNorm):
                mask: jax.Array | None = None) -> jax.Array:
     train = not nn.merge_param("use_running_average", self.use_running_average,
                                use_running_average)
+    act = onednn.ACTIVATIONS.get(self.activation)
+    if act is None:
+      raise UserError(f"BatchNorm activation {self.activation!r}; expected one of "
+                      f"{list(onednn.ACTIVATIONS)}")
     if not self._runs_on_onednn(x, train, mask):
-      y = super().__call__(x, use_running_average, mask=mask)
+      y = act(super().__call__(x, use_running_average, mask=mask))
       return y.astype(jnp.bfloat16) if x.dtype == jnp.bfloat16 else y  # not promoted by the stats
     c = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
@@ -54,8 +69,8 @@ class BatchNorm(nn.BatchNorm):
     if not train:
       return onednn.batch_norm_inference(x, jnp.asarray(ra_mean.value, jnp.float32),
                                          jnp.asarray(ra_var.value, jnp.float32), scale, shift,
-                                         self.epsilon)
+                                         self.epsilon, self.activation)
     y, mean, var = onednn.batch_norm(x, scale, shift, self.epsilon)
     ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
     ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    return y
+    return act(y)

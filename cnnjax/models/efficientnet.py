@@ -130,9 +130,9 @@ class MBConv(nn.Module):
     channels = x.shape[-1] * self.expand_ratio
     if self.expand_ratio != 1:
       x = self.conv(channels, (1, 1), name="expand_conv")(x)
-      x = nn.relu6(self.norm(name="bn0")(x))
+      x = self.norm(name="bn0", activation="relu6")(x)
     x = DepthwiseConv(self.kernel_size, self.strides, name="depthwise_conv")(x)
-    x = nn.relu6(self.norm(name="bn1")(x))
+    x = self.norm(name="bn1", activation="relu6")(x)
     x = self.conv(self.features, (1, 1), name="project_conv")(x)
     x = self.norm(name="bn2")(x)
     if self.strides == 1 and inputs.shape[-1] == self.features:
@@ -199,7 +199,7 @@ class EfficientNetLite(nn.Module):
     norm = functools.partial(BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon)
     x = conv(STEM_FEATURES, (3, 3), strides=(2, 2), name="conv_stem")(x)
-    x = nn.relu6(norm(name="bn0")(x))
+    x = norm(name="bn0", activation="relu6")(x)
     self.sow("intermediates", "stem", x)
     stages = self._stages()
     num_blocks = sum(stage.repeats for stage in stages)
@@ -214,7 +214,7 @@ class EfficientNetLite(nn.Module):
         index += 1
       self.sow("intermediates", f"stage{number}", x)
     x = conv(HEAD_FEATURES, (1, 1), name="conv_head")(x)
-    x = nn.relu6(norm(name="bn1")(x))
+    x = norm(name="bn1", activation="relu6")(x)
     self.sow("intermediates", "head", x)
     x = jnp.mean(x, axis=(1, 2))
     self.sow("intermediates", "features", x)

@@ -63,7 +63,7 @@ class BasicBlock(nn.Module):
     residual = x
     y = self.conv(self.features, (3, 3), strides=(self.strides, self.strides),
                   padding=_PAD1, name="conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.norm(name="bn1", activation="relu")(y)
     y = self.conv(self.features, (3, 3), padding=_PAD1, name="conv2")(y)
     y = self.norm(name="bn2")(y)
     if self.strides != 1 or x.shape[-1] != self.features * self.expansion:
@@ -89,10 +89,10 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     residual = x
     y = self.conv(self.features, (1, 1), padding="VALID", name="conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.norm(name="bn1", activation="relu")(y)
     y = self.conv(self.features, (3, 3), strides=(self.strides, self.strides),
                   padding=_PAD1, name="conv2")(y)
-    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.norm(name="bn2", activation="relu")(y)
     y = self.conv(self.features * self.expansion, (1, 1), padding="VALID", name="conv3")(y)
     y = self.norm(name="bn3")(y)
     if self.strides != 1 or x.shape[-1] != self.features * self.expansion:
@@ -138,10 +138,10 @@ class ResNet(nn.Module):
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon)
     if self.cifar_stem:
       x = conv(64, (3, 3), padding=_PAD1, name="conv1")(x)
-      x = nn.relu(norm(name="bn1")(x))
+      x = norm(name="bn1", activation="relu")(x)
     else:
       x = conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
-      x = nn.relu(norm(name="bn1")(x))
+      x = norm(name="bn1", activation="relu")(x)
       x = window_max_pool(x, 3, 2, _PAD1)  # pads with -inf
     self.sow("intermediates", "stem", x)
     for stage, num_blocks in enumerate(self.stage_sizes):

@@ -86,8 +86,8 @@ class VGG(nn.Module):
         x = Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_kernel_init,
                  relu=not self.batch_norm, name=f"block{block}_conv{conv}")(x)
         if self.batch_norm:
-          x = nn.relu(BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                epsilon=1e-5, name=f"block{block}_bn{conv}")(x))
+          x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                        epsilon=1e-5, activation="relu", name=f"block{block}_bn{conv}")(x)
       x = pool(x, "max", 2)
       self.sow("intermediates", f"block{block}", x)
     if self.num_classes == 0:
