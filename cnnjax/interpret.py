@@ -2,7 +2,8 @@
 
 Layers are named by module path, ``'/'``-joined (``'ConvBlock_1'``, ``'ConvBlock_1/Conv_0'``,
 ``'layer4_1'``, ``'layer4_1/conv2'``): the output of that module's ``__call__`` (a ``Conv``
-with ``relu=True``, as in BNCNN, LeNet and the course's blocks: after its ReLU). Outputs are
+with ``relu=True``, as in BNCNN, LeNet and the course's blocks, or a ``BatchNorm`` with an
+``activation``, as ResNet's and EfficientNet-Lite's: after the activation). Outputs are
 captured and perturbed with ``flax.linen.intercept_methods``, so any model works as it is,
 without being copied or changed; ``list_layers`` names every layer of a model.
 

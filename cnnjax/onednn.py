@@ -9,37 +9,37 @@ a float32 or bfloat16 NHWC/HWIO 2-D convolution (grouped too: depthwise), its in
 and its kernel gradient as oneDNN primitives; ``batch_norm(x, scale, shift, epsilon)`` the
 training-mode batch normalisation and its gradient (``cnnjax/csrc/onednn.cc``);
 ``batch_norm_inference(x, mean, var, scale, shift, epsilon, activation)`` the inference-mode
-one and a ReLU after it, in one pass. Where AMX runs
-bfloat16, a kernel gradient on an output map of at most 4x4 is one matrix product of the
-input's patches and ``dy`` instead (oneDNN's backward-weights convolution is slow there;
+one, with an optional ReLU in the same pass. Where AMX runs bfloat16, an ungrouped kernel
+gradient on an output map of at most 4x4 is one matrix product of the input's patches and
+``dy`` instead (oneDNN's backward-weights convolution is slow there;
 ``CNNJAX_ONEDNN_WEIGHTS_MATMUL=1`` or ``=0`` forces the choice). ``max_pool(x, window)`` is
 the extension's own OpenMP loop, not oneDNN's (whose gradient goes to one maximum of a tie):
 ``cnnjax.models.blocks.max_pool``'s values and gradient in one pass each way, where XLA
 materialises the window's views in the forward pass and runs bfloat16 at half the speed of
 float32 in the backward pass; ``window_max_pool(x, window, stride, padding)`` the same loop
 for overlapping padded windows with ``flax.linen.max_pool``'s values and gradient (XLA:CPU's
-bfloat16 ``reduce_window`` is several times slower than its float32 one). All are called from jitted
-code like any other op; oneDNN's errors (a shape it has no kernel for) are raised as JAX
-runtime errors.
+bfloat16 ``reduce_window`` is several times slower than its float32 one). All are called
+from jitted code like any other op; oneDNN's errors (a shape it has no kernel for) are
+raised as JAX runtime errors.
 
 The extension is optional. It needs oneDNN's library and headers (the PyPI packages
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, installed with cnnjax on x86-64 Linux)
-and a C++ compiler (``$CXX``, default g++), and is compiled on first use (~3 s) into
-``$CNNJAX_CACHE`` (default ``~/.cache/cnnjax``), keyed by the source, jax and oneDNN
-versions, when ``cnnjax.runtime.configure()`` asks for it. ``available()`` says whether it
-can run here, ``unavailable_reason()`` why not; ``CNNJAX_ONEDNN=0`` turns it off.
-``cnnjax.models.conv``, ``cnnjax.models.batch_norm`` and ``cnnjax.models.blocks.pool`` use
-it where ``configure`` chose it (one device); without it they run XLA's own kernels, with the
-same results up to float32 rounding (max pooling: the same values and gradient; the fused
-ReLU: 0 for a NaN). Its ops have custom VJPs: ``jax.grad`` works through them, forward-mode
-``jax.jvp`` does not (``runtime.configure(onednn=False)`` for that).
+and a C++ compiler (``$CXX``, default g++), and is compiled on first use (~10 s) into
+``$CNNJAX_CACHE`` (default ``~/.cache/cnnjax``), keyed by the source, compiler, flags, jax
+and oneDNN (``_target``), when ``cnnjax.runtime.configure()`` asks for it. ``available()`` says whether it can run here, ``unavailable_reason()`` why
+not; ``CNNJAX_ONEDNN=0`` turns it off. ``cnnjax.models.conv`` (and EfficientNet-Lite's
+``DepthwiseConv``), ``cnnjax.models.batch_norm`` and ``cnnjax.models.blocks``' ``pool`` and
+``window_max_pool`` use it where ``configure`` chose it (one device); without it they run
+XLA's own kernels, with the same results up to float32 rounding (max pooling: the same
+values and gradient; the fused ReLU: 0 for a NaN). Its ops have custom VJPs: ``jax.grad``
+works through them, forward-mode ``jax.jvp`` does not (``runtime.configure(onednn=False)``
+for that).
 """
 import ctypes
 import functools
 import hashlib
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 from importlib import metadata
@@ -73,25 +73,14 @@ def _installed_file(distribution: str, name: str) -> pathlib.Path:
   raise RuntimeError(f"{distribution} has no file {name}; reinstall it")
 
 
-def _cpu() -> str:
-  """This CPU's instruction sets (``/proc/cpuinfo``'s flags on Linux): the extension is
-  compiled for them (``-march=native``, so that its own loops use AVX-512 where there is
-  any), and a cache directory shared by other kinds of CPU keeps one build per kind."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      return next((line for line in f if line.startswith("flags")), platform.processor())
-  except OSError:
-    return platform.processor()
-
-
-_FLAGS = ("-O2", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w")
+_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w")  # any x86-64 CPU
 
 
 def _target(compiler: str, library: pathlib.Path) -> pathlib.Path:
-  """Where the build for this source, compiler, flags, CPU, jax and oneDNN goes."""
+  """Where the build for this source, compiler, flags, jax and oneDNN goes."""
   key = hashlib.sha256(_SOURCE.read_bytes() + f"{jax.__version__} {library} "
-                       f"{metadata.version('onednn-cpu-gomp')} {compiler} {_FLAGS} "
-                       f"{_cpu()}".encode()).hexdigest()[:16]
+                       f"{metadata.version('onednn-cpu-gomp')} {compiler} "
+                       f"{_FLAGS}".encode()).hexdigest()[:16]
   return runtime.cache_dir() / f"onednn_{key}.so"
 
 
@@ -349,7 +338,8 @@ def window_max_pool(x: jax.Array, window: int, stride: int,
   """``[B, H, W, C]`` -> ``[B, Ho, Wo, C]`` (float32 or bfloat16): ``flax.linen.max_pool(x,
   (window, window), (stride, stride), padding)``'s values (padded with -inf) and gradient
   (``lax.reduce_window``'s: all of a window's to its first maximum, summed where windows
-  overlap), in one OpenMP pass each way."""
+  overlap; in bfloat16 summed in float32 and rounded once, where XLA rounds each addition),
+  in one OpenMP pass each way."""
   return _pooled(x, window, stride, padding)
 
 

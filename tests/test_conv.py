@@ -102,8 +102,8 @@ def test_grouped_convolutions_run_on_onednn_where_it_runs_else_on_lax(feature_gr
   np.testing.assert_allclose(jax.jit(lambda: conv.conv_general_dilated(*args, **kwargs))(),
                              lax.conv_general_dilated(*args, **kwargs), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError):  # lax's own check of the groups
-    conv.conv_general_dilated(x, kernel, (2, 2), "SAME", dimension_numbers=kwargs["dimension_numbers"],
-                              feature_group_count=3)
+    conv.conv_general_dilated(x, kernel, (2, 2), "SAME", feature_group_count=3,
+                              dimension_numbers=kwargs["dimension_numbers"])
 
 
 def test_bfloat16_convolutions_run_on_onednn_only_where_the_cpu_has_bf16(monkeypatch):

@@ -64,15 +64,13 @@ def test_a_failed_build_says_why_and_leaves_xla_s_kernels(monkeypatch, tmp_path)
 
 
 @pytest.mark.skipif(not _installed(), reason="the onednn extra is not installed")
-def test_each_kind_of_cpu_gets_its_own_build(monkeypatch):
-  """The build is compiled with -march=native: a cache shared with another CPU must not load
-  it there."""
+def test_each_compiler_and_set_of_flags_gets_its_own_build(monkeypatch):
   library = onednn._installed_file("onednn-cpu-gomp", "libdnnl.so.3")
   here = onednn._target("g++", library)
   assert onednn._target("g++", library) == here
-  monkeypatch.setattr(onednn, "_cpu", lambda: "flags : fpu sse2")
+  assert onednn._target("clang++", library) != here
+  monkeypatch.setattr(onednn, "_FLAGS", (*onednn._FLAGS, "-O3"))
   assert onednn._target("g++", library) != here
-  assert onednn._target("clang++", library) != onednn._target("g++", library)
 
 
 # (x shape, kernel shape, strides, padding pairs): first layers, strided, unequal and no padding.
@@ -275,7 +273,7 @@ def test_batch_norm_values_and_gradients_equal_the_formula(shape, differentiate_
 @pytest.mark.parametrize("shape", [(8, 4, 4, 6), (32, 5)])
 def test_batch_norm_module_trains_as_flax_does(options, shape, monkeypatch):
   x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
-  ours = BatchNorm(**options)
+  ours, options = BatchNorm(**options), dict(options)  # pytest shares the dict between cases
   then = onednn.ACTIVATIONS[options.pop("activation", None)]  # after flax's
   plain = nn.BatchNorm(**options)
   variables = plain.init(jax.random.key(1), x, use_running_average=False)
@@ -326,7 +324,7 @@ def test_bfloat16_with_another_axis_dtype_a_mask_relu6_or_24_channels_stays_flax
   if not runtime.onednn_in_use("bfloat16"):
     pytest.skip("oneDNN's bfloat16 kernels do not run here")
   monkeypatch.setattr(onednn, "batch_norm_inference", lambda *a: pytest.fail("oneDNN used"))
-  x = jnp.ones((4, 3, 5), jnp.bfloat16)
+  x = jnp.ones((4, 16, 16), jnp.bfloat16)  # 16 channels on either axis: oneDNN could run
   for module, mask in ((BatchNorm(axis=1), None), (BatchNorm(dtype=jnp.bfloat16), None),
                        (BatchNorm(), x > 0), (BatchNorm(activation="relu6"), None)):
     module.apply(module.init(jax.random.key(0), x, use_running_average=True), x,
@@ -411,6 +409,7 @@ def test_batch_norm_module_evaluates_bfloat16_on_onednn_as_flax_does(options, mo
 
   (_, got), grads = value_and_grads(BatchNorm(**options))
   assert used, "BatchNorm did not run on oneDNN"
+  options = dict(options)  # pytest's, unchanged
   activation = options.pop("activation", None)
   (_, want), want_grads = value_and_grads(nn.BatchNorm(**options),  # float32 (promoted)
                                           onednn.ACTIVATIONS[activation])
@@ -467,7 +466,7 @@ def test_pool_runs_max_pooling_on_the_extension_for_float32_and_bfloat16_only(mo
     ((2, 8, 7, 3), 3, 2, ((0, 1), (1, 0))),  # unequal padding
     ((2, 7, 7, 3), 3, 1, ((1, 1), (1, 1))),  # every pixel in nine windows
     ((1, 6, 5, 4), 2, 2, ((0, 0), (0, 0))),  # non-overlapping, a remainder column
-    ((1, 2, 2, 3), 3, 2, ((2, 2), (2, 2)))])  # windows wholly in the padding: -inf
+    ((1, 2, 2, 3), 3, 2, ((3, 3), (3, 3)))])  # first windows wholly in the padding: -inf
 def test_window_max_pool_values_and_gradients_equal_flax_s(shape, window, stride, padding,
                                                            dtype):
   """``nn.max_pool``'s values, and its gradient (all to a window's first maximum) on ties:
@@ -507,6 +506,7 @@ def test_window_max_pool_runs_on_the_extension_where_it_runs(monkeypatch):
   for on in (True, False):
     monkeypatch.setattr(runtime, "_onednn", on)
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-      y = blocks.window_max_pool(jnp.ones((1, 6, 6, 2), dtype), 3, 2, ((1, 1), (1, 1)))
-      assert y.shape == (1, 3, 3, 2)
-  assert calls == [jnp.float32]
+      for padding in (((1, 1), (1, 1)), "SAME"):
+        y = blocks.window_max_pool(jnp.ones((1, 6, 6, 2), dtype), 3, 2, padding)
+        assert y.shape == (1, 3, 3, 2)
+  assert calls == [jnp.float32] * 2

@@ -151,8 +151,7 @@ def test_depthwise_conv_equals_flax_grouped_conv(height, width, kernel, strides,
     pytest.skip("oneDNN's kernels are not in use here")
   x = jax.random.normal(KEY, (2, height, width, 6))
   grouped = nn.Conv(6, (kernel, kernel), strides=(strides, strides), feature_group_count=6,
-                    padding="SAME", use_bias=False, kernel_init=conv_kernel_init,
-                    conv_general_dilated=jax.lax.conv_general_dilated)
+                    padding="SAME", use_bias=False, kernel_init=conv_kernel_init)  # lax's
   ours = DepthwiseConv(kernel, strides)
   variables = jax.jit(grouped.init)(KEY, x)
   np.testing.assert_array_equal(jax.jit(ours.init)(KEY, x)["params"]["kernel"],

@@ -2,8 +2,8 @@
 // NHWC activations, HWIO kernels), one handler per pass so that JAX wraps each op in a custom VJP
 // (cnnjax/onednn.py):
 //   cnnjax_onednn_conv_fwd          x [N, H, W, Ci], w [KH, KW, Ci / G, Co] -> y [N, Ho, Wo, Co]
-//   cnnjax_onednn_conv_bwd_data     dy [N, Ho, Wo, Co], w [KH, KW, Ci, Co] -> dx [N, H, W, Ci]
-//   cnnjax_onednn_conv_bwd_weights  x [N, H, W, Ci], dy [N, Ho, Wo, Co] -> dw [KH, KW, Ci, Co]
+//   cnnjax_onednn_conv_bwd_data     dy [N, Ho, Wo, Co], w [KH, KW, Ci / G, Co] -> dx [N, H, W, Ci]
+//   cnnjax_onednn_conv_bwd_weights  x [N, H, W, Ci], dy [N, Ho, Wo, Co] -> dw [KH, KW, Ci / G, Co]
 //   cnnjax_onednn_conv_fwd_bias          x, w, bias [Co] (float32) -> y = conv(x, w) + bias
 //   cnnjax_onednn_conv_fwd_bias_relu     x, w, bias -> y = max(conv(x, w) + bias, 0) (a post-op)
 //   cnnjax_onednn_conv_bwd_weights_bias  x, dy -> dw, dbias [Co] (float32): the bias gradient
@@ -225,7 +225,8 @@ struct BF16 {
   }
 };
 
-// Whether the weight gradient is computed as one matrix product (WeightsByMatmul) rather than
+// Whether an ungrouped convolution's weight gradient is computed as one matrix product
+// (WeightsByMatmul; grouped ones always take oneDNN's) rather than
 // by oneDNN's backward-weights convolution: where AMX runs bfloat16 and the output map has at
 // most 16 pixels (4x4), its convolution kernels are slower than the product (BENCHMARKS.md).
 // CNNJAX_ONEDNN_WEIGHTS_MATMUL=1 or =0 forces the choice (tests).
@@ -513,7 +514,8 @@ ffi::Error NormInference(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
 // cnnjax.models.blocks.max_pool computes it with XLA for non-overlapping windows (the gradient
 // bit for bit): dy / (number of window elements equal to y) to each of them; or as
 // lax.reduce_window's (select_and_scatter_add with >=): all of dy to the window's first
-// element equal to y (the first NaN where y is NaN), summed where windows overlap. XLA runs
+// element equal to y, summed where windows overlap (where y is NaN, to the window's first NaN:
+// lax's selection moves past a NaN to a later element, so such windows differ). XLA runs
 // the bfloat16 passes through float32 conversions at a fraction of memory speed
 // (BENCHMARKS.md).
 struct PoolWindow {
@@ -582,12 +584,12 @@ void MaxPoolBackwardFirst(const typename T::Storage* x, const typename T::Storag
             const typename T::Storage* xp = x + ((b * h + r) * w + cl) * c;
             float* sp = sum.data() + (r * w + cl) * c;
 #pragma omp simd
-            for (int64_t ch = 0; ch < c; ++ch) {
-              const float a = T::Get(xp[ch]);
-              const bool hit = found[ch] == 0.0f &&
-                               (a == top[ch] || (a != a && top[ch] != top[ch]));
-              sp[ch] += hit ? grad[ch] : 0.0f;
-              found[ch] += hit ? 1.0f : 0.0f;
+            for (int64_t ch = 0; ch < c; ++ch) {  // bitwise, not short-circuit: vectorised
+              const float a = T::Get(xp[ch]), t = top[ch], g = grad[ch], f = found[ch];
+              const bool hit = (f == 0.0f) & ((a == t) | ((a != a) & (t != t)));
+              const float add = hit ? g : 0.0f, seen = hit ? 1.0f : 0.0f;
+              sp[ch] = sp[ch] + add;
+              found[ch] = f + seen;
             }
           }
         }
@@ -682,17 +684,38 @@ ffi::Error PoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t 
     return error;
   }
   const auto yd = y->dimensions();
-  std::lock_guard<std::mutex> guard(Lock());  // one OpenMP team at a time, as for oneDNN's
-  if (type == dt::f32) {
-    MaxPoolForward<F32>(static_cast<const float*>(x.untyped_data()),
-                        static_cast<float*>(y->untyped_data()), d[0], d[1], d[2], d[3], yd[1],
-                        yd[2], win);
+  return Guarded("max pooling", [&] {
+    std::lock_guard<std::mutex> guard(Lock());  // one OpenMP team at a time, as for oneDNN's
+    if (type == dt::f32) {
+      MaxPoolForward<F32>(static_cast<const float*>(x.untyped_data()),
+                          static_cast<float*>(y->untyped_data()), d[0], d[1], d[2], d[3], yd[1],
+                          yd[2], win);
+    } else {
+      MaxPoolForward<BF16>(static_cast<const uint16_t*>(x.untyped_data()),
+                           static_cast<uint16_t*>(y->untyped_data()), d[0], d[1], d[2], d[3],
+                           yd[1], yd[2], win);
+    }
+    return ffi::Error::Success();
+  });
+}
+
+// One backward pass on buffers of T: `first` lax.reduce_window's gradient, else the ties'
+// shared one.
+template <typename T, bool first>
+void PoolBackwardOf(const ffi::AnyBuffer& x, const ffi::AnyBuffer& y, const ffi::AnyBuffer& dy,
+                    ffi::Result<ffi::AnyBuffer>& dx, int64_t k, PoolWindow win) {
+  using S = typename T::Storage;
+  const auto d = x.dimensions();
+  const auto yd = y.dimensions();
+  const auto* xp = static_cast<const S*>(x.untyped_data());
+  const auto* yp = static_cast<const S*>(y.untyped_data());
+  const auto* dyp = static_cast<const S*>(dy.untyped_data());
+  if constexpr (first) {
+    MaxPoolBackwardFirst<T>(xp, yp, dyp, static_cast<S*>(dx->untyped_data()), d[0], d[1], d[2],
+                            d[3], yd[1], yd[2], win);
   } else {
-    MaxPoolForward<BF16>(static_cast<const uint16_t*>(x.untyped_data()),
-                         static_cast<uint16_t*>(y->untyped_data()), d[0], d[1], d[2], d[3],
-                         yd[1], yd[2], win);
+    MaxPoolBackward<T>(xp, yp, dyp, dx->untyped_data(), d[0], d[1], d[2], d[3], k);
   }
-  return ffi::Error::Success();
 }
 
 // Backward: `first` lax.reduce_window's gradient, else the ties' shared one (non-overlapping
@@ -701,7 +724,6 @@ template <bool first>
 ffi::Error PoolBackward(ffi::AnyBuffer x, ffi::AnyBuffer y, ffi::AnyBuffer dy,
                         ffi::Result<ffi::AnyBuffer> dx, int64_t k, int64_t s,
                         ffi::Span<const int64_t> padding) {
-  const auto d = x.dimensions();
   dt type;
   PoolWindow win;
   if (auto error = CheckPool(x, {&*dx}, {&y, &dy}, k, s, padding, &type, &win);
@@ -713,30 +735,15 @@ ffi::Error PoolBackward(ffi::AnyBuffer x, ffi::AnyBuffer y, ffi::AnyBuffer dy,
     return ffi::Error::InvalidArgument(
         "max pooling's shared gradient takes non-overlapping unpadded windows");
   }
-  const auto yd = y.dimensions();
-  std::lock_guard<std::mutex> guard(Lock());
-  if (type == dt::f32) {
-    const auto* xp = static_cast<const float*>(x.untyped_data());
-    const auto* yp = static_cast<const float*>(y.untyped_data());
-    const auto* dyp = static_cast<const float*>(dy.untyped_data());
-    if (first) {
-      MaxPoolBackwardFirst<F32>(xp, yp, dyp, static_cast<float*>(dx->untyped_data()), d[0],
-                                d[1], d[2], d[3], yd[1], yd[2], win);
+  return Guarded("max pooling", [&] {
+    std::lock_guard<std::mutex> guard(Lock());
+    if (type == dt::f32) {
+      PoolBackwardOf<F32, first>(x, y, dy, dx, k, win);
     } else {
-      MaxPoolBackward<F32>(xp, yp, dyp, dx->untyped_data(), d[0], d[1], d[2], d[3], k);
+      PoolBackwardOf<BF16, first>(x, y, dy, dx, k, win);
     }
-  } else {
-    const auto* xp = static_cast<const uint16_t*>(x.untyped_data());
-    const auto* yp = static_cast<const uint16_t*>(y.untyped_data());
-    const auto* dyp = static_cast<const uint16_t*>(dy.untyped_data());
-    if (first) {
-      MaxPoolBackwardFirst<BF16>(xp, yp, dyp, static_cast<uint16_t*>(dx->untyped_data()),
-                                 d[0], d[1], d[2], d[3], yd[1], yd[2], win);
-    } else {
-      MaxPoolBackward<BF16>(xp, yp, dyp, dx->untyped_data(), d[0], d[1], d[2], d[3], k);
-    }
-  }
-  return ffi::Error::Success();
+    return ffi::Error::Success();
+  });
 }
 
 #define CNNJAX_CONV_HANDLER(symbol, pass)                                                   \

@@ -1,5 +1,5 @@
 """``BatchNorm``: flax's ``nn.BatchNorm`` (same fields, variables and results) that runs on
-oneDNN where that is available.
+oneDNN where that is available, with an ``activation`` after it.
 
 XLA:CPU computes batch statistics and their gradients (reductions over ``[B, H, W]`` per
 channel) slowly, and its fusion of the inference-mode normalisation is slower than oneDNN's
@@ -7,19 +7,19 @@ on bfloat16 inputs, though not on float32 ones (BENCHMARKS.md notes). So for flo
 bfloat16 inputs normalised over all axes but the last, on one device and without a mask or
 a cross-device ``axis_name``, this module runs on ``cnnjax.onednn``: in training mode
 ``batch_norm`` (oneDNN's batch normalisation: the statistics in one pass, the normalisation
-and its gradient), updating the running averages as flax does; in inference mode on
-bfloat16 inputs ``batch_norm_inference`` with the running averages, and a ReLU
-``activation`` in the same pass. Everything else (initialisation, float32 inference, a
-bfloat16 one followed by ReLU6, which XLA fuses into one pass with the normalisation,
-bfloat16 with a channel count that is not a multiple of 16, where oneDNN has no vectorised
-kernel and runs ~20x slower than XLA, other dtypes and axes, no oneDNN) is
-``nn.BatchNorm``'s own code, then the activation. Both
-oneDNN paths have custom VJPs: forward-mode ``jax.jvp`` through them needs
-``runtime.configure(onednn=False)``. Under mixed precision
-(``config.precision='bfloat16'``: bfloat16 inputs and parameters) the statistics stay float32
-and the output is bfloat16, as the next layer expects, on both paths. The variance is the batch's
-biased variance in both (oneDNN's is computed around the mean, flax's default as
-``E[x^2] - E[x]^2``: equal up to float32 rounding; ``tests/test_onednn.py``).
+and its gradient), updating the running averages as flax does, the activation after it in
+XLA; in inference mode on bfloat16 inputs ``batch_norm_inference`` with the running
+averages, and a ReLU ``activation`` in the same pass. Everything else is ``nn.BatchNorm``'s
+own code, then the activation: initialisation; float32 inference; bfloat16 inference
+followed by ReLU6, which XLA fuses into one pass with the normalisation; bfloat16 with a
+channel count that is not a multiple of 16, where oneDNN has no vectorised kernel and runs
+~20x slower than XLA; other dtypes and axes; no oneDNN. Both oneDNN paths have custom VJPs:
+forward-mode ``jax.jvp`` through them needs ``runtime.configure(onednn=False)``. Under mixed
+precision (``config.precision='bfloat16'``: bfloat16 inputs and parameters) the statistics
+stay float32 and the output is bfloat16, as the next layer expects, on both paths. The
+variance is the batch's biased variance in both (oneDNN's is computed around the mean,
+flax's default as ``E[x^2] - E[x]^2``: equal up to float32 rounding;
+``tests/test_onednn.py``).
 """
 import flax.linen as nn
 import jax

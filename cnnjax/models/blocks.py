@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from cnnjax import onednn, runtime
 from cnnjax.errors import UserError
@@ -93,11 +94,15 @@ def pool(x: jax.Array, kind: Literal["max", "avg"], window: int) -> jax.Array:
 
 
 def window_max_pool(x: jax.Array, window: int, stride: int,
-                    padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+                    padding: str | tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
   """``nn.max_pool(x, (window, window), (stride, stride), padding)`` (windows may overlap,
-  padding counts as -inf), ``[B, H, W, C]`` -> ``[B, Ho, Wo, C]``: the same values and
-  gradient computed by ``cnnjax.onednn.window_max_pool`` where ``runtime.onednn_in_use`` (XLA:CPU
-  runs it in bfloat16 several times slower than in float32; BENCHMARKS.md)."""
+  padding counts as -inf; pairs or 'SAME'/'VALID'), ``[B, H, W, C]`` -> ``[B, Ho, Wo, C]``:
+  the same values and gradient (bfloat16's overlaps summed in float32) computed by
+  ``cnnjax.onednn.window_max_pool`` where ``runtime.onednn_in_use`` (XLA:CPU runs it in
+  bfloat16 several times slower than in float32; BENCHMARKS.md notes)."""
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], (window, window), (stride, stride), padding)
+  padding = tuple(tuple(p) for p in padding)
   if x.dtype in (jnp.float32, jnp.bfloat16) and runtime.onednn_in_use(x.dtype.name):
     return onednn.window_max_pool(x, window, stride, padding)
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)

@@ -6,7 +6,7 @@ oneDNN's convolutions (the kernels PyTorch uses on CPU) run 1.0-3.9x faster than
 a matrix product on maps of <= 4 output pixels (ResNet's last stages at 32x32 input: 9-30x)
 and on strided 1x1 kernels (1.3-1.7x) (``python -m benchmarks --mode=convs``,
 BENCHMARKS.md "Convolution lowering"). So ``lowering`` picks, for a float32 (or bfloat16:
-``config.precision``) NHWC/HWIO convolution without groups or dilation:
+``config.precision``) NHWC/HWIO convolution without dilation (grouped: see below):
 
 - ``"onednn"``: ``cnnjax.onednn.conv`` (oneDNN primitives through ``jax.ffi``, custom VJP)
   whenever that extension is available (installed with cnnjax on x86-64 Linux, see

@@ -111,7 +111,8 @@ class MBConv(nn.Module):
   """Inverted residual block without squeeze-excite (Lite).
 
   1x1 expand conv (skipped when ``expand_ratio == 1``) -> depthwise ``kernel_size`` conv
-  with stride -> 1x1 linear projection, each followed by BN, the first two by ReLU6. Maps
+  with stride -> 1x1 linear projection, each followed by BN, the first two by ReLU6 (``norm``
+  is a ``cnnjax.models.batch_norm.BatchNorm`` partial: ``activation='relu6'``). Maps
   ``[B, H, W, C]`` to ``[B, ceil(H / strides), ceil(W / strides), features]``; when the
   shape is kept, the input is added back, after drop-connect (stochastic depth: the whole
   residual branch of an example is dropped with probability ``drop_rate`` while training).

@@ -13,8 +13,9 @@ Submodule names mirror torchvision's state_dict (``layer2.0.downsample.0`` is
 ``layer2_0/downsample_0``), so ``cnnjax.weights`` converts keys mechanically.
 
 A new depth needs only a block class with an ``expansion`` class attribute and the
-``(features, strides, conv, norm)`` fields: ResNet-50 is ``ResNet(stage_sizes=(3, 4, 6, 3),
-block_cls=Bottleneck)``.
+``(features, strides, conv, norm)`` fields (``norm``: a ``cnnjax.models.batch_norm.BatchNorm``
+partial, whose ``activation`` applies the ReLU after it): ResNet-50 is
+``ResNet(stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)``.
 """
 import functools
 from collections.abc import Sequence
