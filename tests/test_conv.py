@@ -104,6 +104,8 @@ def test_grouped_convolutions_run_on_onednn_where_it_runs_else_on_lax(feature_gr
   with pytest.raises(ValueError):  # lax's own check of the groups
     conv.conv_general_dilated(x, kernel, (2, 2), "SAME", feature_group_count=3,
                               dimension_numbers=kwargs["dimension_numbers"])
+  with pytest.raises(ValueError):  # output channels not divisible by the groups: lax's check too
+    conv.conv_general_dilated(x, kernel[..., :7], (2, 2), "SAME", **kwargs)
 
 
 def test_bfloat16_convolutions_run_on_onednn_only_where_the_cpu_has_bf16(monkeypatch):
