@@ -8,7 +8,7 @@ pass over the same tensor (BENCHMARKS.md notes). ``conv(x, kernel, strides, padd
 a float32 or bfloat16 NHWC/HWIO 2-D convolution (grouped too: depthwise), its input gradient
 and its kernel gradient as oneDNN primitives; ``batch_norm(x, scale, shift, epsilon)`` the
 training-mode batch normalisation and its gradient (``cnnjax/csrc/onednn.cc``);
-``batch_norm_inference(x, mean, var, scale, shift, epsilon, activation)`` the inference-mode
+``batch_norm_inference(x, mean, var, scale, shift, epsilon, relu)`` the inference-mode
 one, with an optional ReLU in the same pass. Where AMX runs bfloat16, an ungrouped kernel
 gradient on an output map of at most 4x4 is one matrix product of the input's patches and
 ``dy`` instead (oneDNN's backward-weights convolution is slow there;
@@ -258,39 +258,32 @@ def _norm_bwd(epsilon, residuals, cotangents):
 batch_norm.defvjp(_norm_fwd, _norm_bwd, symbolic_zeros=True)
 
 
-ACTIVATIONS = {None: lambda y: y, "relu": jax.nn.relu, "relu6": jax.nn.relu6}
-
-
-def _normalized(x, mean, var, scale, shift, epsilon, activation=None):
+def _normalized(x, mean, var, scale, shift, epsilon, relu=False):
   """``batch_norm_inference``'s value in XLA's ops (flax's formula), for its gradient."""
   y = (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + epsilon) * scale) + shift
-  return ACTIVATIONS[activation](y).astype(x.dtype)
+  return (jax.nn.relu(y) if relu else y).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def batch_norm_inference(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
-                         shift: jax.Array, epsilon: float,
-                         activation: str | None = None) -> jax.Array:
+                         shift: jax.Array, epsilon: float, relu: bool = False) -> jax.Array:
   """Inference-mode batch normalisation of ``x [..., C]`` (float32 or bfloat16) with the given
-  float32 ``mean``, ``var``, ``scale`` and ``shift`` ``[C]``, then ``activation`` (None or
-  'relu'): ``y = act((x - mean) / sqrt(var + epsilon) * scale + shift)`` in ``x``'s dtype,
-  in one oneDNN pass (``cnnjax.models.BatchNorm`` uses it on bfloat16 inputs). Its gradient
-  (saliency, CAM through an evaluated model) is XLA's of that formula."""
+  float32 ``mean``, ``var``, ``scale`` and ``shift`` ``[C]``: ``y = (x - mean) / sqrt(var +
+  epsilon) * scale + shift`` in ``x``'s dtype, ``relu``: and ``max(y, 0)``, in one oneDNN
+  pass (``cnnjax.models.BatchNorm`` uses it on bfloat16 inputs). Its gradient (saliency, CAM
+  through an evaluated model) is XLA's of that formula."""
   _check_channels(x, mean, var, scale, shift)
-  if activation not in (None, "relu"):
-    raise ValueError(f"activation {activation!r}; expected None or 'relu'")
   return _call("norm_infer", [(x.shape, x.dtype)], x, mean, var, scale, shift,
-               epsilon=np.float32(epsilon), relu=np.int64(activation == "relu"))[0]
+               epsilon=np.float32(epsilon), relu=np.int64(relu))[0]
 
 
-def _norm_infer_fwd(x, mean, var, scale, shift, epsilon, activation):
-  return (batch_norm_inference(x, mean, var, scale, shift, epsilon, activation),
+def _norm_infer_fwd(x, mean, var, scale, shift, epsilon, relu):
+  return (batch_norm_inference(x, mean, var, scale, shift, epsilon, relu),
           (x, mean, var, scale, shift))
 
 
-def _norm_infer_bwd(epsilon, activation, residuals, dy):
-  return jax.vjp(functools.partial(_normalized, epsilon=epsilon, activation=activation),
-                 *residuals)[1](dy)
+def _norm_infer_bwd(epsilon, relu, residuals, dy):
+  return jax.vjp(functools.partial(_normalized, epsilon=epsilon, relu=relu), *residuals)[1](dy)
 
 
 batch_norm_inference.defvjp(_norm_infer_fwd, _norm_infer_bwd)

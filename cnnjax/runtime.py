@@ -117,8 +117,9 @@ def configure(onednn: bool = True) -> bool:
 
 def onednn_in_use(dtype: str = "float32") -> bool:
   """Whether the models' convolutions, batch norms and max pooling of ``dtype`` run on the
-  oneDNN extension (``configure``; bfloat16 only where the CPU has bf16 instructions)."""
-  return _onednn_bf16 if dtype == "bfloat16" else _onednn
+  oneDNN extension (``configure``; float32 and bfloat16 only, bfloat16 only where the CPU has
+  bf16 instructions)."""
+  return {"float32": _onednn, "bfloat16": _onednn_bf16}.get(dtype, False)
 
 
 def kernels() -> str:

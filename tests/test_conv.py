@@ -114,6 +114,7 @@ def test_bfloat16_convolutions_run_on_onednn_only_where_the_cpu_has_bf16(monkeyp
   monkeypatch.setattr(runtime, "_onednn_bf16", False)
   assert conv.lowering(*shapes) == "onednn"
   assert conv.lowering(*shapes, dtype="bfloat16") == "xla"
+  assert not runtime.onednn_in_use("float16")  # no kernels in other dtypes
   monkeypatch.setattr(runtime, "_onednn_bf16", True)
   assert conv.lowering(*shapes, dtype="bfloat16") == "onednn"
 

@@ -28,6 +28,9 @@ import jax.numpy as jnp
 from cnnjax import onednn, runtime
 from cnnjax.errors import UserError
 
+# What may follow the normalisation (``BatchNorm.activation``).
+ACTIVATIONS = {None: lambda y: y, "relu": nn.relu, "relu6": nn.relu6}
+
 
 class BatchNorm(nn.BatchNorm):
   """``nn.BatchNorm`` on oneDNN where it runs (see the module docstring), then
@@ -41,8 +44,7 @@ class BatchNorm(nn.BatchNorm):
   def _runs_on_onednn(self, x: jax.Array, train: bool, mask: jax.Array | None) -> bool:
     return ((train or (x.dtype == jnp.bfloat16 and self.activation != "relu6"))
             and (x.dtype != jnp.bfloat16 or x.shape[-1] % 16 == 0)
-            and mask is None and self.axis_name is None
-            and not self.is_initializing() and x.dtype in (jnp.float32, jnp.bfloat16)
+            and mask is None and self.axis_name is None and not self.is_initializing()
             and self.param_dtype == jnp.float32 and self.dtype in (None, jnp.float32)
             and self.axis in (-1, x.ndim - 1, (-1,)) and runtime.onednn_in_use(x.dtype.name))
 
@@ -51,10 +53,10 @@ class BatchNorm(nn.BatchNorm):
                mask: jax.Array | None = None) -> jax.Array:
     train = not nn.merge_param("use_running_average", self.use_running_average,
                                use_running_average)
-    act = onednn.ACTIVATIONS.get(self.activation)
+    act = ACTIVATIONS.get(self.activation)
     if act is None:
       raise UserError(f"BatchNorm activation {self.activation!r}; expected one of "
-                      f"{list(onednn.ACTIVATIONS)}")
+                      f"{list(ACTIVATIONS)}")
     if not self._runs_on_onednn(x, train, mask):
       y = act(super().__call__(x, use_running_average, mask=mask))
       return y.astype(jnp.bfloat16) if x.dtype == jnp.bfloat16 else y  # not promoted by the stats
@@ -69,7 +71,7 @@ class BatchNorm(nn.BatchNorm):
     if not train:
       return onednn.batch_norm_inference(x, jnp.asarray(ra_mean.value, jnp.float32),
                                          jnp.asarray(ra_var.value, jnp.float32), scale, shift,
-                                         self.epsilon, self.activation)
+                                         self.epsilon, self.activation == "relu")
     y, mean, var = onednn.batch_norm(x, scale, shift, self.epsilon)
     ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
     ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

@@ -85,7 +85,7 @@ def pool(x: jax.Array, kind: Literal["max", "avg"], window: int) -> jax.Array:
   if kind not in ("max", "avg"):
     raise UserError(f"unknown pooling {kind!r}; expected 'max' or 'avg'")
   if kind == "max":
-    if x.dtype in (jnp.float32, jnp.bfloat16) and runtime.onednn_in_use(x.dtype.name):
+    if runtime.onednn_in_use(x.dtype.name):
       return onednn.max_pool(x, window)  # the same values and gradient, in one pass each way
     return max_pool(x, window)
   b, h, w, c = x.shape
@@ -103,7 +103,7 @@ def window_max_pool(x: jax.Array, window: int, stride: int,
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(x.shape[1:3], (window, window), (stride, stride), padding)
   padding = tuple(tuple(p) for p in padding)
-  if x.dtype in (jnp.float32, jnp.bfloat16) and runtime.onednn_in_use(x.dtype.name):
+  if runtime.onednn_in_use(x.dtype.name):
     return onednn.window_max_pool(x, window, stride, padding)
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
 

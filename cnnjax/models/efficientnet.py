@@ -94,7 +94,7 @@ class DepthwiseConv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (k, k, 1, x.shape[-1]))
     _, height, width, _ = x.shape
     padding = (same_padding(height, k, s), same_padding(width, k, s))
-    if (x.dtype == kernel.dtype and x.dtype in (jnp.float32, jnp.bfloat16)
+    if (x.dtype == kernel.dtype
         and lowering(x.shape, kernel.shape, (s, s), padding, x.dtype.name) == "onednn"):
       return onednn.conv(x, kernel, (s, s), padding)
     x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
