@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from cnnjax import assemble, plots
+from cnnjax.models import batch_norm
 from cnnjax.steps import model_variables, predict_proba
 from cnnjax.errors import UserError
 
@@ -63,13 +64,23 @@ def _path(module: nn.Module) -> str:
 @contextlib.contextmanager
 def _after_calls(hook: Callable[[nn.Module, tuple[Any, ...], Any], Any]) -> Iterator[None]:
   """Within the block, ``hook(module, args, output)`` runs after the ``__call__`` of every
-  submodule (not the top-level model) and its return value replaces the output."""
+  submodule (not the top-level model) and its return value replaces the output: the
+  outermost call's (a ``BatchNorm`` calls ``nn.BatchNorm.__call__`` before its activation);
+  batch norms run apart from their convolutions (``batch_norm.unfolded``), so that both are
+  seen."""
+  calling: set[tuple[str, ...]] = set()
+
   def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name != "__call__" or not context.module.path:
-      return out
+    path = tuple(context.module.path)
+    if context.method_name != "__call__" or not path or path in calling:
+      return next_fun(*args, **kwargs)
+    calling.add(path)
+    try:
+      out = next_fun(*args, **kwargs)
+    finally:
+      calling.discard(path)
     return hook(context.module, args, out)
-  with nn.intercept_methods(interceptor):
+  with nn.intercept_methods(interceptor), batch_norm.unfolded():
     yield
 
 

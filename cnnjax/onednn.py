@@ -58,6 +58,7 @@ _TARGETS = {"conv_fwd": "CnnjaxOnednnConvFwd", "conv_bwd_data": "CnnjaxOnednnCon
             "conv_bwd_weights": "CnnjaxOnednnConvBwdWeights",
             "conv_fwd_bias": "CnnjaxOnednnConvFwdBias",
             "conv_fwd_bias_relu": "CnnjaxOnednnConvFwdBiasRelu",
+            "conv_fwd_bias_relu6": "CnnjaxOnednnConvFwdBiasRelu6",
             "conv_bwd_weights_bias": "CnnjaxOnednnConvBwdWeightsBias",
             "norm_fwd": "CnnjaxOnednnNormFwd", "norm_bwd": "CnnjaxOnednnNormBwd",
             "norm_infer": "CnnjaxOnednnNormInfer",
@@ -179,32 +180,38 @@ def _conv_bwd(strides, padding, residuals, dy):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+# conv_bias's activations: its FFI target and the gradient's mask, from the output.
+_CONV_ACTIVATIONS = {None: ("conv_fwd_bias", None),
+                     "relu": ("conv_fwd_bias_relu", lambda y: y > 0),
+                     "relu6": ("conv_fwd_bias_relu6", lambda y: (y > 0) & (y < 6))}
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: tuple[int, int],
-              padding: tuple[tuple[int, int], tuple[int, int]], relu: bool = False) -> jax.Array:
+              padding: tuple[tuple[int, int], tuple[int, int]],
+              activation: str | None = None) -> jax.Array:
   """``conv(x, kernel, strides, padding) + bias``, the bias ``[Cout]`` (float32) added inside
   oneDNN's convolution, and its gradient computed in the backward-weights pass (XLA sums a
-  bfloat16 activation gradient over ``[B, Ho, Wo]`` slowly: BENCHMARKS.md); ``relu``: and
-  ``max(., 0)`` as the kernel's post-op (one pass over the output fewer), which turns a NaN
-  into 0 where ``nn.relu`` keeps it (NaN weights still reach the loss through the layers
-  after)."""
+  bfloat16 activation gradient over ``[B, Ho, Wo]`` slowly: BENCHMARKS.md); ``activation``
+  'relu' or 'relu6': then ``nn.relu`` / ``nn.relu6`` of that as the kernel's post-op (one
+  pass over the output fewer; a NaN comes out as 0 where flax's would keep it, and NaN
+  weights still reach the loss through the layers after)."""
   kh, kw, _, cout = kernel.shape
   ho = conv_math.conv_output_size(x.shape[1] + sum(padding[0]), kh, strides[0])
   wo = conv_math.conv_output_size(x.shape[2] + sum(padding[1]), kw, strides[1])
-  return _call("conv_fwd_bias_relu" if relu else "conv_fwd_bias",
-               [((x.shape[0], ho, wo, cout), x.dtype)], x, kernel, bias,
-               **_attributes(strides, padding))[0]
+  return _call(_CONV_ACTIVATIONS[activation][0], [((x.shape[0], ho, wo, cout), x.dtype)],
+               x, kernel, bias, **_attributes(strides, padding))[0]
 
 
-def _conv_bias_fwd(x, kernel, bias, strides, padding, relu):
-  y = conv_bias(x, kernel, bias, strides, padding, relu)
-  return y, (x, kernel, y if relu else None)
+def _conv_bias_fwd(x, kernel, bias, strides, padding, activation):
+  y = conv_bias(x, kernel, bias, strides, padding, activation)
+  return y, (x, kernel, y if activation else None)
 
 
-def _conv_bias_bwd(strides, padding, relu, residuals, dy):
+def _conv_bias_bwd(strides, padding, activation, residuals, dy):
   x, kernel, y = residuals
-  if relu:  # ReLU's gradient, from its output (jax.nn.relu's: zero where y is 0)
-    dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
+  if activation:  # the activation's gradient, from its output (as jax.nn.relu's, relu6's)
+    dy = jnp.where(_CONV_ACTIVATIONS[activation][1](y), dy, jnp.zeros_like(dy))
   dw, dbias = _call("conv_bwd_weights_bias", [(kernel.shape, x.dtype), ((kernel.shape[3],),
                                                                        jnp.float32)],
                     x, dy, **_attributes(strides, padding))

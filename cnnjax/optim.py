@@ -4,6 +4,7 @@ and the frozen modules run in inference mode (``frozen_inference``)."""
 import contextlib
 import functools
 import re
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import optax
 from flax import traverse_util
 
 from cnnjax.errors import UserError
+from cnnjax.models import batch_norm
 
 SCHEDULES = ("constant", "one_cycle", "warmup_cosine")
 OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw")
@@ -210,25 +212,27 @@ def _optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformati
   return opt
 
 
-def frozen_inference(frozen: frozenset[tuple[str, ...]]) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def frozen_inference(frozen: frozenset[tuple[str, ...]]) -> Iterator[None]:
   """A context in which the modules at the paths in ``frozen`` (see
   ``optim.frozen_modules``) and their submodules run in inference mode even when the model
   is called with ``train=True``: their ``BatchNorm`` layers use and keep their running
-  statistics, their ``Dropout`` layers pass inputs through. Wrap the ``apply`` (or the
-  traced step) in it."""
+  statistics (folded into their convolutions, ``batch_norm.conv_norm``), their ``Dropout``
+  layers pass inputs through. Wrap the ``apply`` (or the traced step) in it."""
   if not frozen:
-    return contextlib.nullcontext()
+    yield
+    return
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name == "__call__" and isinstance(module, (nn.BatchNorm, nn.Dropout)):
-      path = tuple(module.path)
-      if any(path[:i] in frozen for i in range(1, len(path) + 1)):
-        if isinstance(module, nn.Dropout):
-          return args[0]
-        if not module.use_running_average:
-          return module.clone(parent=None, use_running_average=True).apply(
-              module.variables, *args, **kwargs)
+    if (context.method_name == "__call__" and isinstance(module, (nn.BatchNorm, nn.Dropout))
+        and batch_norm.is_under(tuple(module.path), frozen)):
+      if isinstance(module, nn.Dropout):
+        return args[0]
+      if not module.use_running_average:
+        return module.clone(parent=None, use_running_average=True).apply(
+            module.variables, *args, **kwargs)
     return next_fun(*args, **kwargs)
 
-  return nn.intercept_methods(intercept)
+  with nn.intercept_methods(intercept), batch_norm.inference_under(frozen):
+    yield

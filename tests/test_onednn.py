@@ -156,9 +156,10 @@ def test_the_weight_gradient_as_one_matrix_product_equals_the_convolution_s(dtyp
 
 
 @needs_onednn
-@pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("name", ["RGB 3x3 same", "3x3/2, pads (0, 1)", "1x1/2"])
-def test_conv_with_bias_values_and_gradients_equal_lax(name, relu):
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+@pytest.mark.parametrize("name", ["RGB 3x3 same", "3x3/2, pads (0, 1)", "1x1/2",
+                                  "depthwise 3x3/2, pads (0, 1)"])
+def test_conv_with_bias_values_and_gradients_equal_lax(name, activation):
   x_shape, k_shape, strides, padding = CONV_CASES[name]
   kx, kk, kb, kr = jax.random.split(jax.random.key(1), 4)
   x, kernel = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
@@ -170,18 +171,20 @@ def test_conv_with_bias_values_and_gradients_equal_lax(name, relu):
 
   def reference(x, kernel, bias):
     y = lax.conv_general_dilated(x, kernel, strides, padding,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
-    return nn.relu(y) if relu else y
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 feature_group_count=x.shape[-1] // kernel.shape[2]) + bias
+    return {None: y, "relu": nn.relu(y), "relu6": nn.relu6(y)}[activation]
 
   def ours(x, kernel, bias):
-    return onednn.conv_bias(x, kernel, bias, strides, padding, relu)
+    return onednn.conv_bias(x, kernel, bias, strides, padding, activation)
 
   (_, y_want), g_want, (_, y_got), g_got = (
       r for fn in (reference, ours)
       for r in jax.value_and_grad(lambda *a, fn=fn: loss(fn, *a), (0, 1, 2), has_aux=True)(
           x, kernel, bias))
   np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=1e-4)
-  assert (y_got.min() == 0) == relu
+  assert (y_got.min() == 0) == (activation is not None)
+  assert (y_got.max() == 6) == (activation == "relu6")
   for got, want in zip(g_got, g_want):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
@@ -199,7 +202,7 @@ def test_the_fused_relu_in_bfloat16_is_relu_after_the_rounded_convolution():
         x, kernel, bias)
 
   pad = ((1, 1), (1, 1))
-  fused = value_and_grads(lambda *a: onednn.conv_bias(*a, (1, 1), pad, True))
+  fused = value_and_grads(lambda *a: onednn.conv_bias(*a, (1, 1), pad, "relu"))
   after = value_and_grads(lambda *a: nn.relu(onednn.conv_bias(*a, (1, 1), pad)))
   for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(after)):
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
@@ -209,7 +212,8 @@ def test_a_nan_before_the_fused_relu_comes_out_as_zero_as_documented():
   if not (_installed() and onednn.available()):
     pytest.skip("the onednn extra is not installed")
   x = jnp.full((1, 3, 3, 1), jnp.nan)
-  y = onednn.conv_bias(x, jnp.ones((1, 1, 1, 2)), jnp.zeros(2), (1, 1), ((0, 0), (0, 0)), True)
+  y = onednn.conv_bias(x, jnp.ones((1, 1, 1, 2)), jnp.zeros(2), (1, 1), ((0, 0), (0, 0)),
+                       "relu")
   np.testing.assert_array_equal(y, 0.0)  # oneDNN's max(x, 0); nn.relu (XLA) keeps the NaN
 
 

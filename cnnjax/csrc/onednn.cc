@@ -6,6 +6,7 @@
 //   cnnjax_onednn_conv_bwd_weights  x [N, H, W, Ci], dy [N, Ho, Wo, Co] -> dw [KH, KW, Ci / G, Co]
 //   cnnjax_onednn_conv_fwd_bias          x, w, bias [Co] (float32) -> y = conv(x, w) + bias
 //   cnnjax_onednn_conv_fwd_bias_relu     x, w, bias -> y = max(conv(x, w) + bias, 0) (a post-op)
+//   cnnjax_onednn_conv_fwd_bias_relu6    x, w, bias -> y = min(max(conv(x, w) + bias, 0), 6)
 //   cnnjax_onednn_conv_bwd_weights_bias  x, dy -> dw, dbias [Co] (float32): the bias gradient
 //                                        (dy summed over N, Ho, Wo) in the same pass
 //   (attributes: strides [2] and padding [4] = (top, bottom, left, right); G groups, as lax's
@@ -135,10 +136,14 @@ std::unique_ptr<Plan> MakePlan(const Key& key) {
   plan->hwio_md = Desc(s.weights, key[16] == 1 ? tag::hwio : tag::hwigo, type);
   const bool with_bias = key[15] != 0;
   const auto bias = plan->bias_md;
-  if (key[15] == 2) {
-    dnnl::post_ops relu;
-    relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
-    attr.set_post_ops(relu);
+  if (key[15] >= 2) {  // the activation after the bias: 2 ReLU, 3 ReLU6
+    dnnl::post_ops activation;
+    if (key[15] == 2) {
+      activation.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+    } else {
+      activation.append_eltwise(dnnl::algorithm::eltwise_clip, 0.0f, 6.0f);
+    }
+    attr.set_post_ops(activation);
   }
   auto fwd = with_bias ? dnnl::convolution_forward::primitive_desc(
                              Engine(), dnnl::prop_kind::forward_training, algo, src,
@@ -301,11 +306,12 @@ ffi::Error WeightsByMatmul(const Key& key, const char* x, const void* dy, void* 
 
 // Runs one pass under the lock. `a` and `b` are the pass's inputs and `out` its output, in
 // the order of the handler's arguments above; `bias` (float32 [Co], or null) is the forward
-// pass's bias input or the backward-weights pass's bias-gradient output.
+// pass's bias input or the backward-weights pass's bias-gradient output; `activation` what
+// follows the forward pass's bias (0 none, 1 ReLU, 2 ReLU6).
 ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
                    ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> strides,
                    ffi::Span<const int64_t> padding, float* bias = nullptr,
-                   bool relu = false) {
+                   int64_t activation = 0) {
   if (strides.size() != 2 || padding.size() != 4) {
     return ffi::Error::InvalidArgument("strides must have 2 entries and padding 4");
   }
@@ -332,7 +338,7 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
   const Key key = {x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1],
                    w_dims[3], strides[0], strides[1], padding[0], padding[1], padding[2],
                    padding[3], static_cast<int64_t>(pass), static_cast<int64_t>(type),
-                   bias == nullptr ? 0 : relu ? 2 : 1, groups};
+                   bias == nullptr ? 0 : 1 + activation, groups};
   std::lock_guard<std::mutex> guard(Lock());
   if (pass == Pass::kBackwardWeights) {
     const Shapes s = ShapesOf(key);
@@ -767,14 +773,15 @@ CNNJAX_CONV_HANDLER(CnnjaxOnednnConvFwd, Pass::kForward)
 CNNJAX_CONV_HANDLER(CnnjaxOnednnConvBwdData, Pass::kBackwardData)
 CNNJAX_CONV_HANDLER(CnnjaxOnednnConvBwdWeights, Pass::kBackwardWeights)
 
-#define CNNJAX_CONV_BIAS_HANDLER(symbol, relu)                                              \
+#define CNNJAX_CONV_BIAS_HANDLER(symbol, activation)                                        \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                            \
       symbol,                                                                               \
       [](ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,                    \
          ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> strides,                   \
          ffi::Span<const int64_t> padding) {                                                \
         return Guarded("convolution", [&] {                                                 \
-          return RunConv(Pass::kForward, x, w, y, strides, padding, bias.typed_data(), relu); \
+          return RunConv(Pass::kForward, x, w, y, strides, padding, bias.typed_data(),      \
+                         activation);                                                       \
         });                                                                                 \
       },                                                                                    \
       ffi::Ffi::Bind()                                                                      \
@@ -785,8 +792,9 @@ CNNJAX_CONV_HANDLER(CnnjaxOnednnConvBwdWeights, Pass::kBackwardWeights)
           .Attr<ffi::Span<const int64_t>>("strides")                                        \
           .Attr<ffi::Span<const int64_t>>("padding"));
 
-CNNJAX_CONV_BIAS_HANDLER(CnnjaxOnednnConvFwdBias, false)
-CNNJAX_CONV_BIAS_HANDLER(CnnjaxOnednnConvFwdBiasRelu, true)
+CNNJAX_CONV_BIAS_HANDLER(CnnjaxOnednnConvFwdBias, 0)
+CNNJAX_CONV_BIAS_HANDLER(CnnjaxOnednnConvFwdBiasRelu, 1)
+CNNJAX_CONV_BIAS_HANDLER(CnnjaxOnednnConvFwdBiasRelu6, 2)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CnnjaxOnednnConvBwdWeightsBias,
     [](ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,

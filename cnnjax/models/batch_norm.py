@@ -20,7 +20,17 @@ stay float32 and the output is bfloat16, as the next layer expects, on both path
 variance is the batch's biased variance in both (oneDNN's is computed around the mean,
 flax's default as ``E[x^2] - E[x]^2``: equal up to float32 rounding;
 ``tests/test_onednn.py``).
+
+``conv_norm(conv, norm, x)`` is ``norm(conv(x))``, except in inference mode and in the
+frozen base of a transfer learning (``optim.frozen_inference``), where it folds the
+normalisation and its activation into the convolution: one convolution, no pass over its
+output. ResNet, EfficientNet-Lite and VGG-BN use it; ``cnnjax.interpret`` runs the two
+apart (``unfolded``), to see both layers.
 """
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,6 +40,9 @@ from cnnjax.errors import UserError
 
 # What may follow the normalisation (``BatchNorm.activation``).
 ACTIVATIONS = {None: lambda y: y, "relu": nn.relu, "relu6": nn.relu6}
+_FOLDING = contextvars.ContextVar("cnnjax_batch_norm_folding", default=True)
+_FROZEN: contextvars.ContextVar[frozenset[tuple[str, ...]]] = contextvars.ContextVar(
+    "cnnjax_frozen_batch_norms", default=frozenset())
 
 
 class BatchNorm(nn.BatchNorm):
@@ -76,3 +89,63 @@ class BatchNorm(nn.BatchNorm):
     ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
     ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return act(y)
+
+  def affine(self) -> tuple[jax.Array, jax.Array]:
+    """``(a, b)`` ``[C]`` float32 with which the inference-mode normalisation is ``x * a +
+    b`` (the running statistics, scale and bias; the parameters must exist)."""
+    variables = self.variables
+    stats, params = variables["batch_stats"], variables.get("params", {})
+    a = jax.lax.rsqrt(stats["var"].astype(jnp.float32) + self.epsilon)
+    if self.use_scale:
+      a = a * params["scale"].astype(jnp.float32)
+    b = params["bias"].astype(jnp.float32) if self.use_bias else 0.0
+    return a, b - stats["mean"].astype(jnp.float32) * a
+
+
+def conv_norm(conv: nn.Module, norm: BatchNorm, x: jax.Array) -> jax.Array:
+  """``norm(conv(x))`` for a ``cnnjax.models.conv.Conv`` (or ``DepthwiseConv``) and a
+  ``BatchNorm`` made in the calling module's compact method. In inference mode
+  (``norm.use_running_average=True``, or frozen: ``inference_under``), once the parameters
+  exist, the normalisation is folded
+  into the convolution: one convolution with the kernel times ``a`` and the bias times ``a``
+  plus ``b`` (``BatchNorm.affine``), the activation inside oneDNN's kernel where it runs
+  there, instead of a convolution, then a pass over its output (bfloat16 EfficientNet-Lite0
+  and ResNet-18 inference: BENCHMARKS.md). Equal up to float rounding. Within
+  ``unfolded()`` both modules run, so that ``cnnjax.interpret`` sees each one's output.
+
+  ``x [B, H, W, Cin]``; returns ``[B, Ho, Wo, Cout]``."""
+  inference = (norm.use_running_average is True
+               or is_under((*norm.parent.path, norm.name), _FROZEN.get()))
+  if (_FOLDING.get() and inference and norm.axis in (-1, (-1,))
+      and norm.activation in ACTIVATIONS and conv._folds(x)  # pylint: disable=protected-access
+      and not norm.parent.is_initializing()):
+    return conv.fold(x, *norm.affine(), norm.activation)
+  return norm(conv(x))
+
+
+def is_under(path: tuple[str, ...], paths: frozenset[tuple[str, ...]]) -> bool:
+  """Whether the module at ``path`` is one of ``paths`` or inside one."""
+  return any(path[:i] in paths for i in range(1, len(path) + 1))
+
+
+@contextlib.contextmanager
+def inference_under(paths: frozenset[tuple[str, ...]]) -> Iterator[None]:
+  """Within the block ``conv_norm`` folds the batch norms at or inside ``paths`` (module
+  paths) as in inference mode, whatever their ``use_running_average``: the frozen modules
+  of ``optim.frozen_inference``, which runs their ``__call__`` in inference mode."""
+  token = _FROZEN.set(paths)
+  try:
+    yield
+  finally:
+    _FROZEN.reset(token)
+
+
+@contextlib.contextmanager
+def unfolded() -> Iterator[None]:
+  """Within the block ``conv_norm`` runs the convolution and the normalisation apart."""
+  token = _FOLDING.set(False)
+  try:
+    yield
+  finally:
+    _FOLDING.reset(token)
+

@@ -31,7 +31,7 @@ applies, else on lax's.
 ``tests/test_conv.py`` checks values and gradients of each lowering against lax's.
 """
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cnnjax import conv_math, onednn, runtime
+from cnnjax.models.batch_norm import ACTIVATIONS
 
 SMALL_MAP_PIXELS = 4  # output pixels at or below which im2col wins at any width
 
@@ -109,7 +110,8 @@ class Conv(nn.Conv):
   ``relu=True`` returns ``nn.relu`` of the result (as Keras's ``activation='relu'``: the
   layer's output, e.g. for ``cnnjax.interpret``, is the ReLU's), inside that kernel where it
   runs there (a NaN then comes out as 0). Input ``[B, H, W, Cin]``, output
-  ``[B, Ho, Wo, features]``."""
+  ``[B, Ho, Wo, features]``. ``fold`` computes it with a batch norm folded in
+  (``batch_norm.conv_norm``)."""
   conv_general_dilated: Any = conv_general_dilated
   relu: bool = False
 
@@ -125,19 +127,36 @@ class Conv(nn.Conv):
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     return onednn.conv_bias(inputs, kernel, bias.astype(jnp.float32), strides, padding,
-                            self.relu)
+                            "relu" if self.relu else None)
 
-  def _fused_bias_form(self, inputs: jax.Array):
-    """``(kernel_size, strides, padding pairs)`` when this call's bias can go into oneDNN's
-    kernel, else None (flax's own code runs)."""
-    if (not self.use_bias or self.is_initializing() or inputs.ndim != 4
-        or not isinstance(self.kernel_size, Sequence) or len(self.kernel_size) != 2
-        or self.mask is not None or not self.shared_weights or self.feature_group_count != 1
-        or self.precision is not None or self.input_dilation not in (None, 1, (1, 1))
+  def fold(self, inputs: jax.Array, scale: jax.Array, shift: jax.Array,
+           activation: str | None = None) -> jax.Array:
+    """``activation(self(inputs) * scale + shift)``, ``scale`` and ``shift`` ``[features]``
+    float32 (an inference-mode batch norm), as one convolution: the kernel times ``scale``,
+    the bias ``bias * scale + shift``, the activation (None, 'relu', 'relu6') inside oneDNN's
+    kernel where it runs there. Only where ``_folds(inputs)``; the parameters must exist."""
+    _, strides, padding = self._geometry(inputs)
+    params = self.variables["params"]
+    dtype = jnp.dtype(self.dtype or jnp.result_type(inputs, params["kernel"]))
+    kernel = (params["kernel"].astype(jnp.float32) * scale).astype(dtype)
+    if self.use_bias:
+      shift = shift + params["bias"].astype(jnp.float32) * scale
+    return biased(inputs.astype(dtype), kernel, shift, strides, padding, activation)
+
+  def _folds(self, inputs: jax.Array) -> bool:
+    """Whether ``fold`` can take this call: a plain 2-D convolution without its own ReLU."""
+    return not self.relu and self._geometry(inputs) is not None
+
+  def _geometry(self, inputs: jax.Array):
+    """``(kernel_size, strides, padding pairs)`` of a plain 2-D NHWC convolution computing in
+    float32 or bfloat16 (no mask, groups, dilation or precision), else None."""
+    if (inputs.ndim != 4 or not isinstance(self.kernel_size, Sequence)
+        or len(self.kernel_size) != 2 or self.mask is not None or not self.shared_weights
+        or self.feature_group_count != 1 or self.precision is not None
+        or self.input_dilation not in (None, 1, (1, 1))
         or self.kernel_dilation not in (None, 1, (1, 1))):
       return None
-    dtype = jnp.dtype(self.dtype or inputs.dtype)
-    if dtype not in (jnp.float32, jnp.bfloat16):
+    if jnp.dtype(self.dtype or inputs.dtype) not in (jnp.float32, jnp.bfloat16):
       return None
     kernel_size = tuple(self.kernel_size)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
@@ -146,8 +165,34 @@ class Conv(nn.Conv):
       if padding not in ("SAME", "VALID"):
         return None
       padding = lax.padtype_to_pads(inputs.shape[1:3], kernel_size, strides, padding)
-    padding = tuple(tuple(p) for p in padding)
-    kernel_shape = (*kernel_size, inputs.shape[-1], self.features)
-    if lowering(inputs.shape, kernel_shape, strides, padding, dtype.name) != "onednn":
+    return kernel_size, strides, tuple(tuple(p) for p in padding)
+
+  def _fused_bias_form(self, inputs: jax.Array):
+    """``_geometry`` when this call's bias can go into oneDNN's kernel, else None (flax's
+    own code runs)."""
+    geometry = self._geometry(inputs)
+    if geometry is None or not self.use_bias or self.is_initializing():
       return None
-    return kernel_size, strides, padding
+    kernel_size, strides, padding = geometry
+    kernel_shape = (*kernel_size, inputs.shape[-1], self.features)
+    dtype = jnp.dtype(self.dtype or inputs.dtype).name
+    if lowering(inputs.shape, kernel_shape, strides, padding, dtype) != "onednn":
+      return None
+    return geometry
+
+
+def biased(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: tuple[int, int],
+           padding: tuple[tuple[int, int], tuple[int, int]], activation: str | None = None,
+           convolve: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
+  """``activation(conv(x, kernel) + bias)``: ``x [B, H, W, Cin]``, ``kernel [kh, kw, Cin / G,
+  Cout]`` in one dtype, ``bias [Cout]`` float32, ``activation`` None, 'relu' or 'relu6'. One
+  oneDNN kernel (``onednn.conv_bias``) where ``lowering`` picks oneDNN; else
+  ``convolve(x, kernel)`` (default ``conv_general_dilated``), then the bias and activation."""
+  if lowering(x.shape, kernel.shape, strides, padding, x.dtype.name) == "onednn":
+    return onednn.conv_bias(x, kernel, bias, strides, padding, activation)
+  if convolve is None:
+    y = conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                             feature_group_count=x.shape[-1] // kernel.shape[2])
+  else:
+    y = convolve(x, kernel)
+  return ACTIVATIONS[activation](y + bias.astype(y.dtype))

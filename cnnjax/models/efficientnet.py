@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from cnnjax import onednn
 from cnnjax.errors import UserError
-from cnnjax.models.batch_norm import BatchNorm
-from cnnjax.models.conv import Conv, lowering
+from cnnjax.models.batch_norm import BatchNorm, conv_norm
+from cnnjax.models.conv import Conv, biased, lowering
 from cnnjax.models.dropout import Dropout
 from cnnjax.models.resnet import ModuleDef, conv_kernel_init
 
@@ -90,14 +90,37 @@ class DepthwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, s = self.kernel_size, self.strides
-    kernel = self.param("kernel", self.kernel_init, (k, k, 1, x.shape[-1]))
-    _, height, width, _ = x.shape
-    padding = (same_padding(height, k, s), same_padding(width, k, s))
+    kernel = self.param("kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1,
+                                                     x.shape[-1]))
+    strides, padding = self._geometry(x)
     if (x.dtype == kernel.dtype
-        and lowering(x.shape, kernel.shape, (s, s), padding, x.dtype.name) == "onednn"):
-      return onednn.conv(x, kernel, (s, s), padding)
-    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+        and lowering(x.shape, kernel.shape, strides, padding, x.dtype.name) == "onednn"):
+      return onednn.conv(x, kernel, strides, padding)
+    return self._taps(x, kernel)
+
+  def fold(self, x: jax.Array, scale: jax.Array, shift: jax.Array,
+           activation: str | None = None) -> jax.Array:
+    """``activation(self(x) * scale + shift)`` as one convolution (``Conv.fold``)."""
+    kernel = self.variables["params"]["kernel"]
+    dtype = jnp.result_type(x, kernel)
+    kernel = (kernel.astype(jnp.float32) * scale).astype(dtype)
+    return biased(x.astype(dtype), kernel, shift, *self._geometry(x), activation, self._taps)
+
+  def _folds(self, x: jax.Array) -> bool:
+    del x
+    return True
+
+  def _geometry(self, x: jax.Array) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+    _, height, width, _ = x.shape
+    k, s = self.kernel_size, self.strides
+    return (s, s), (same_padding(height, k, s), same_padding(width, k, s))
+
+  def _taps(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The sum over the kernel's taps of the padded input, shifted and strided, times the
+    tap's per-channel weights."""
+    k, s = self.kernel_size, self.strides
+    _, height, width, _ = x.shape
+    x = jnp.pad(x, ((0, 0), *self._geometry(x)[1], (0, 0)))
     out_h, out_w = -(-height // s), -(-width // s)
     out = 0.0
     for i in range(k):
@@ -130,12 +153,12 @@ class MBConv(nn.Module):
     inputs = x
     channels = x.shape[-1] * self.expand_ratio
     if self.expand_ratio != 1:
-      x = self.conv(channels, (1, 1), name="expand_conv")(x)
-      x = self.norm(name="bn0", activation="relu6")(x)
-    x = DepthwiseConv(self.kernel_size, self.strides, name="depthwise_conv")(x)
-    x = self.norm(name="bn1", activation="relu6")(x)
-    x = self.conv(self.features, (1, 1), name="project_conv")(x)
-    x = self.norm(name="bn2")(x)
+      x = conv_norm(self.conv(channels, (1, 1), name="expand_conv"),
+                    self.norm(name="bn0", activation="relu6"), x)
+    x = conv_norm(DepthwiseConv(self.kernel_size, self.strides, name="depthwise_conv"),
+                  self.norm(name="bn1", activation="relu6"), x)
+    x = conv_norm(self.conv(self.features, (1, 1), name="project_conv"),
+                  self.norm(name="bn2"), x)
     if self.strides == 1 and inputs.shape[-1] == self.features:
       if self.drop_rate > 0:
         x = Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
@@ -199,8 +222,8 @@ class EfficientNetLite(nn.Module):
                              kernel_init=conv_kernel_init)
     norm = functools.partial(BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon)
-    x = conv(STEM_FEATURES, (3, 3), strides=(2, 2), name="conv_stem")(x)
-    x = norm(name="bn0", activation="relu6")(x)
+    x = conv_norm(conv(STEM_FEATURES, (3, 3), strides=(2, 2), name="conv_stem"),
+                  norm(name="bn0", activation="relu6"), x)
     self.sow("intermediates", "stem", x)
     stages = self._stages()
     num_blocks = sum(stage.repeats for stage in stages)
@@ -214,8 +237,8 @@ class EfficientNetLite(nn.Module):
                    conv=conv, norm=norm, name=f"blocks_{index}")(x, train)
         index += 1
       self.sow("intermediates", f"stage{number}", x)
-    x = conv(HEAD_FEATURES, (1, 1), name="conv_head")(x)
-    x = norm(name="bn1", activation="relu6")(x)
+    x = conv_norm(conv(HEAD_FEATURES, (1, 1), name="conv_head"),
+                  norm(name="bn1", activation="relu6"), x)
     self.sow("intermediates", "head", x)
     x = jnp.mean(x, axis=(1, 2))
     self.sow("intermediates", "features", x)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import UserError
-from cnnjax.models.batch_norm import BatchNorm
+from cnnjax.models.batch_norm import BatchNorm, conv_norm
 from cnnjax.models.blocks import window_max_pool
 from cnnjax.models.conv import Conv
 
@@ -42,9 +42,8 @@ def projection_shortcut(x: jax.Array, features: int, strides: int, conv: ModuleD
                         norm: ModuleDef) -> jax.Array:
   """torchvision's ``downsample``: 1x1 conv with stride + BN, ``[B, H, W, C]`` ->
   ``[B, H/strides, W/strides, features]``. Call it inside a block's compact method."""
-  x = conv(features, (1, 1), strides=(strides, strides), padding="VALID",
-           name="downsample_0")(x)
-  return norm(name="downsample_1")(x)
+  return conv_norm(conv(features, (1, 1), strides=(strides, strides), padding="VALID",
+                        name="downsample_0"), norm(name="downsample_1"), x)
 
 
 class BasicBlock(nn.Module):
@@ -62,11 +61,11 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     residual = x
-    y = self.conv(self.features, (3, 3), strides=(self.strides, self.strides),
-                  padding=_PAD1, name="conv1")(x)
-    y = self.norm(name="bn1", activation="relu")(y)
-    y = self.conv(self.features, (3, 3), padding=_PAD1, name="conv2")(y)
-    y = self.norm(name="bn2")(y)
+    y = conv_norm(self.conv(self.features, (3, 3), strides=(self.strides, self.strides),
+                            padding=_PAD1, name="conv1"),
+                  self.norm(name="bn1", activation="relu"), x)
+    y = conv_norm(self.conv(self.features, (3, 3), padding=_PAD1, name="conv2"),
+                  self.norm(name="bn2"), y)
     if self.strides != 1 or x.shape[-1] != self.features * self.expansion:
       residual = projection_shortcut(x, self.features * self.expansion, self.strides,
                                      self.conv, self.norm)
@@ -89,13 +88,13 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     residual = x
-    y = self.conv(self.features, (1, 1), padding="VALID", name="conv1")(x)
-    y = self.norm(name="bn1", activation="relu")(y)
-    y = self.conv(self.features, (3, 3), strides=(self.strides, self.strides),
-                  padding=_PAD1, name="conv2")(y)
-    y = self.norm(name="bn2", activation="relu")(y)
-    y = self.conv(self.features * self.expansion, (1, 1), padding="VALID", name="conv3")(y)
-    y = self.norm(name="bn3")(y)
+    y = conv_norm(self.conv(self.features, (1, 1), padding="VALID", name="conv1"),
+                  self.norm(name="bn1", activation="relu"), x)
+    y = conv_norm(self.conv(self.features, (3, 3), strides=(self.strides, self.strides),
+                            padding=_PAD1, name="conv2"),
+                  self.norm(name="bn2", activation="relu"), y)
+    y = conv_norm(self.conv(self.features * self.expansion, (1, 1), padding="VALID",
+                            name="conv3"), self.norm(name="bn3"), y)
     if self.strides != 1 or x.shape[-1] != self.features * self.expansion:
       residual = projection_shortcut(x, self.features * self.expansion, self.strides,
                                      self.conv, self.norm)
@@ -138,11 +137,11 @@ class ResNet(nn.Module):
     norm = functools.partial(BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon)
     if self.cifar_stem:
-      x = conv(64, (3, 3), padding=_PAD1, name="conv1")(x)
-      x = norm(name="bn1", activation="relu")(x)
+      x = conv_norm(conv(64, (3, 3), padding=_PAD1, name="conv1"),
+                    norm(name="bn1", activation="relu"), x)
     else:
-      x = conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
-      x = norm(name="bn1", activation="relu")(x)
+      x = conv_norm(conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1"),
+                    norm(name="bn1", activation="relu"), x)
       x = window_max_pool(x, 3, 2, _PAD1)  # pads with -inf
     self.sow("intermediates", "stem", x)
     for stage, num_blocks in enumerate(self.stage_sizes):

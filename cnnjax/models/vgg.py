@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import UserError
-from cnnjax.models.batch_norm import BatchNorm
+from cnnjax.models.batch_norm import BatchNorm, conv_norm
 from cnnjax.models.conv import Conv
 from cnnjax.models.dropout import Dropout
 from cnnjax.models.blocks import adaptive_avg_pool, pool
@@ -83,11 +83,14 @@ class VGG(nn.Module):
       raise UserError(f"num_classes={self.num_classes}; expected >= 0 (0: no classifier)")
     for block, (features, convs) in enumerate(self.blocks, start=1):
       for conv in range(1, convs + 1):
-        x = Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_kernel_init,
-                 relu=not self.batch_norm, name=f"block{block}_conv{conv}")(x)
+        layer = Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_kernel_init,
+                     relu=not self.batch_norm, name=f"block{block}_conv{conv}")
         if self.batch_norm:
-          x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                        epsilon=1e-5, activation="relu", name=f"block{block}_bn{conv}")(x)
+          x = conv_norm(layer, BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                                         epsilon=1e-5, activation="relu",
+                                         name=f"block{block}_bn{conv}"), x)
+        else:
+          x = layer(x)
       x = pool(x, "max", 2)
       self.sow("intermediates", f"block{block}", x)
     if self.num_classes == 0:
