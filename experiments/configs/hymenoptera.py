@@ -19,7 +19,8 @@ torchvision's weights: online they are downloaded; offline put resnet18-f37072fd
 Results on this machine (EfficientNet-Lite0, real ImageNet weights; val accuracy of the last
 epoch, 153 images):
   features 93.5% (seed 0; extraction 17 s, head 30 epochs in seconds);
-  frozen 94.8% (145/153, seed 0; 94.1% without eval_flip; ~12 s epochs);
+  frozen 94.8% (145/153, seed 0; 94.1% without eval_flip; 77 s wall, 4 s epochs, on the
+  2-core Intel Xeon of BENCHMARKS.md; --config.precision=bfloat16: 52 s, 2 s epochs);
   finetune 96.1% (147/153) for each of seeds 0, 1, 2, ~2 min wall each (10 epochs of ~8 s
   after a 16 s first): the new head starts from ImageNet's ant (310) and bee (309)
   classifier rows (model.head_classes; the ImageNet classifier alone gets 96.7%, zero_shot.py),
