@@ -71,8 +71,10 @@ def _after_calls(hook: Callable[[nn.Module, tuple[Any, ...], Any], Any]) -> Iter
   calling: set[tuple[str, ...]] = set()
 
   def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
     path = tuple(context.module.path)
-    if context.method_name != "__call__" or not path or path in calling:
+    if not path or path in calling:
       return next_fun(*args, **kwargs)
     calling.add(path)
     try:

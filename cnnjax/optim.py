@@ -217,7 +217,8 @@ def frozen_inference(frozen: frozenset[tuple[str, ...]]) -> Iterator[None]:
   """A context in which the modules at the paths in ``frozen`` (see
   ``optim.frozen_modules``) and their submodules run in inference mode even when the model
   is called with ``train=True``: their ``BatchNorm`` layers use and keep their running
-  statistics (folded into their convolutions, ``batch_norm.conv_norm``), their ``Dropout``
+  statistics (folded into their convolutions where the model calls ``batch_norm.conv_norm``:
+  ResNet, EfficientNet-Lite, VGG-BN), their ``Dropout``
   layers pass inputs through. Wrap the ``apply`` (or the traced step) in it."""
   if not frozen:
     yield

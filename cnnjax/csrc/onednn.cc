@@ -61,7 +61,8 @@ namespace {
 enum class Pass { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
 // N, H, W, Ci, KH, KW, Co, stride h, stride w, pad top, bottom, left, right, pass, dtype,
-// epilogue (0: none, 1: bias, 2: bias and ReLU, the forward pass's post-op), groups.
+// epilogue (0: none, 1: bias, 2: bias and ReLU, 3: bias and ReLU6, the forward pass's
+// post-op), groups.
 using Key = std::array<int64_t, 17>;
 
 using dt = dnnl::memory::data_type;

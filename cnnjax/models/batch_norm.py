@@ -106,17 +106,18 @@ def conv_norm(conv: nn.Module, norm: BatchNorm, x: jax.Array) -> jax.Array:
   """``norm(conv(x))`` for a ``cnnjax.models.conv.Conv`` (or ``DepthwiseConv``) and a
   ``BatchNorm`` made in the calling module's compact method. In inference mode
   (``norm.use_running_average=True``, or frozen: ``inference_under``), once the parameters
-  exist, the normalisation is folded
-  into the convolution: one convolution with the kernel times ``a`` and the bias times ``a``
-  plus ``b`` (``BatchNorm.affine``), the activation inside oneDNN's kernel where it runs
-  there, instead of a convolution, then a pass over its output (bfloat16 EfficientNet-Lite0
-  and ResNet-18 inference: BENCHMARKS.md). Equal up to float rounding. Within
-  ``unfolded()`` both modules run, so that ``cnnjax.interpret`` sees each one's output.
+  exist, the normalisation is folded into the convolution: one convolution with the kernel
+  times ``a`` and the bias times ``a`` plus ``b`` (``BatchNorm.affine``), the activation
+  inside oneDNN's kernel where it runs there, instead of a convolution, then a pass over its
+  output (EfficientNet-Lite0 and bfloat16 ResNet-18 inference: BENCHMARKS.md). Equal up to
+  float rounding. Within ``unfolded()`` both modules run, so that ``cnnjax.interpret`` sees
+  each one's output (as must anything else that captures modules' outputs, e.g. flax's
+  ``capture_intermediates``).
 
   ``x [B, H, W, Cin]``; returns ``[B, Ho, Wo, Cout]``."""
   inference = (norm.use_running_average is True
                or is_under((*norm.parent.path, norm.name), _FROZEN.get()))
-  if (_FOLDING.get() and inference and norm.axis in (-1, (-1,))
+  if (_FOLDING.get() and inference and norm.axis in (-1, (-1,)) and norm.dtype is None
       and norm.activation in ACTIVATIONS and conv._folds(x)  # pylint: disable=protected-access
       and not norm.parent.is_initializing()):
     return conv.fold(x, *norm.affine(), norm.activation)
