@@ -137,11 +137,10 @@ class Conv(nn.Conv):
     kernel where it runs there. Only where ``_folds(inputs)``; the parameters must exist."""
     _, strides, padding = self._geometry(inputs)
     params = self.variables["params"]
-    dtype = jnp.dtype(self.dtype or jnp.result_type(inputs, params["kernel"]))
-    kernel = (params["kernel"].astype(jnp.float32) * scale).astype(dtype)
     if self.use_bias:
       shift = shift + params["bias"].astype(jnp.float32) * scale
-    return biased(inputs.astype(dtype), kernel, shift, strides, padding, activation)
+    return scaled(inputs, params["kernel"], scale, shift, strides, padding, activation,
+                  dtype=self.dtype)
 
   def _folds(self, inputs: jax.Array) -> bool:
     """Whether ``fold`` can take this call: a plain 2-D convolution without its own ReLU."""
@@ -181,18 +180,24 @@ class Conv(nn.Conv):
     return geometry
 
 
-def biased(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: tuple[int, int],
-           padding: tuple[tuple[int, int], tuple[int, int]], activation: str | None = None,
-           convolve: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
-  """``activation(conv(x, kernel) + bias)``: ``x [B, H, W, Cin]``, ``kernel [kh, kw, Cin / G,
-  Cout]`` in one dtype, ``bias [Cout]`` float32, ``activation`` None, 'relu' or 'relu6'. One
-  oneDNN kernel (``onednn.conv_bias``) where ``lowering`` picks oneDNN; else
-  ``convolve(x, kernel)`` (default ``conv_general_dilated``), then the bias and activation."""
+def scaled(x: jax.Array, kernel: jax.Array, scale: jax.Array, shift: jax.Array,
+           strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]],
+           activation: str | None = None,
+           convolve: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+           dtype: Any = None) -> jax.Array:
+  """``activation(conv(x, kernel * scale) + shift)``: ``x [B, H, W, Cin]``, ``kernel [kh, kw,
+  Cin / G, Cout]``, ``scale`` and ``shift`` ``[Cout]`` float32, ``activation`` None, 'relu'
+  or 'relu6'; the kernel scaled in float32 and rounded once to ``dtype`` (default: ``x``'s
+  and ``kernel``'s promoted). One oneDNN kernel (``onednn.conv_bias``) where ``lowering``
+  picks oneDNN; else ``convolve(x, kernel)`` (default ``conv_general_dilated``), then the
+  shift and activation."""
+  dtype = jnp.dtype(dtype or jnp.result_type(x, kernel))
+  x, kernel = x.astype(dtype), (kernel.astype(jnp.float32) * scale).astype(dtype)
   if lowering(x.shape, kernel.shape, strides, padding, x.dtype.name) == "onednn":
-    return onednn.conv_bias(x, kernel, bias, strides, padding, activation)
+    return onednn.conv_bias(x, kernel, shift, strides, padding, activation)
   if convolve is None:
     y = conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                              feature_group_count=x.shape[-1] // kernel.shape[2])
   else:
     y = convolve(x, kernel)
-  return ACTIVATIONS[activation](y + bias.astype(y.dtype))
+  return ACTIVATIONS[activation](y + shift.astype(y.dtype))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from cnnjax import onednn
 from cnnjax.errors import UserError
 from cnnjax.models.batch_norm import BatchNorm, conv_norm
-from cnnjax.models.conv import Conv, biased, lowering
+from cnnjax.models.conv import Conv, lowering, scaled
 from cnnjax.models.dropout import Dropout
 from cnnjax.models.resnet import ModuleDef, conv_kernel_init
 
@@ -101,10 +101,8 @@ class DepthwiseConv(nn.Module):
   def fold(self, x: jax.Array, scale: jax.Array, shift: jax.Array,
            activation: str | None = None) -> jax.Array:
     """``activation(self(x) * scale + shift)`` as one convolution (``Conv.fold``)."""
-    kernel = self.variables["params"]["kernel"]
-    dtype = jnp.result_type(x, kernel)
-    kernel = (kernel.astype(jnp.float32) * scale).astype(dtype)
-    return biased(x.astype(dtype), kernel, shift, *self._geometry(x), activation, self._taps)
+    return scaled(x, self.variables["params"]["kernel"], scale, shift, *self._geometry(x),
+                  activation, self._taps)
 
   def _folds(self, x: jax.Array) -> bool:
     del x
