@@ -75,6 +75,16 @@ bool OnednnType(ffi::DataType type, dt* out) {
   return false;
 }
 
+// oneDNN's kernels want 64-byte aligned operands: AMX and AVX-512 loads that straddle cache
+// lines ran the bf16 convolutions 2-2.5x slower from a std::vector's 16-byte aligned data.
+// Grows `buffer` (kept between calls) to hold `bytes` at a 64-byte boundary.
+char* Aligned(std::vector<char>& buffer, size_t bytes) {
+  constexpr size_t kAlign = 64;
+  buffer.resize(bytes + kAlign);
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + (kAlign - address % kAlign) % kAlign;
+}
+
 struct Shapes {
   dnnl::memory::dims src, weights, dst, strides, pad_l, pad_r;
 };
@@ -267,8 +277,7 @@ ffi::Error WeightsByMatmul(const Key& key, const char* x, const void* dy, void* 
                                       Engine(), patches_md, dy_md, dw_md))).first;
   }
   static std::vector<char> patches;
-  patches.resize(rows * taps * size);
-  char* const out = patches.data();
+  char* const out = Aligned(patches, rows * taps * size);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t b = r / (ho * wo), oy = r / wo % ho, ox = r % wo;
@@ -353,16 +362,16 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
   if (!plan) plan = MakePlan(key);
   dnnl::stream& stream = Stream();
   static std::vector<char> weights_buffer, scratch_buffer;
-  scratch_buffer.resize(plan->scratch_md.get_size() + 64);
-  dnnl::memory scratch(plan->scratch_md, Engine(), scratch_buffer.data());
+  dnnl::memory scratch(plan->scratch_md, Engine(),
+                       Aligned(scratch_buffer, plan->scratch_md.get_size()));
   // The convolution's weights (or weight gradient) memory: the HWIO buffer itself, or a
   // buffer in oneDNN's layout reordered from (or to) it.
   void* hwio = pass == Pass::kBackwardWeights ? out->untyped_data() : b.untyped_data();
   dnnl::memory hwio_mem(plan->hwio_md, Engine(), hwio);
   dnnl::memory weights_mem = hwio_mem;
   if (plan->weights_reorder) {
-    weights_buffer.resize(plan->weights_md.get_size() + 64);
-    weights_mem = dnnl::memory(plan->weights_md, Engine(), weights_buffer.data());
+    weights_mem = dnnl::memory(plan->weights_md, Engine(),
+                               Aligned(weights_buffer, plan->weights_md.get_size()));
     if (pass != Pass::kBackwardWeights) {
       plan->weights_reorder->execute(stream, hwio_mem, weights_mem);
     }
