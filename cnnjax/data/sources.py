@@ -89,7 +89,7 @@ def load_npz(path: str | os.PathLike, limit: int = 0) -> Dataset:
     if missing:
       raise UserError(f"{path} has no array(s) {missing}; expected {list(NPZ_KEYS)}")
     labels = {k: f[k] for k in ("y_train", "y_test")}
-    images = {k: _npy_head(zf, k, limit) if limit else f[k] for k in ("x_train", "x_test")}
+    images = {k: _npy_rows(zf, k, limit or None) for k in ("x_train", "x_test")}
     cut = slice(None, limit or None)
     train = checked_arrays(f"{path}:train", images["x_train"], labels["y_train"][cut])
     test = checked_arrays(f"{path}:test", images["x_test"], labels["y_test"][cut])
@@ -100,8 +100,9 @@ def load_npz(path: str | os.PathLike, limit: int = 0) -> Dataset:
   return Dataset(train, test, names, subsets)
 
 
-def _npy_head(zf: zipfile.ZipFile, key: str, rows: int) -> np.ndarray:
-  """The first ``rows`` rows of array ``key`` of an open .npz, without reading the rest."""
+def _npy_rows(zf: zipfile.ZipFile, key: str, rows: int | None = None) -> np.ndarray:
+  """Array ``key`` of an open .npz (its first ``rows`` rows, without reading the rest), read
+  in one piece: ``np.load``'s reads of 256 KB each took 2.2x as long on CIFAR-10's images."""
   with zf.open(f"{key}.npy") as f:
     version = np.lib.format.read_magic(f)
     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
@@ -110,7 +111,7 @@ def _npy_head(zf: zipfile.ZipFile, key: str, rows: int) -> np.ndarray:
     if fortran_order or dtype.hasobject or not shape:
       raise UserError(f"{zf.filename}:{key} is not a C-ordered numeric array; expected "
                       "numpy.savez's layout")
-    count = min(rows, shape[0])
+    count = shape[0] if rows is None else min(rows, shape[0])
     row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
     return np.frombuffer(bytearray(f.read(count * row_bytes)), dtype).reshape(count, *shape[1:])
 
