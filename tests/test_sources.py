@@ -1,16 +1,25 @@
-"""Reading local data: an .npz (read in one piece per array, not by np.load's chunks) gives
-np.load's arrays; under ``data.limit`` it reads only the first rows and gives what reading it
-whole and cutting it would."""
+"""Reading local data: an .npz (read straight into its arrays, not through np.load's small
+reads) gives np.load's arrays, C- or Fortran-ordered; under ``data.limit`` it reads only the
+first rows and gives what reading it whole and cutting it would; a truncated array is one
+line."""
+import io
+import zipfile
+
 import numpy as np
 import pytest
 
 from cnnjax.data import sources
+from cnnjax.errors import UserError
 from tests.conftest import make_images
 
 
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
-def test_npz_reads_np_loads_arrays_and_a_limit_the_first_rows_as_a_cut_of_the_whole(tmp_path, save):
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_npz_reads_np_loads_arrays_and_a_limit_the_first_rows_as_a_cut_of_the_whole(
+    tmp_path, save, order, monkeypatch):
+  monkeypatch.setattr(sources, "_READ_BYTES", 1000)  # several pieces per array
   x, y = make_images(100)
+  x = np.asarray(x, order=order)
   y[-1] = 11  # beyond the first rows: still counts as a class
   save(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:50], y_test=y[:50],
        test_is_lossless=np.arange(50) < 10)
@@ -18,7 +27,6 @@ def test_npz_reads_np_loads_arrays_and_a_limit_the_first_rows_as_a_cut_of_the_wh
   with np.load(tmp_path / "d.npz") as f:
     np.testing.assert_array_equal(whole.train[0], f["x_train"])
     np.testing.assert_array_equal(whole.test[0], f["x_test"])
-    assert whole.train[0].dtype == f["x_train"].dtype
   whole = whole.head(20)
   head = sources.load_npz(tmp_path / "d.npz", limit=20)
   for a, b in [(whole.train, head.train), (whole.test, head.test)]:
@@ -27,3 +35,17 @@ def test_npz_reads_np_loads_arrays_and_a_limit_the_first_rows_as_a_cut_of_the_wh
   np.testing.assert_array_equal(whole.test_subsets["lossless"], head.test_subsets["lossless"])
   assert head.class_names == whole.class_names and len(head.class_names) == 12
   head.train[0][0, 0, 0, 0] = whole.train[0][0, 0, 0, 0] = 1  # writable, as np.load's are
+
+
+def test_an_npz_array_shorter_than_its_header_says_is_one_line(tmp_path):
+  x, y = make_images(10)
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                "shape": (20, 32, 32, 3)})
+  with zipfile.ZipFile(tmp_path / "d.npz", "w") as zf:
+    zf.writestr("x_train.npy", header.getvalue() + x.tobytes())  # 10 of the 20 images
+    for name, array in [("y_train", y), ("x_test", x), ("y_test", y)]:
+      with zf.open(f"{name}.npy", "w") as f:
+        np.lib.format.write_array(f, array)
+  with pytest.raises(UserError, match=r"x_train ends before its \(20, 32, 32, 3\) array does"):
+    sources.load_npz(tmp_path / "d.npz")

@@ -75,8 +75,8 @@ bool OnednnType(ffi::DataType type, dt* out) {
   return false;
 }
 
-// oneDNN's kernels want 64-byte aligned operands: AMX and AVX-512 loads that straddle cache
-// lines ran the bf16 convolutions 2-2.5x slower from a std::vector's 16-byte aligned data.
+// oneDNN's operands at 64-byte boundaries: from a std::vector's 16-byte aligned data its AMX
+// kernels ran bf16 convolutions on 4x4 and 8x8 maps up to 2.7x slower (BENCHMARKS.md notes).
 // Grows `buffer` (kept between calls) to hold `bytes` at a 64-byte boundary.
 char* Aligned(std::vector<char>& buffer, size_t bytes) {
   constexpr size_t kAlign = 64;
