@@ -21,9 +21,10 @@ one at a time (18:37-19:25): 94.3/93.9/94.3/94.0/94.9% on the 1,000 lossless tes
 (mean 94.28%, sd 0.39), 86.5/86.6/86.3/86.5/86.6% on 10k (mean 86.51%), 10.0/8.0/9.9/11.1/
 8.7 min wall (mean 9.5 min; epochs of 44-77 s as the machine's speed varied). Seed 0 again
 at 20:57 with oneDNN's operands aligned: the same accuracy, 8.0 min (epochs of 44-51 s).
-The same on a 2-core AMD EPYC with AVX-512 BF16 and no AMX (2026-12-04), seeds 0-4: 94.3/94.0/94.5/94.0/94.0% on the lossless images (mean 94.16%,
-sd 0.22), 86.9/86.5/86.5/86.4/86.4% on 10k (9k JPEG; mean 86.55%), 20.6-22.5 min wall each
-(10 epochs of 115-144 s, test with its 6 views ~41 s). The 1,000 images alone give +/-0.7 points of
+The same on a 2-core AMD EPYC with AVX-512 BF16 and no AMX (2026-12-04), seeds 0-4:
+94.3/94.0/94.5/94.0/94.0% on the lossless images (mean 94.16%, sd 0.22),
+86.9/86.5/86.5/86.4/86.4% on 10k (9k JPEG; mean 86.55%), 20.6-22.5 min wall each (10 epochs
+of 115-144 s, test with its 6 views ~41 s). The 1,000 images alone give +/-0.7 points of
 sampling error. Before this recipe's fixes of that day (L2 decay 683x too weak: airbench's
 decay was scaled like its rate but not divided by it; batch-norm momentum inverted; the
 linear one-cycle's third phase; no lookahead, flip-only test views), float32, 2026-12-01:
@@ -31,8 +32,8 @@ linear one-cycle's third phase; no lookahead, flip-only test views), float32, 20
 on that day's faster VM). The network trains with 0.62 GFLOP per image
 (``benchmarks/roofline.py``'s count): 10 epochs of 49,152 images are 0.30 PFLOP, 11.3
 minutes at the AMD cores' bf16 peak for a large matrix product (0.445 TFLOP/s; its runs
-sustained 0.21-0.26), 2.3-2.7 minutes at the Intel cores' (1.86-2.21 TFLOP/s; its runs
-sustained 0.45-0.67).
+sustained 0.21-0.26), 2.3-2.7 minutes at the Intel cores' (1.86-2.21 TFLOP/s; its epochs of
+44-77 s sustained 0.40-0.69).
 """
 from experiments.configs import default
 
