@@ -77,10 +77,11 @@ bool OnednnType(ffi::DataType type, dt* out) {
 
 // oneDNN's operands at 64-byte boundaries: from a std::vector's 16-byte aligned data its AMX
 // kernels ran bf16 convolutions on 4x4 and 8x8 maps up to 2.7x slower (BENCHMARKS.md notes).
-// Grows `buffer` (kept between calls) to hold `bytes` at a 64-byte boundary.
+// Grows `buffer` (kept between calls) to hold `bytes` at a 64-byte boundary; never shrinks
+// it, since growing back would zero-fill the regrown bytes again on every other call.
 char* Aligned(std::vector<char>& buffer, size_t bytes) {
   constexpr size_t kAlign = 64;
-  buffer.resize(bytes + kAlign);
+  if (buffer.size() < bytes + kAlign) buffer.resize(bytes + kAlign);
   const auto address = reinterpret_cast<uintptr_t>(buffer.data());
   return buffer.data() + (kAlign - address % kAlign) % kAlign;
 }
