@@ -79,7 +79,8 @@ _FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w")  # any x86-
 
 def _target(compiler: str, library: pathlib.Path) -> pathlib.Path:
   """Where the build for this source, compiler, flags, jax and oneDNN goes."""
-  key = hashlib.sha256(_SOURCE.read_bytes() + f"{jax.__version__} {library} "
+  sources = b"".join(path.read_bytes() for path in (_SOURCE, _SOURCE.with_name("max_pool.h")))
+  key = hashlib.sha256(sources + f"{jax.__version__} {library} "
                        f"{metadata.version('onednn-cpu-gomp')} {compiler} "
                        f"{_FLAGS}".encode()).hexdigest()[:16]
   return runtime.cache_dir() / f"onednn_{key}.so"

@@ -539,127 +539,30 @@ struct PoolWindow {
   int64_t k, s, top, left;  // size, stride, padding before the rows and before the columns
 };
 
-template <typename T>
-void MaxPoolForward(const typename T::Storage* x, typename T::Storage* y, int64_t n,
-                    int64_t h, int64_t w, int64_t c, int64_t ho, int64_t wo, PoolWindow win) {
-  const int64_t k = win.k;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < n; ++b) {
-    for (int64_t i = 0; i < ho; ++i) {
-      for (int64_t j = 0; j < wo; ++j) {
-        typename T::Storage* out = y + ((b * ho + i) * wo + j) * c;
-        const int64_t row = i * win.s - win.top, col = j * win.s - win.left;
-        bool first = true;
-        for (int64_t v = 0; v < k * k; ++v) {
-          const int64_t r = row + v / k, cl = col + v % k;
-          if (r < 0 || r >= h || cl < 0 || cl >= w) continue;
-          const typename T::Storage* view = x + ((b * h + r) * w + cl) * c;
-          if (first) {
-            std::memcpy(out, view, c * sizeof *out);
-            first = false;
-            continue;
-          }
-#pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) {
-            const float m = T::Get(out[ch]), a = T::Get(view[ch]);
-            out[ch] = (a > m || a != a) ? view[ch] : out[ch];
-          }
-        }
-        if (first) {  // a window wholly in the padding: -inf, as reduce_window's
-          for (int64_t ch = 0; ch < c; ++ch) out[ch] = T::Put(-INFINITY);
-        }
-      }
-    }
-  }
-}
+// The loops (max_pool.h) compiled twice: for any x86-64 CPU (SSE2, as the rest of the
+// extension), and for CPUs with AVX-512, where they run 1.4-2x faster on 16 channels or more
+// (BNCNN's); on fewer (LeNet's 6) the 16-lane loops are slower than SSE2's (BENCHMARKS.md).
+namespace any_x86 {
+#include "max_pool.h"
+}  // namespace any_x86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+namespace avx512 {
+#include "max_pool.h"
+}  // namespace avx512
+#pragma GCC pop_options
 
-template <typename T>
-void MaxPoolBackwardFirst(const typename T::Storage* x, const typename T::Storage* y,
-                          const typename T::Storage* dy, typename T::Storage* dx, int64_t n,
-                          int64_t h, int64_t w, int64_t c, int64_t ho, int64_t wo,
-                          PoolWindow win) {
-  const int64_t k = win.k;
-#pragma omp parallel
-  {
-    // One image's dx summed in float32 (windows overlap), and per output pixel which
-    // channels have found their maximum.
-    std::vector<float> sum(h * w * c), found(c), top(c), grad(c);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < n; ++b) {
-      std::fill(sum.begin(), sum.end(), 0.0f);
-      for (int64_t i = 0; i < ho; ++i) {
-        for (int64_t j = 0; j < wo; ++j) {
-          const int64_t out = ((b * ho + i) * wo + j) * c;
-#pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) {
-            top[ch] = T::Get(y[out + ch]), grad[ch] = T::Get(dy[out + ch]), found[ch] = 0.0f;
-          }
-          const int64_t row = i * win.s - win.top, col = j * win.s - win.left;
-          for (int64_t v = 0; v < k * k; ++v) {
-            const int64_t r = row + v / k, cl = col + v % k;
-            if (r < 0 || r >= h || cl < 0 || cl >= w) continue;
-            const typename T::Storage* xp = x + ((b * h + r) * w + cl) * c;
-            float* sp = sum.data() + (r * w + cl) * c;
-#pragma omp simd
-            for (int64_t ch = 0; ch < c; ++ch) {  // bitwise, not short-circuit: vectorised
-              const float a = T::Get(xp[ch]), t = top[ch], g = grad[ch], f = found[ch];
-              const bool hit = (f == 0.0f) & ((a == t) | ((a != a) & (t != t)));
-              const float add = hit ? g : 0.0f, seen = hit ? 1.0f : 0.0f;
-              sp[ch] = sp[ch] + add;
-              found[ch] = f + seen;
-            }
-          }
-        }
-      }
-      typename T::Storage* dxp = dx + b * h * w * c;
-#pragma omp simd
-      for (int64_t e = 0; e < h * w * c; ++e) dxp[e] = T::Put(sum[e]);
-    }
-  }
-}
-
-template <typename T>
-void MaxPoolBackward(const typename T::Storage* x, const typename T::Storage* y,
-                     const typename T::Storage* dy, void* dx_data, int64_t n, int64_t h,
-                     int64_t w, int64_t c, int64_t k) {
-  using S = typename T::Storage;
-  using B = typename T::Bits;  // dx written as bits: a select the compiler vectorizes
-  B* const dx = static_cast<B*>(dx_data);
-  const int64_t ho = h / k, wo = w / k;
-  if (ho * k != h || wo * k != w) std::memset(dx, 0, n * h * w * c * sizeof *dx);
-#pragma omp parallel
-  {
-    std::vector<float> top(c), ties(c);  // per output pixel: y and its number of ties
-    std::vector<B> share(c);  // dy / ties
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < n; ++b) {
-      for (int64_t i = 0; i < ho; ++i) {
-        for (int64_t j = 0; j < wo; ++j) {
-          const S* yp = y + ((b * ho + i) * wo + j) * c;
-          const S* dyp = dy + ((b * ho + i) * wo + j) * c;
-          const int64_t corner = ((b * h + i * k) * w + j * k) * c;
-#pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) top[ch] = T::Get(yp[ch]), ties[ch] = 0.0f;
-          for (int64_t v = 0; v < k * k; ++v) {
-            const S* xp = x + corner + (v / k * w + v % k) * c;
-#pragma omp simd
-            for (int64_t ch = 0; ch < c; ++ch) ties[ch] += T::Get(xp[ch]) == top[ch] ? 1.0f : 0.0f;
-          }
-#pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) {
-            const S value = T::Put(T::Get(dyp[ch]) / ties[ch]);
-            std::memcpy(&share[ch], &value, sizeof value);
-          }
-          for (int64_t v = 0; v < k * k; ++v) {
-            const int64_t off = corner + (v / k * w + v % k) * c;
-#pragma omp simd
-            for (int64_t ch = 0; ch < c; ++ch) {
-              dx[off + ch] = share[ch] & -static_cast<B>(T::Get(x[off + ch]) == top[ch]);
-            }
-          }
-        }
-      }
-    }
+// f(loops): the pooling loops for c channels on this CPU (any_x86's or avx512's MaxPoolLoops).
+template <typename F>
+void WithPoolLoops(int64_t c, F f) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") &&
+                             __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512dq");
+  if (avx512 && c >= 16) {
+    f(avx512::MaxPoolLoops{});
+  } else {
+    f(any_x86::MaxPoolLoops{});
   }
 }
 
@@ -703,24 +606,27 @@ ffi::Error PoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t 
   const auto yd = y->dimensions();
   return Guarded("max pooling", [&] {
     std::lock_guard<std::mutex> guard(Lock());  // one OpenMP team at a time, as for oneDNN's
-    if (type == dt::f32) {
-      MaxPoolForward<F32>(static_cast<const float*>(x.untyped_data()),
-                          static_cast<float*>(y->untyped_data()), d[0], d[1], d[2], d[3], yd[1],
-                          yd[2], win);
-    } else {
-      MaxPoolForward<BF16>(static_cast<const uint16_t*>(x.untyped_data()),
-                           static_cast<uint16_t*>(y->untyped_data()), d[0], d[1], d[2], d[3],
-                           yd[1], yd[2], win);
-    }
+    WithPoolLoops(d[3], [&](auto loops) {
+      if (type == dt::f32) {
+        loops.template Forward<F32>(static_cast<const float*>(x.untyped_data()),
+                                    static_cast<float*>(y->untyped_data()), d[0], d[1], d[2],
+                                    d[3], yd[1], yd[2], win);
+      } else {
+        loops.template Forward<BF16>(static_cast<const uint16_t*>(x.untyped_data()),
+                                     static_cast<uint16_t*>(y->untyped_data()), d[0], d[1], d[2],
+                                     d[3], yd[1], yd[2], win);
+      }
+    });
     return ffi::Error::Success();
   });
 }
 
 // One backward pass on buffers of T: `first` lax.reduce_window's gradient, else the ties'
 // shared one.
-template <typename T, bool first>
-void PoolBackwardOf(const ffi::AnyBuffer& x, const ffi::AnyBuffer& y, const ffi::AnyBuffer& dy,
-                    ffi::Result<ffi::AnyBuffer>& dx, int64_t k, PoolWindow win) {
+template <typename T, bool first, typename Loops>
+void PoolBackwardOf(Loops loops, const ffi::AnyBuffer& x, const ffi::AnyBuffer& y,
+                    const ffi::AnyBuffer& dy, ffi::Result<ffi::AnyBuffer>& dx, int64_t k,
+                    PoolWindow win) {
   using S = typename T::Storage;
   const auto d = x.dimensions();
   const auto yd = y.dimensions();
@@ -728,10 +634,10 @@ void PoolBackwardOf(const ffi::AnyBuffer& x, const ffi::AnyBuffer& y, const ffi:
   const auto* yp = static_cast<const S*>(y.untyped_data());
   const auto* dyp = static_cast<const S*>(dy.untyped_data());
   if constexpr (first) {
-    MaxPoolBackwardFirst<T>(xp, yp, dyp, static_cast<S*>(dx->untyped_data()), d[0], d[1], d[2],
-                            d[3], yd[1], yd[2], win);
+    loops.template BackwardFirst<T>(xp, yp, dyp, static_cast<S*>(dx->untyped_data()), d[0],
+                                    d[1], d[2], d[3], yd[1], yd[2], win);
   } else {
-    MaxPoolBackward<T>(xp, yp, dyp, dx->untyped_data(), d[0], d[1], d[2], d[3], k);
+    loops.template Backward<T>(xp, yp, dyp, dx->untyped_data(), d[0], d[1], d[2], d[3], k);
   }
 }
 
@@ -754,11 +660,13 @@ ffi::Error PoolBackward(ffi::AnyBuffer x, ffi::AnyBuffer y, ffi::AnyBuffer dy,
   }
   return Guarded("max pooling", [&] {
     std::lock_guard<std::mutex> guard(Lock());
-    if (type == dt::f32) {
-      PoolBackwardOf<F32, first>(x, y, dy, dx, k, win);
-    } else {
-      PoolBackwardOf<BF16, first>(x, y, dy, dx, k, win);
-    }
+    WithPoolLoops(x.dimensions()[3], [&](auto loops) {
+      if (type == dt::f32) {
+        PoolBackwardOf<F32, first>(loops, x, y, dy, dx, k, win);
+      } else {
+        PoolBackwardOf<BF16, first>(loops, x, y, dy, dx, k, win);
+      }
+    });
     return ffi::Error::Success();
   });
 }
