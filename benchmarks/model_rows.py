@@ -37,6 +37,7 @@ import optax
 from benchmarks import harness, roofline
 from benchmarks.harness import Measurement, Windows
 from cnnjax import optim, runtime, steps
+from cnnjax import config as config_lib
 from cnnjax.models import create_model, model_from_config
 from experiments.configs import transfer_base
 
@@ -138,7 +139,7 @@ def train_dispatch(model: nn.Module, groups: tuple[str, ...], batch: dict[str, n
   ``dtype``) of ``model`` on ``batch``; the modules the ``optimizer.groups`` rules ``groups``
   freeze get no updates and run in inference mode, as a training arranges. ``dispatch``
   runs one step."""
-  cfg = optim.default_optimizer_config()
+  cfg = config_lib.default_optimizer_config()
   cfg.groups = groups
   tx = optim.make_optimizer(cfg, optax.constant_schedule(cfg.lr))
   state = steps.create_train_state(model, tx, batch["image"].shape[1:], seed=0)

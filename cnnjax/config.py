@@ -8,11 +8,37 @@ import numbers
 
 import ml_collections
 
-from cnnjax import optim, runtime
+from cnnjax import runtime
 from cnnjax.errors import UserError
 
 
 INITS = ("flax", "torch")  # config.init
+
+
+def default_optimizer_config() -> ml_collections.ConfigDict:
+  """Every option ``optim.make_optimizer`` reads, at Keras' defaults."""
+  return ml_collections.ConfigDict({
+      "name": "adam", "lr": 1e-3, "weight_decay": 0.0,
+      "momentum": 0.0, "nesterov": False,  # sgd; rmsprop momentum
+      "rho": 0.9,  # rmsprop decay (Keras' rho; torch's alpha is 0.99)
+      "b1": 0.9, "b2": 0.999,  # adam(w)
+      "eps": 1e-7,  # Keras' default for rmsprop and adam
+      # Rules 'regex:frozen' or 'regex:<lr multiplier>' over parameter paths
+      # ('backbone/layer4_1/conv2/kernel'); each parameter must match exactly one (group_labels).
+      "groups": (),
+  })
+
+
+def default_schedule_config() -> ml_collections.ConfigDict:
+  """Every option ``optim.make_schedule`` reads (one-cycle's factors as torch's OneCycleLR)."""
+  return ml_collections.ConfigDict({
+      "name": "constant",  # constant | one_cycle | warmup_cosine
+      "anneal": "cos", "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4,  # one_cycle
+      "warmup_steps": 0, "end_lr": 0.0,  # warmup_cosine
+      # None: the peak (or constant) rate is optimizer.lr; 'auto': the LR finder's
+      # suggestion (cnnjax.train.use_lr_finder), found on the run's initial state.
+      "peak_lr": ml_collections.config_dict.placeholder(str),
+  })
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -71,8 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.ema = 0.0  # > 0: evaluate (and save) an exponential moving average of the weights, this decay
   c.lookahead = 0  # > 0: every this many steps training restarts from the average (airbench94)
 
-  c.optimizer = optim.default_optimizer_config()
-  c.schedule = optim.default_schedule_config()
+  c.optimizer = default_optimizer_config()
+  c.schedule = default_schedule_config()
   c.log_every_steps = 10  # progress-bar refresh
   # patience > 0: stop when `monitor` has not improved for that many epochs (callbacks.EarlyStopping)
   c.early_stopping = ml_collections.ConfigDict(

@@ -213,7 +213,7 @@ class Learner:
     config_lib.check_number("pct_start", pct_start, 0, 1, low_open=True, high_open=True)
     config_lib.check_number("div_factor", div_factor, 0, low_open=True)
     start = int(self.state.step) - self._opt_start  # schedules see the optimizer's own count
-    cfg = optim.default_schedule_config()
+    cfg = config_lib.default_schedule_config()
     cfg.update({"name": "one_cycle", "pct_start": pct_start, "div_factor": div_factor})
     cycle = optim.make_schedule(cfg, max_lr, epochs * self.steps_per_epoch)
     self._set_schedule(lambda step: cycle(step - start))

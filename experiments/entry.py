@@ -11,7 +11,9 @@ one error path.
 2. **Flags**: absl flags of the command, and ``--config FILE[:ARG]`` with
    ``--config.key=value`` overrides, each checked against the key's type; an unknown key,
    a bad value or a stray argument ends in one ``error:`` line (exit status 2). ``--help``
-   lists the flags and every config key with its value and meaning.
+   lists the flags and every config key with its value and meaning. A local ``.npz`` the
+   config names starts loading in a thread then (``sources.read_ahead``), while the command
+   goes on to import JAX.
 3. **Distributed start** (commands that train): ``jax.distributed.initialize`` when the flags
    or a multi-process launcher ask for it, then the kernel choice (``runtime.configure``).
 4. ``main(config)`` (or ``main()``); a ``UserError`` ends in one ``error:`` line (exit 2),
@@ -245,6 +247,8 @@ def run(main: Callable[..., Any], *, doc: str, fv: flags.FlagValues, config: boo
       cfg = load_config_file(spec)
       for key, value in overrides:
         apply_override(cfg, key, value)
+      from cnnjax.data import sources
+      sources.read_ahead(cfg.data.source, cfg.data.limit)  # while JAX imports
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_logger().addFilter(_not_orbax)  # once: addFilter skips a filter it has
     std_logging.getLogger("asyncio").addFilter(_not_unretrieved)

@@ -39,7 +39,8 @@ def augmented_versions(config, index: int, count: int) -> tuple[np.ndarray, str]
   if augment is None:
     raise UserError("config.data.augment turns every augmentation off; nothing to show "
                     "(set e.g. --config.data.augment.rotation=40)")
-  data = sources.load(config.data.source, config.data.tfds_data_dir, config.data.image_size)
+  data = sources.load(config.data.source, config.data.tfds_data_dir, config.data.image_size,
+                      config.data.limit)
   images, labels = data.train
   if not 0 <= index < len(images):
     raise UserError(f"--image={index}; expected an index in [0, {len(images)})")

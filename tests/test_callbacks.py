@@ -10,6 +10,7 @@ import pytest
 
 import cnnjax
 from cnnjax import callbacks, optim, train
+from cnnjax import config as config_lib
 from cnnjax.errors import UserError
 from tests.conftest import make_images, tiny_config
 
@@ -108,7 +109,7 @@ def test_a_log_step_is_reported_before_its_epoch_ends_with_that_step_s_rate(data
   learner = cnnjax.Learner("seed_cnn", data, batch_size=8, val_size=16)  # 10 steps per epoch
   order = Order()
   learner.fit_one_cycle(2, 0.01, callbacks=[order])
-  cfg = optim.default_schedule_config()
+  cfg = config_lib.default_schedule_config()
   cfg.update({"name": "one_cycle", "pct_start": 0.25, "div_factor": 25.0})
   cycle = optim.make_schedule(cfg, 0.01, 20)
   assert [(kind, n) for kind, n, _ in order.seen] == [("step", 10), ("epoch", 1), ("step", 20),

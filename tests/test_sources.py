@@ -1,8 +1,10 @@
 """Reading local data: an .npz (read straight into its arrays, not through np.load's small
 reads) gives np.load's arrays, C- or Fortran-ordered; under ``data.limit`` it reads only the
 first rows and gives what reading it whole and cutting it would; a truncated array is one
-line."""
+line; a read started ahead (``read_ahead``) is what ``load`` returns."""
 import io
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -49,3 +51,30 @@ def test_an_npz_array_shorter_than_its_header_says_is_one_line(tmp_path):
         np.lib.format.write_array(f, array)
   with pytest.raises(UserError, match=r"x_train ends before its \(20, 32, 32, 3\) array does"):
     sources.load_npz(tmp_path / "d.npz")
+
+
+def test_read_ahead_hands_load_the_file_it_read_once_and_its_error_as_load_would(tmp_path):
+  x, y = make_images(30)
+  np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+  sources.read_ahead(str(tmp_path / "d.npz"), limit=5)
+  ahead = sources.load(str(tmp_path / "d.npz"), limit=5)  # the thread's Dataset
+  assert not sources._AHEAD  # taken once: the next load reads the file again
+  again = sources.load(str(tmp_path / "d.npz"), limit=5)
+  np.testing.assert_array_equal(ahead.train[0], x[:5])
+  np.testing.assert_array_equal(ahead.test[1], again.test[1])
+  sources.read_ahead(str(tmp_path / "missing.npz"))  # not a file: load's own error, later
+  sources.read_ahead("cifar10")  # a TFDS name: nothing read ahead
+  assert not sources._AHEAD
+  (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
+  sources.read_ahead(str(tmp_path / "bad.npz"))
+  with pytest.raises(UserError, match="bad.npz is not an .npz archive"):
+    sources.load(str(tmp_path / "bad.npz"))
+
+
+def test_config_and_sources_import_no_jax():
+  """A command reads its .npz ahead (``read_ahead``) while JAX imports: the modules it needs
+  before that must not import JAX themselves."""
+  code = ("import sys, cnnjax.config, cnnjax.data.sources\n"
+          "print(sorted(m for m in ('jax', 'flax', 'optax') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"

@@ -10,6 +10,7 @@ from flax import traverse_util
 from PIL import Image
 
 from cnnjax import assemble, initial, optim, steps, train
+from cnnjax import config as config_lib
 from cnnjax.checkpoint import Checkpoints
 from cnnjax.data import augment, pipeline, sources
 from cnnjax.errors import UserError
@@ -58,7 +59,7 @@ def _batch(seed):
 
 @pytest.mark.slow
 def test_frozen_backbone_params_and_batch_stats_stay_bit_identical_without_optimizer_state():
-  cfg = optim.default_optimizer_config()
+  cfg = config_lib.default_optimizer_config()
   cfg.groups = GROUPS
   tx = optim.make_optimizer(cfg, optax.constant_schedule(0.05))
   state = steps.create_train_state(_Net(), tx, (8, 8, 3), 0)
@@ -103,7 +104,7 @@ def test_frozen_modules_run_in_inference_mode_while_training():
 
 
 def test_lr_multiplier_scales_a_groups_updates():
-  cfg = optim.default_optimizer_config()
+  cfg = config_lib.default_optimizer_config()
   cfg.name, cfg.groups = "sgd", ("a/.*:0.1", "b/.*:1")
   params = {"a": {"w": jnp.ones(2)}, "b": {"w": jnp.ones(2)}}
   tx = optim.make_optimizer(cfg, optax.constant_schedule(1.0))

@@ -17,9 +17,9 @@ import numpy as np
 from absl import flags
 
 from cnnjax.data.folders import ImageFolder, random_resized_crop
+from cnnjax.data.sources import Arrays
 from cnnjax.errors import UserError
 
-Arrays = tuple[np.ndarray, np.ndarray]  # images [N, H, W, C] uint8, labels [N] int64
 BatchAugment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
