@@ -66,6 +66,21 @@ def test_train_epoch_is_deterministic_reshuffled_and_drops_remainder():
     np.testing.assert_array_equal(b["label"], y[b["image"][:, 0, 0, 0]])
 
 
+def test_train_epoch_batches_are_grains_shuffled_batches():
+  """The ids of batch k are those of grain's ``range(N).shuffle(seed).batch(B)[k]``: the
+  batches (and so a seeded run's results) of the code that used grain's shuffle itself."""
+  import grain
+  x, y = make_images(100)
+  x[:, 0, 0, 0] = np.arange(100)
+  for seed, epoch in [(0, 0), (3, 7)]:
+    ds = pipeline.train_epoch((x, y), 16, seed=seed, epoch=epoch)
+    reference = grain.MapDataset.range(100).shuffle(
+        seed=pipeline.epoch_seed(seed, epoch)).batch(16, drop_remainder=True)
+    assert len(ds) == len(reference) == 6
+    for k in range(6):
+      np.testing.assert_array_equal(ds[k]["image"][:, 0, 0, 0], np.sort(reference[k]))
+
+
 def test_resuming_mid_epoch_gives_the_same_batches():
   x, y = make_images(64)
   flip = lambda images, rng: images[:, :, ::-1] if rng.random() < 0.5 else images
