@@ -63,7 +63,7 @@ _TARGETS = {"conv_fwd": "CnnjaxOnednnConvFwd", "conv_bwd_data": "CnnjaxOnednnCon
             "norm_fwd": "CnnjaxOnednnNormFwd", "norm_bwd": "CnnjaxOnednnNormBwd",
             "norm_infer": "CnnjaxOnednnNormInfer",
             "max_pool_fwd": "CnnjaxOnednnMaxPoolFwd", "max_pool_bwd": "CnnjaxOnednnMaxPoolBwd",
-            "max_pool_bwd_first": "CnnjaxOnednnMaxPoolBwdFirst"}
+            "max_pool_bwd_first": "CnnjaxOnednnMaxPoolBwdFirst", "matmul": "CnnjaxOnednnMatmul"}
 
 
 def _installed_file(distribution: str, name: str) -> pathlib.Path:
@@ -179,6 +179,34 @@ def _conv_bwd(strides, padding, residuals, dy):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _product(a: jax.Array, b: jax.Array, transpose_a: bool = False,
+             transpose_b: bool = False) -> jax.Array:
+  m = a.shape[1] if transpose_a else a.shape[0]
+  n = b.shape[0] if transpose_b else b.shape[1]
+  return _call("matmul", [((m, n), a.dtype)], a, b, transpose_a=np.int64(transpose_a),
+               transpose_b=np.int64(transpose_b))[0]
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``x [M, K] @ kernel [K, N]`` (both float32 or both bfloat16) on oneDNN's kernels (AMX's
+  for bfloat16; XLA:CPU computes a bfloat16 product in float32), accumulated in float32 and
+  rounded once into their dtype, as are its two gradients (``dy kernel^T``, ``x^T dy``)."""
+  return _product(x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+  return matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, dy):
+  x, kernel = residuals
+  return _product(dy, kernel, transpose_b=True), _product(x, dy, transpose_a=True)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 # conv_bias's activations: its FFI target and the gradient's mask, from the output.

@@ -10,7 +10,7 @@ from jax import lax
 
 from cnnjax import onednn, runtime
 from cnnjax.errors import UserError
-from cnnjax.models import batch_norm, blocks, conv
+from cnnjax.models import batch_norm, blocks, conv, dense
 from cnnjax.models.batch_norm import BatchNorm
 
 
@@ -237,6 +237,44 @@ def test_the_conv_module_adds_its_bias_inside_onednn_as_nn_conv_would(monkeypatc
                                rtol=1e-5, atol=1e-4)
     for got, want in zip(jax.tree.leaves(grad(ours.apply)), jax.tree.leaves(grad(want_fn))):
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2 ** -7)])
+def test_matmul_values_and_gradients_equal_xla_s(dtype, tolerance):
+  """The product and both gradients (the transposed forms: dy w^T, x^T dy)."""
+  k = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(k[0], (37, 48), dtype)
+  w = jax.random.normal(k[1], (48, 20), dtype)
+  r = jax.random.normal(k[2], (37, 20))
+
+  def value_and_grads(product):
+    return jax.jit(jax.value_and_grad(lambda x, w: (product(x, w).astype(jnp.float32) * r).sum(),
+                                      argnums=(0, 1)))(x, w)
+
+  (got, got_grads), (want, want_grads) = value_and_grads(onednn.matmul), value_and_grads(jnp.matmul)
+  assert onednn.matmul(x, w).dtype == x.dtype and got_grads[1].dtype == w.dtype
+  for a, b in [(onednn.matmul(x, w), x @ w), *zip(got_grads, want_grads)]:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, atol=tolerance * np.abs(b).max())  # bf16: a rounding apart
+
+
+def test_the_dense_module_runs_bfloat16_products_on_onednn_as_nn_dense_would(monkeypatch):
+  monkeypatch.setattr(runtime, "_onednn", True)
+  monkeypatch.setattr(runtime, "_onednn_bf16", True)
+  x = jax.random.normal(jax.random.key(5), (2, 3, 16))  # [..., K]: a leading axis more
+  ours, plain = dense.Dense(8), nn.Dense(8)
+  variables = plain.init(jax.random.key(6), x)
+  assert jax.tree.structure(ours.init(jax.random.key(6), x)) == jax.tree.structure(variables)
+  assert "cnnjax_onednn_matmul" not in str(jax.make_jaxpr(ours.apply)(variables, x))  # float32
+  bf16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), variables)
+  xb = x.astype(jnp.bfloat16)
+  assert "cnnjax_onednn_matmul" in str(jax.make_jaxpr(ours.apply)(bf16, xb))
+  if onednn.available():
+    got, want = ours.apply(bf16, xb), plain.apply(bf16, xb)
+    assert got.shape == (2, 3, 8) and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=2 ** -7 * float(np.abs(np.asarray(want, np.float32)).max()))
 
 
 def _reference_norm(x, scale, shift, epsilon):

@@ -17,6 +17,8 @@
 //                             statistics: inference mode), then a ReLU where the attribute
 //                             relu is 1 (oneDNN's fuse_norm_relu: the same pass)
 //   (attribute: epsilon)
+//   cnnjax_onednn_matmul  a [M, K] (or [K, M]: transpose_a), b [K, N] (or [N, K]: transpose_b)
+//                         -> [M, N]: a dense layer's product and its two gradients
 //   cnnjax_onednn_max_pool_fwd  x [N, H, W, C] -> y [N, Ho, Wo, C]
 //   cnnjax_onednn_max_pool_bwd  x, y, dy -> dx [N, H, W, C], shared among a window's ties
 //   cnnjax_onednn_max_pool_bwd_first  x, y, dy -> dx, all to a window's first maximum
@@ -524,6 +526,49 @@ ffi::Error NormInference(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
               x, *y);
 }
 
+// A matrix product out [M, N] = op(a) op(b), all float32 or all bfloat16, op transposing a
+// stored [K, M] (ta = 1) or b stored [N, K] (tb = 1), accumulated in float32 and rounded once
+// into out's dtype: a dense layer's forward (x w), input gradient (dy w^T) and kernel
+// gradient (x^T dy), on oneDNN's kernels (AMX's for bfloat16, where XLA:CPU computes a
+// bfloat16 product in float32).
+ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+                  int64_t ta, int64_t tb) {
+  dt type;
+  const auto ad = a.dimensions(), bd = b.dimensions(), od = out->dimensions();
+  if (!OnednnType(a.element_type(), &type) || b.element_type() != a.element_type() ||
+      out->element_type() != a.element_type() || ad.size() != 2 || bd.size() != 2 ||
+      od.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "a matrix product takes float32 or bfloat16 matrices, all of one dtype");
+  }
+  const int64_t m = od[0], n = od[1], k = ta ? ad[0] : ad[1];
+  if ((ta ? ad[1] : ad[0]) != m || (tb ? bd[1] : bd[0]) != k || (tb ? bd[0] : bd[1]) != n) {
+    return ffi::Error::InvalidArgument("a matrix product's shapes disagree");
+  }
+  using dims = dnnl::memory::dims;
+  const auto a_md = dnnl::memory::desc({m, k}, type, ta ? dims{1, m} : dims{k, 1});
+  const auto b_md = dnnl::memory::desc({k, n}, type, tb ? dims{1, k} : dims{n, 1});
+  const auto out_md = Desc({m, n}, dnnl::memory::format_tag::ab, type);
+  return Guarded("matrix product", [&] {
+    std::lock_guard<std::mutex> guard(Lock());
+    static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, dt>, dnnl::matmul>
+        products;
+    const auto key = std::make_tuple(m, k, n, ta, tb, type);
+    auto found = products.find(key);
+    if (found == products.end()) {
+      found = products.emplace(key, dnnl::matmul(dnnl::matmul::primitive_desc(
+                                        Engine(), a_md, b_md, out_md))).first;
+    }
+    dnnl::stream& stream = Stream();
+    found->second.execute(
+        stream, {{DNNL_ARG_SRC, dnnl::memory(a_md, Engine(), a.untyped_data())},
+                 {DNNL_ARG_WEIGHTS, dnnl::memory(b_md, Engine(), b.untyped_data())},
+                 {DNNL_ARG_DST, dnnl::memory(out_md, Engine(), out->untyped_data())}});
+    stream.wait();
+    return ffi::Error::Success();
+  });
+}
+
 // Max pooling, NHWC, float32 or bfloat16, over k x k windows with stride s and padding (as
 // lax.reduce_window pads with -inf: padded positions never win): the maximum of the window's
 // in-bounds views in row-major order (a NaN wins; of -0 and +0 the first, where XLA's maximum
@@ -782,3 +827,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolFwd, PoolForward,
                                     .Attr<ffi::Span<const int64_t>>("padding"));
 CNNJAX_POOL_BACKWARD_HANDLER(CnnjaxOnednnMaxPoolBwd, false)
 CNNJAX_POOL_BACKWARD_HANDLER(CnnjaxOnednnMaxPoolBwdFirst, true)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("transpose_a")
+                                  .Attr<int64_t>("transpose_b"));

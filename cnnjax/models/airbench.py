@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.models.blocks import pool
 from cnnjax.models import batch_norm
+from cnnjax.models.blocks import pool
 from cnnjax.models.conv import Conv
+from cnnjax.models.dense import Dense
 
 BatchNorm = functools.partial(batch_norm.BatchNorm, momentum=0.6, epsilon=1e-12, use_scale=False)
 WHITEN_PATCHES = 5000  # training images the whitening kernel is estimated from
@@ -82,7 +83,7 @@ class AirbenchNet(nn.Module):
       x = ConvGroup(features, name=f"group{i + 1}")(x, train)
       self.sow("intermediates", f"group{i + 1}", x)
     x = x.max(axis=(1, 2))
-    return nn.Dense(self.num_classes, use_bias=False)(x) * self.logit_scale
+    return Dense(self.num_classes, use_bias=False)(x) * self.logit_scale
 
   def data_init(self, images: np.ndarray,
                 normalize: Callable[[jax.Array], jax.Array]) -> dict:

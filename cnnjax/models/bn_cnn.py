@@ -4,9 +4,10 @@ import functools
 import flax.linen as nn
 import jax
 
-from cnnjax.models.blocks import pool
 from cnnjax.models import batch_norm
+from cnnjax.models.blocks import pool
 from cnnjax.models.conv import Conv
+from cnnjax.models.dense import Dense
 from cnnjax.models.dropout import Dropout
 
 # torch.nn.BatchNorm defaults: momentum 0.1 (flax 0.9) and eps 1e-5.
@@ -36,6 +37,6 @@ class BNCNN(nn.Module):
       x = Dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape(x.shape[0], -1)
     for width in self.dense:
-      x = BatchNorm(use_running_average=not train)(nn.relu(nn.Dense(width)(x)))
+      x = BatchNorm(use_running_average=not train)(nn.relu(Dense(width)(x)))
       x = Dropout(self.dense_dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    return Dense(self.num_classes)(x)

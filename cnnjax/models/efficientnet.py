@@ -29,6 +29,7 @@ from cnnjax import onednn
 from cnnjax.errors import UserError
 from cnnjax.models.batch_norm import BatchNorm, conv_norm
 from cnnjax.models.conv import Conv, lowering, scaled
+from cnnjax.models.dense import Dense
 from cnnjax.models.dropout import Dropout
 from cnnjax.models.resnet import ModuleDef, conv_kernel_init
 
@@ -243,4 +244,4 @@ class EfficientNetLite(nn.Module):
     if self.num_classes == 0:
       return x
     x = Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name="fc")(x)
+    return Dense(self.num_classes, name="fc")(x)

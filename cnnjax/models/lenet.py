@@ -6,6 +6,7 @@ import jax
 
 from cnnjax.models.blocks import activation, pool
 from cnnjax.models.conv import Conv
+from cnnjax.models.dense import Dense
 
 
 class LeNet(nn.Module):
@@ -32,6 +33,6 @@ class LeNet(nn.Module):
     x = pool(x if relu else act(x), self.pooling, 2)
     x = x.reshape(x.shape[0], -1)
     self.sow("intermediates", "features", x)
-    x = act(nn.Dense(120)(x))
-    x = act(nn.Dense(84)(x))
-    return nn.Dense(self.num_classes)(x)
+    x = act(Dense(120)(x))
+    x = act(Dense(84)(x))
+    return Dense(self.num_classes)(x)

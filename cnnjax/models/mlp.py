@@ -2,6 +2,7 @@
 import flax.linen as nn
 import jax
 
+from cnnjax.models.dense import Dense
 from cnnjax.models.dropout import Dropout
 
 
@@ -15,6 +16,6 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
+      x = nn.relu(Dense(width)(x))
       x = Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    return Dense(self.num_classes)(x)

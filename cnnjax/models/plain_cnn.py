@@ -9,6 +9,7 @@ import jax
 
 from cnnjax.models.blocks import pool
 from cnnjax.models.conv import Conv
+from cnnjax.models.dense import Dense
 from cnnjax.models.dropout import Dropout
 
 
@@ -37,8 +38,8 @@ class PlainCNN(nn.Module):
     self.sow("intermediates", "features", x)
     x = Dropout(self.dropout, deterministic=not train)(x)
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(self.num_classes)(x)
+      x = nn.relu(Dense(width)(x))
+    return Dense(self.num_classes)(x)
 
 
 class SimpleCNN(PlainCNN):

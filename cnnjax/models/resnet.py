@@ -29,6 +29,7 @@ from cnnjax.errors import UserError
 from cnnjax.models.batch_norm import BatchNorm, conv_norm
 from cnnjax.models.blocks import window_max_pool
 from cnnjax.models.conv import Conv
+from cnnjax.models.dense import Dense
 
 ModuleDef = Any
 
@@ -154,7 +155,7 @@ class ResNet(nn.Module):
     self.sow("intermediates", "features", x)
     if self.num_classes == 0:
       return x
-    return nn.Dense(self.num_classes, name="fc")(x)
+    return Dense(self.num_classes, name="fc")(x)
 
 
 class ResNet18(ResNet):

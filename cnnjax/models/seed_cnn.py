@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 
 from cnnjax.models.blocks import ConvBlock
+from cnnjax.models.dense import Dense
 from cnnjax.models.dropout import Dropout
 
 
@@ -25,5 +26,5 @@ class SeedCNN(nn.Module):
     x = x.reshape(x.shape[0], -1)
     self.sow("intermediates", "features", x)
     x = Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(self.hidden)(x))
-    return nn.Dense(self.num_classes)(x)
+    x = nn.relu(Dense(self.hidden)(x))
+    return Dense(self.num_classes)(x)

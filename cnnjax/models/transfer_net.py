@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 
 from cnnjax.errors import UserError
+from cnnjax.models.dense import Dense
 from cnnjax.models.dropout import Dropout
 
 
@@ -31,10 +32,10 @@ class Head(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.reshape(x.shape[0], -1)
     for index, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width, name=f"hidden_{index}")(x))
+      x = nn.relu(Dense(width, name=f"hidden_{index}")(x))
     if self.dropout_rate:
       x = Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name="output")(x)
+    return Dense(self.num_classes, name="output")(x)
 
 
 class TransferNet(nn.Module):

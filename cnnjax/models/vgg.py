@@ -19,9 +19,10 @@ import jax.numpy as jnp
 
 from cnnjax.errors import UserError
 from cnnjax.models.batch_norm import BatchNorm, conv_norm
-from cnnjax.models.conv import Conv
-from cnnjax.models.dropout import Dropout
 from cnnjax.models.blocks import adaptive_avg_pool, pool
+from cnnjax.models.conv import Conv
+from cnnjax.models.dense import Dense
+from cnnjax.models.dropout import Dropout
 from cnnjax.models.resnet import conv_kernel_init
 
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # (channels, convs)
@@ -100,9 +101,9 @@ class VGG(nn.Module):
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     self.sow("intermediates", "features", x)
     for name in ("fc1", "fc2"):
-      x = nn.relu(nn.Dense(4096, kernel_init=dense_kernel_init, name=name)(x))
+      x = nn.relu(Dense(4096, kernel_init=dense_kernel_init, name=name)(x))
       x = Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, kernel_init=dense_kernel_init, name="predictions")(x)
+    return Dense(self.num_classes, kernel_init=dense_kernel_init, name="predictions")(x)
 
 
 class VGG16BN(VGG):
