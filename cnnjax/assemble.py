@@ -115,9 +115,8 @@ def check_labels(data: sources.Dataset, num_classes: int, loss: str) -> None:
 
 def load_data(config: ml_collections.ConfigDict) -> sources.Dataset:
   """``config.data.source`` loaded (first ``data.limit`` examples if > 0)."""
-  data = sources.load(config.data.source, config.data.tfds_data_dir, config.data.image_size,
+  return sources.load(config.data.source, config.data.tfds_data_dir, config.data.image_size,
                       config.data.limit)
-  return data.head(config.data.limit) if config.data.limit else data
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None,

@@ -1,5 +1,5 @@
-"""oneDNN convolutions and batch normalisation, and a max pooling, for XLA:CPU, through
-``jax.ffi`` with custom VJPs.
+"""oneDNN convolutions, batch normalisation and matrix products, and a max pooling, for
+XLA:CPU, through ``jax.ffi`` with custom VJPs.
 
 XLA:CPU's convolution kernels (Eigen) run up to 3.9x slower than oneDNN's, the library
 PyTorch uses on CPU (``python -m benchmarks --mode=convs``), and its reductions over
@@ -9,11 +9,14 @@ a float32 or bfloat16 NHWC/HWIO 2-D convolution (grouped too: depthwise), its in
 and its kernel gradient as oneDNN primitives; ``batch_norm(x, scale, shift, epsilon)`` the
 training-mode batch normalisation and its gradient (``cnnjax/csrc/onednn.cc``);
 ``batch_norm_inference(x, mean, var, scale, shift, epsilon, relu)`` the inference-mode
-one, with an optional ReLU in the same pass. Where AMX runs bfloat16, an ungrouped kernel
+one, with an optional ReLU in the same pass; ``matmul(x, kernel)`` a dense layer's product
+and its gradients (``cnnjax.models.dense``: bfloat16 only, which XLA:CPU computes in
+float32). Where AMX runs bfloat16, an ungrouped kernel
 gradient on an output map of at most 4x4 is one matrix product of the input's patches and
 ``dy`` instead (oneDNN's backward-weights convolution is slow there;
 ``CNNJAX_ONEDNN_WEIGHTS_MATMUL=1`` or ``=0`` forces the choice). ``max_pool(x, window)`` is
-the extension's own OpenMP loop, not oneDNN's (whose gradient goes to one maximum of a tie):
+the extension's own OpenMP loop (compiled for AVX-512 too: ``cnnjax/csrc/max_pool.h``), not
+oneDNN's (whose gradient goes to one maximum of a tie):
 ``cnnjax.models.blocks.max_pool``'s values and gradient in one pass each way, where XLA
 materialises the window's views in the forward pass and runs bfloat16 at half the speed of
 float32 in the backward pass; ``window_max_pool(x, window, stride, padding)`` the same loop
@@ -25,11 +28,11 @@ raised as JAX runtime errors.
 The extension is optional. It needs oneDNN's library and headers (the PyPI packages
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, installed with cnnjax on x86-64 Linux)
 and a C++ compiler (``$CXX``, default g++), and is compiled on first use (~10 s) into
-``$CNNJAX_CACHE`` (default ``~/.cache/cnnjax``), keyed by the source, compiler, flags, jax
+``$CNNJAX_CACHE`` (default ``~/.cache/cnnjax``), keyed by the sources, compiler, flags, jax
 and oneDNN (``_target``), when ``cnnjax.runtime.configure()`` asks for it. ``available()`` says whether it can run here, ``unavailable_reason()`` why
 not; ``CNNJAX_ONEDNN=0`` turns it off. ``cnnjax.models.conv`` (and EfficientNet-Lite's
-``DepthwiseConv``), ``cnnjax.models.batch_norm`` and ``cnnjax.models.blocks``' ``pool`` and
-``window_max_pool`` use it where ``configure`` chose it (one device); without it they run
+``DepthwiseConv``), ``cnnjax.models.batch_norm``, ``cnnjax.models.dense`` and
+``cnnjax.models.blocks``' ``pool`` and ``window_max_pool`` use it where ``configure`` chose it (one device); without it they run
 XLA's own kernels, with the same results up to float32 rounding (max pooling: the same
 values and gradient; the fused ReLU: 0 for a NaN). Its ops have custom VJPs: ``jax.grad``
 works through them, forward-mode ``jax.jvp`` does not (``runtime.configure(onednn=False)``
@@ -191,9 +194,15 @@ def _product(a: jax.Array, b: jax.Array, transpose_a: bool = False,
 
 @jax.custom_vjp
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """``x [M, K] @ kernel [K, N]`` (both float32 or both bfloat16) on oneDNN's kernels (AMX's
-  for bfloat16; XLA:CPU computes a bfloat16 product in float32), accumulated in float32 and
-  rounded once into their dtype, as are its two gradients (``dy kernel^T``, ``x^T dy``)."""
+  """``x [M, K] @ kernel [K, N]`` (both float32 or both bfloat16) on oneDNN's kernels (AMX or
+  AVX-512 BF16 for bfloat16; XLA:CPU computes a bfloat16 product in float32), accumulated in
+  float32 and rounded once into their dtype, as are its two gradients (``dy kernel^T``,
+  ``x^T dy``)."""
+  if (x.ndim != 2 or kernel.ndim != 2 or x.shape[1] != kernel.shape[0]
+      or x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16)):
+    raise ValueError(f"matmul of {x.dtype}{list(x.shape)} and {kernel.dtype}"
+                     f"{list(kernel.shape)}; expected [M, K] and [K, N] matrices, both float32 "
+                     "or both bfloat16")
   return _product(x, kernel)
 
 

@@ -45,7 +45,8 @@ MALLOC_TUNABLES = {
 }
 _onednn = False
 _onednn_bf16 = False
-ONEDNN_KERNELS = "oneDNN convolutions and batch norm, max pooling (cnnjax.onednn)"  # kernels()
+ONEDNN_KERNELS = ("oneDNN convolutions, batch norm and bf16 dense products, max pooling "
+                  "(cnnjax.onednn)")  # kernels()
 PRECISIONS = ("auto", "float32", "bfloat16")
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo's names
 
@@ -116,8 +117,8 @@ def configure(onednn: bool = True) -> bool:
 
 
 def onednn_in_use(dtype: str = "float32") -> bool:
-  """Whether the models' convolutions, batch norms and max pooling of ``dtype`` run on the
-  oneDNN extension (``configure``; float32 and bfloat16 only, bfloat16 only where the CPU has
+  """Whether the models' convolutions, batch norms, max pooling (and in bfloat16 dense
+  products) of ``dtype`` run on the oneDNN extension (``configure``; float32 and bfloat16 only, bfloat16 only where the CPU has
   bf16 instructions)."""
   return {"float32": _onednn, "bfloat16": _onednn_bf16}.get(dtype, False)
 

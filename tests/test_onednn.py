@@ -257,24 +257,49 @@ def test_matmul_values_and_gradients_equal_xla_s(dtype, tolerance):
   for a, b in [(onednn.matmul(x, w), x @ w), *zip(got_grads, want_grads)]:
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     np.testing.assert_allclose(a, b, atol=tolerance * np.abs(b).max())  # bf16: a rounding apart
+  terms = np.abs(np.asarray(x, np.float32) @ np.asarray(w, np.float32) * np.asarray(r)).sum()
+  np.testing.assert_allclose(got, want, atol=tolerance * terms)  # each term a rounding apart
+  with pytest.raises(ValueError, match="expected \\[M, K\\] and \\[K, N\\] matrices"):
+    onednn.matmul(x, w.T)
 
 
-def test_the_dense_module_runs_bfloat16_products_on_onednn_as_nn_dense_would(monkeypatch):
+def _dense_case():
+  x = jax.random.normal(jax.random.key(5), (2, 3, 16))  # [..., K]: a leading axis more
+  variables = nn.Dense(8).init(jax.random.key(6), x)
+  return x, variables, jax.tree.map(lambda v: v.astype(jnp.bfloat16), variables)
+
+
+def test_the_dense_module_has_nn_dense_s_parameters_and_routes_only_bfloat16_to_onednn(
+    monkeypatch):
   monkeypatch.setattr(runtime, "_onednn", True)
   monkeypatch.setattr(runtime, "_onednn_bf16", True)
-  x = jax.random.normal(jax.random.key(5), (2, 3, 16))  # [..., K]: a leading axis more
-  ours, plain = dense.Dense(8), nn.Dense(8)
-  variables = plain.init(jax.random.key(6), x)
+  calls = []
+  monkeypatch.setattr(onednn, "matmul", lambda a, b: calls.append(a.shape) or a @ b)
+  x, variables, bf16 = _dense_case()
+  ours = dense.Dense(8)
   assert jax.tree.structure(ours.init(jax.random.key(6), x)) == jax.tree.structure(variables)
-  assert "cnnjax_onednn_matmul" not in str(jax.make_jaxpr(ours.apply)(variables, x))  # float32
-  bf16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), variables)
+  ours.apply(bf16, x.astype(jnp.bfloat16))  # 6 x 16 x 8 multiply-adds: XLA's, as too small
+  assert calls == []
+  monkeypatch.setattr(dense, "ONEDNN_MIN_MACS", 6 * 16 * 8)
+  ours.apply(variables, x)  # float32: XLA's product
+  assert calls == []
+  assert ours.apply(bf16, x.astype(jnp.bfloat16)).shape == (2, 3, 8)
+  assert calls == [(6, 16)]  # the leading axes flattened into rows
+  monkeypatch.setattr(runtime, "_onednn_bf16", False)  # a CPU without bf16 instructions
+  ours.apply(bf16, x.astype(jnp.bfloat16))
+  assert calls == [(6, 16)]
+
+
+@needs_onednn
+def test_the_dense_module_s_bfloat16_result_is_nn_dense_s(monkeypatch):
+  monkeypatch.setattr(runtime, "_onednn_bf16", True)
+  monkeypatch.setattr(dense, "ONEDNN_MIN_MACS", 0)
+  x, _, bf16 = _dense_case()
   xb = x.astype(jnp.bfloat16)
-  assert "cnnjax_onednn_matmul" in str(jax.make_jaxpr(ours.apply)(bf16, xb))
-  if onednn.available():
-    got, want = ours.apply(bf16, xb), plain.apply(bf16, xb)
-    assert got.shape == (2, 3, 8) and got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               atol=2 ** -7 * float(np.abs(np.asarray(want, np.float32)).max()))
+  got, want = dense.Dense(8).apply(bf16, xb), nn.Dense(8).apply(bf16, xb)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=2 ** -7 * float(np.abs(np.asarray(want, np.float32)).max()))
 
 
 def _reference_norm(x, scale, shift, epsilon):

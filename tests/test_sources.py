@@ -57,16 +57,23 @@ def test_read_ahead_hands_load_the_file_it_read_once_and_its_error_as_load_would
   x, y = make_images(30)
   np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
   sources.read_ahead(str(tmp_path / "d.npz"), limit=5)
+  assert len(sources._AHEAD) == 1
   ahead = sources.load(str(tmp_path / "d.npz"), limit=5)  # the thread's Dataset
   assert not sources._AHEAD  # taken once: the next load reads the file again
   again = sources.load(str(tmp_path / "d.npz"), limit=5)
   np.testing.assert_array_equal(ahead.train[0], x[:5])
   np.testing.assert_array_equal(ahead.test[1], again.test[1])
+  sources.read_ahead(str(tmp_path / "d.npz"))
+  np.savez(tmp_path / "d.npz", x_train=x[:20], y_train=y[:20], x_test=x[:10], y_test=y[:10])
+  assert len(sources.load(str(tmp_path / "d.npz")).train[0]) == 20  # rewritten: read anew
+  sources.read_ahead(str(tmp_path / "d.npz"))
   sources.read_ahead(str(tmp_path / "missing.npz"))  # not a file: load's own error, later
+  assert not sources._AHEAD  # and the untaken read before it is dropped
   sources.read_ahead("cifar10")  # a TFDS name: nothing read ahead
   assert not sources._AHEAD
   (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
   sources.read_ahead(str(tmp_path / "bad.npz"))
+  assert len(sources._AHEAD) == 1
   with pytest.raises(UserError, match="bad.npz is not an .npz archive"):
     sources.load(str(tmp_path / "bad.npz"))
 

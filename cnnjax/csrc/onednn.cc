@@ -1,4 +1,4 @@
-// oneDNN convolutions and batch normalisation as XLA FFI handlers (CPU, float32 or bfloat16,
+// oneDNN convolutions, batch normalisation and matrix products, and max pooling, as XLA FFI handlers (CPU, float32 or bfloat16,
 // NHWC activations, HWIO kernels), one handler per pass so that JAX wraps each op in a custom VJP
 // (cnnjax/onednn.py):
 //   cnnjax_onednn_conv_fwd          x [N, H, W, Ci], w [KH, KW, Ci / G, Co] -> y [N, Ho, Wo, Co]
@@ -529,8 +529,8 @@ ffi::Error NormInference(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
 // A matrix product out [M, N] = op(a) op(b), all float32 or all bfloat16, op transposing a
 // stored [K, M] (ta = 1) or b stored [N, K] (tb = 1), accumulated in float32 and rounded once
 // into out's dtype: a dense layer's forward (x w), input gradient (dy w^T) and kernel
-// gradient (x^T dy), on oneDNN's kernels (AMX's for bfloat16, where XLA:CPU computes a
-// bfloat16 product in float32).
+// gradient (x^T dy), on oneDNN's kernels (AMX or AVX-512 BF16 for bfloat16, where XLA:CPU
+// computes a bfloat16 product in float32).
 ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
                   int64_t ta, int64_t tb) {
   dt type;
@@ -585,7 +585,7 @@ struct PoolWindow {
 };
 
 // The loops (max_pool.h) compiled twice: for any x86-64 CPU (SSE2, as the rest of the
-// extension), and for CPUs with AVX-512, where they run 1.4-2x faster on 16 channels or more
+// extension), and for CPUs with AVX-512, where they run 1.3-1.9x faster on 16 channels or more
 // (BNCNN's); on fewer (LeNet's 6) the 16-lane loops are slower than SSE2's (BENCHMARKS.md).
 namespace any_x86 {
 #include "max_pool.h"

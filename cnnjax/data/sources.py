@@ -24,8 +24,8 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 # The four official MNIST idx files (60k train, 10k test, official order), shipped as package data.
 MNIST_DIR = pathlib.Path(__file__).parent / "mnist"
 _READ_BYTES = 1 << 24  # an .npz's arrays are read in pieces of 16 MB (``_npy_rows``)
-# .npz files being read ahead (``read_ahead``): (resolved path, limit) -> the Dataset's future.
-_AHEAD: dict[tuple[pathlib.Path, int], concurrent.futures.Future] = {}
+# The .npz being read ahead (``read_ahead``): ``_ahead_key`` -> the Dataset's future.
+_AHEAD: dict[tuple, concurrent.futures.Future] = {}
 
 
 
@@ -88,10 +88,10 @@ def read_ahead(source: str, limit: int = 0) -> None:
   as its config is known, so that the read (1-2 s for CIFAR-10, mostly outside the GIL)
   overlaps the import of JAX. This module imports no JAX."""
   path = pathlib.Path(os.path.expanduser(source))
-  key = (path.resolve(), limit)
-  if path.suffix != ".npz" or not path.is_file() or key in _AHEAD:
+  _AHEAD.clear()  # one read ahead at a time: an untaken one (the command ended first) goes
+  if path.suffix != ".npz" or not path.is_file():
     return
-  future = _AHEAD[key] = concurrent.futures.Future()
+  future = _AHEAD[_ahead_key(path, limit)] = concurrent.futures.Future()
 
   def read() -> None:
     try:
@@ -108,8 +108,19 @@ def load_npz(path: str | os.PathLike, limit: int = 0) -> Dataset:
   ``test_is_lossless``) from an ``.npz`` file, the layout of ../shared/data. ``limit`` > 0:
   the first ``limit`` examples of each split, read alone (the class count still comes from
   all the labels). A read started by ``read_ahead`` is awaited and taken (once)."""
-  ahead = _AHEAD.pop((pathlib.Path(path).resolve(), limit), None)
+  ahead = _AHEAD.pop(_ahead_key(path, limit), None)
   return ahead.result() if ahead is not None else _read_npz(path, limit)
+
+
+def _ahead_key(path: str | os.PathLike, limit: int) -> tuple | None:
+  """What a read ahead must match: the file (its path, size and modification time) and
+  ``limit``; None where there is no such file."""
+  path = pathlib.Path(path).resolve()
+  try:
+    stat = path.stat()
+  except OSError:
+    return None
+  return path, stat.st_size, stat.st_mtime_ns, limit
 
 
 def _read_npz(path: str | os.PathLike, limit: int) -> Dataset:
@@ -228,13 +239,19 @@ def load(source: str, data_dir: str | None = None, image_size: int | None = None
   """Dispatches on ``source``: Tiny ImageNet (``tiny_imagenet``, its ``.zip`` or unzipped
   folder; see ``load_tiny_imagenet``), an ``.npz`` file, a folder of idx files, an image folder
   (a folder with sub-folders; see ``load_image_folders``, which uses ``image_size``), or a
-  TFDS name. ``limit`` > 0: an .npz reads only the first ``limit`` examples of each split
-  (other sources are cut by ``Dataset.head``).
+  TFDS name. ``limit`` > 0: the first ``limit`` examples of each split (an .npz reads only
+  those; other sources are cut by ``Dataset.head``).
 
   Anything that looks like a path (has a separator or a file suffix) must exist; any
   other string is taken as a TFDS dataset name (see ``load_tfds``: ``cifar10`` is
   downloaded on first use, ``mnist`` works offline).
   """
+  data = _load(source, data_dir, image_size, limit)
+  return data.head(limit) if limit else data
+
+
+def _load(source: str, data_dir: str | None, image_size: int | None, limit: int) -> Dataset:
+  """``load``'s dispatch."""
   from cnnjax.data import tiny_imagenet
   path = pathlib.Path(os.path.expanduser(source))
   if source == "tiny_imagenet":
