@@ -32,8 +32,8 @@ and a C++ compiler (``$CXX``, default g++), and is compiled on first use (~10 s)
 and oneDNN (``_target``), when ``cnnjax.runtime.configure()`` asks for it. ``available()`` says whether it can run here, ``unavailable_reason()`` why
 not; ``CNNJAX_ONEDNN=0`` turns it off. ``cnnjax.models.conv`` (and EfficientNet-Lite's
 ``DepthwiseConv``), ``cnnjax.models.batch_norm``, ``cnnjax.models.dense`` and
-``cnnjax.models.blocks``' ``pool`` and ``window_max_pool`` use it where ``configure`` chose it (one device); without it they run
-XLA's own kernels, with the same results up to float32 rounding (max pooling: the same
+``cnnjax.models.blocks``' ``pool`` and ``window_max_pool`` use it where ``configure`` chose
+it (one device); without it they run XLA's own kernels, with the same results up to float32 rounding (max pooling: the same
 values and gradient; the fused ReLU: 0 for a NaN). Its ops have custom VJPs: ``jax.grad``
 works through them, forward-mode ``jax.jvp`` does not (``runtime.configure(onednn=False)``
 for that).

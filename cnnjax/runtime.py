@@ -118,8 +118,8 @@ def configure(onednn: bool = True) -> bool:
 
 def onednn_in_use(dtype: str = "float32") -> bool:
   """Whether the models' convolutions, batch norms, max pooling (and in bfloat16 dense
-  products) of ``dtype`` run on the oneDNN extension (``configure``; float32 and bfloat16 only, bfloat16 only where the CPU has
-  bf16 instructions)."""
+  products) of ``dtype`` run on the oneDNN extension (``configure``; float32 and bfloat16
+  only, bfloat16 only where the CPU has bf16 instructions)."""
   return {"float32": _onednn, "bfloat16": _onednn_bf16}.get(dtype, False)
 
 

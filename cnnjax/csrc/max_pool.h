@@ -106,7 +106,9 @@ struct MaxPoolLoops {
             for (int64_t v = 0; v < k * k; ++v) {
               const S* xp = x + corner + (v / k * w + v % k) * c;
 #pragma omp simd
-              for (int64_t ch = 0; ch < c; ++ch) ties[ch] += T::Get(xp[ch]) == top[ch] ? 1.0f : 0.0f;
+              for (int64_t ch = 0; ch < c; ++ch) {
+                ties[ch] += T::Get(xp[ch]) == top[ch] ? 1.0f : 0.0f;
+              }
             }
 #pragma omp simd
             for (int64_t ch = 0; ch < c; ++ch) {

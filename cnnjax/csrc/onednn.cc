@@ -1,6 +1,6 @@
-// oneDNN convolutions, batch normalisation and matrix products, and max pooling, as XLA FFI handlers (CPU, float32 or bfloat16,
-// NHWC activations, HWIO kernels), one handler per pass so that JAX wraps each op in a custom VJP
-// (cnnjax/onednn.py):
+// oneDNN convolutions, batch normalisation and matrix products, and max pooling, as XLA FFI
+// handlers (CPU, float32 or bfloat16, NHWC activations, HWIO kernels), one handler per pass so
+// that JAX wraps each op in a custom VJP (cnnjax/onednn.py):
 //   cnnjax_onednn_conv_fwd          x [N, H, W, Ci], w [KH, KW, Ci / G, Co] -> y [N, Ho, Wo, Co]
 //   cnnjax_onednn_conv_bwd_data     dy [N, Ho, Wo, Co], w [KH, KW, Ci / G, Co] -> dx [N, H, W, Ci]
 //   cnnjax_onednn_conv_bwd_weights  x [N, H, W, Ci], dy [N, Ho, Wo, Co] -> dw [KH, KW, Ci / G, Co]
@@ -258,27 +258,43 @@ bool UseWeightsMatmul(dt type, int64_t out_pixels) {
   return has_amx && type == dt::bf16 && out_pixels <= 16;
 }
 
+// out [M, N] = op(a) op(b) of `type` (float32 or bfloat16) matrices, op transposing a stored
+// [K, M] (ta) or b stored [N, K] (tb), accumulated in float32 and rounded once into out's
+// dtype, by oneDNN's matmul (AMX or AVX-512 BF16 for bfloat16), built once per shape. Called
+// under the lock.
+void Product(dt type, int64_t m, int64_t k, int64_t n, bool ta, bool tb, const void* a,
+             const void* b, void* out) {
+  using dims = dnnl::memory::dims;
+  const auto a_md = dnnl::memory::desc({m, k}, type, ta ? dims{1, m} : dims{k, 1});
+  const auto b_md = dnnl::memory::desc({k, n}, type, tb ? dims{1, k} : dims{n, 1});
+  const auto out_md = Desc({m, n}, dnnl::memory::format_tag::ab, type);
+  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool, dt>, dnnl::matmul> products;
+  const auto key = std::make_tuple(m, k, n, ta, tb, type);
+  auto found = products.find(key);
+  if (found == products.end()) {
+    found = products.emplace(key, dnnl::matmul(dnnl::matmul::primitive_desc(
+                                      Engine(), a_md, b_md, out_md))).first;
+  }
+  dnnl::stream& stream = Stream();
+  found->second.execute(stream,
+                        {{DNNL_ARG_SRC, dnnl::memory(a_md, Engine(), const_cast<void*>(a))},
+                         {DNNL_ARG_WEIGHTS, dnnl::memory(b_md, Engine(), const_cast<void*>(b))},
+                         {DNNL_ARG_DST, dnnl::memory(out_md, Engine(), out)}});
+  stream.wait();
+}
+
 // dw [KH*KW*Ci, Co] (HWIO flattened) = patches^T dy, with patches [N*Ho*Wo, KH*KW*Ci] the
 // input windows (zeros where they overhang the padding) and dy [N*Ho*Wo, Co], accumulated in
 // float32 and rounded once into dw's dtype; the bias gradient (float32) sums dy's rows.
 // Called under the lock.
 ffi::Error WeightsByMatmul(const Key& key, const char* x, const void* dy, void* dw,
                            float* bias) {
-  using tag = dnnl::memory::format_tag;
   const Shapes s = ShapesOf(key);
   const int64_t n = key[0], h = key[1], w = key[2], ci = key[3], kh = key[4], kw = key[5];
   const int64_t co = key[6], ho = s.dst[2], wo = s.dst[3];
   const auto type = static_cast<dt>(key[14]);
   const int64_t taps = kh * kw * ci, rows = n * ho * wo;
   const size_t size = dnnl::memory::data_type_size(type);
-  static std::map<Key, dnnl::matmul> products;
-  const auto patches_md = dnnl::memory::desc({taps, rows}, type, dnnl::memory::dims{1, taps});
-  const auto dy_md = Desc({rows, co}, tag::ab, type), dw_md = Desc({taps, co}, tag::ab, type);
-  auto found = products.find(key);
-  if (found == products.end()) {
-    found = products.emplace(key, dnnl::matmul(dnnl::matmul::primitive_desc(
-                                      Engine(), patches_md, dy_md, dw_md))).first;
-  }
   static std::vector<char> patches;
   char* const out = Aligned(patches, rows * taps * size);
 #pragma omp parallel for schedule(static)
@@ -296,11 +312,7 @@ ffi::Error WeightsByMatmul(const Key& key, const char* x, const void* dy, void* 
       }
     }
   }
-  dnnl::stream& stream = Stream();
-  found->second.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(patches_md, Engine(), out)},
-                                 {DNNL_ARG_WEIGHTS, dnnl::memory(dy_md, Engine(),
-                                                                 const_cast<void*>(dy))},
-                                 {DNNL_ARG_DST, dnnl::memory(dw_md, Engine(), dw)}});
+  Product(type, taps, rows, co, /*ta=*/true, /*tb=*/false, out, dy, dw);
   if (bias) {
     const auto* dy_f32 = static_cast<const float*>(dy);
     const auto* dy_bf16 = static_cast<const uint16_t*>(dy);
@@ -313,7 +325,6 @@ ffi::Error WeightsByMatmul(const Key& key, const char* x, const void* dy, void* 
       bias[c] = sum;
     }
   }
-  stream.wait();
   return ffi::Error::Success();
 }
 
@@ -526,11 +537,8 @@ ffi::Error NormInference(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
               x, *y);
 }
 
-// A matrix product out [M, N] = op(a) op(b), all float32 or all bfloat16, op transposing a
-// stored [K, M] (ta = 1) or b stored [N, K] (tb = 1), accumulated in float32 and rounded once
-// into out's dtype: a dense layer's forward (x w), input gradient (dy w^T) and kernel
-// gradient (x^T dy), on oneDNN's kernels (AMX or AVX-512 BF16 for bfloat16, where XLA:CPU
-// computes a bfloat16 product in float32).
+// Product's out [M, N] = op(a) op(b) for a dense layer's forward (x w), input gradient
+// (dy w^T) and kernel gradient (x^T dy): XLA:CPU computes a bfloat16 product in float32.
 ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
                   int64_t ta, int64_t tb) {
   dt type;
@@ -545,26 +553,10 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer
   if ((ta ? ad[1] : ad[0]) != m || (tb ? bd[1] : bd[0]) != k || (tb ? bd[0] : bd[1]) != n) {
     return ffi::Error::InvalidArgument("a matrix product's shapes disagree");
   }
-  using dims = dnnl::memory::dims;
-  const auto a_md = dnnl::memory::desc({m, k}, type, ta ? dims{1, m} : dims{k, 1});
-  const auto b_md = dnnl::memory::desc({k, n}, type, tb ? dims{1, k} : dims{n, 1});
-  const auto out_md = Desc({m, n}, dnnl::memory::format_tag::ab, type);
   return Guarded("matrix product", [&] {
     std::lock_guard<std::mutex> guard(Lock());
-    static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, dt>, dnnl::matmul>
-        products;
-    const auto key = std::make_tuple(m, k, n, ta, tb, type);
-    auto found = products.find(key);
-    if (found == products.end()) {
-      found = products.emplace(key, dnnl::matmul(dnnl::matmul::primitive_desc(
-                                        Engine(), a_md, b_md, out_md))).first;
-    }
-    dnnl::stream& stream = Stream();
-    found->second.execute(
-        stream, {{DNNL_ARG_SRC, dnnl::memory(a_md, Engine(), a.untyped_data())},
-                 {DNNL_ARG_WEIGHTS, dnnl::memory(b_md, Engine(), b.untyped_data())},
-                 {DNNL_ARG_DST, dnnl::memory(out_md, Engine(), out->untyped_data())}});
-    stream.wait();
+    Product(type, m, k, n, ta != 0, tb != 0, a.untyped_data(), b.untyped_data(),
+            out->untyped_data());
     return ffi::Error::Success();
   });
 }
