@@ -495,9 +495,14 @@ def test_batch_norm_module_evaluates_bfloat16_on_onednn_as_flax_does(options, mo
                                            # 16 channels or more: AVX-512's loops where the
                                            # CPU has it (17: a remainder lane)
                                            ((2, 8, 8, 32), 2), ((2, 7, 9, 17), 2)])
-def test_max_pool_values_and_gradients_equal_the_xla_version_bit_for_bit(shape, window, dtype):
+@pytest.mark.parametrize("loops", ["this CPU's", "any_x86"])
+def test_max_pool_values_and_gradients_equal_the_xla_version_bit_for_bit(shape, window, dtype,
+                                                                        loops, monkeypatch):
   # Rounded values tie often; NaN, infinities and signed zeros sprinkled in. The XLA version
-  # (blocks.max_pool) is tested against reduce_max in test_models.py.
+  # (blocks.max_pool) is tested against reduce_max in test_models.py. "any_x86": the loops
+  # of CPUs without AVX-512, forced on those with it.
+  if loops == "any_x86":
+    monkeypatch.setenv("CNNJAX_ONEDNN_POOL_LOOPS", loops)
   rng = np.random.default_rng(0)
   x = np.round(rng.normal(size=shape) * 1.5).astype(np.float32)
   x.flat[rng.choice(x.size, 12, replace=False)] = [np.nan, np.inf, -np.inf, -0.0] * 3
@@ -511,8 +516,10 @@ def test_max_pool_values_and_gradients_equal_the_xla_version_bit_for_bit(shape, 
   def bits(a):
     return np.asarray(a).view(np.uint16 if a.dtype == jnp.bfloat16 else np.uint32)
 
-  # Equal values (of a window's -0 and +0 the kernel keeps the first, XLA's maximum +0) ...
-  np.testing.assert_array_equal(onednn.max_pool(x, window), blocks.max_pool(x, window))
+  # Equal values (of a window's -0 and +0 the kernel keeps the first, XLA's maximum +0;
+  # compared in float32, where numpy's NaN test holds for every ml_dtypes) ...
+  np.testing.assert_array_equal(np.asarray(onednn.max_pool(x, window), np.float32),
+                                np.asarray(blocks.max_pool(x, window), np.float32))
   (_, grad), (_, expected) = loss(onednn.max_pool)(x), loss(blocks.max_pool)(x)
   assert grad.dtype == dtype
   np.testing.assert_array_equal(bits(grad), bits(expected))  # ... and the same gradient, bits
@@ -539,11 +546,14 @@ def test_pool_runs_max_pooling_on_the_extension_for_float32_and_bfloat16_only(mo
     ((1, 2, 2, 3), 3, 2, ((3, 3), (3, 3))),  # first windows wholly in the padding: -inf
     ((2, 9, 9, 32), 3, 2, ((1, 1), (1, 1))),  # AVX-512's loops where the CPU has it
     ((1, 7, 7, 17), 3, 1, ((1, 1), (1, 1)))])
+@pytest.mark.parametrize("loops", ["this CPU's", "any_x86"])
 def test_window_max_pool_values_and_gradients_equal_flax_s(shape, window, stride, padding,
-                                                           dtype):
+                                                           dtype, loops, monkeypatch):
   """``nn.max_pool``'s values, and its gradient (all to a window's first maximum) on ties:
   bit for bit in float32; in bfloat16 overlapping windows' shares are summed in float32 and
-  rounded once, where XLA rounds each addition."""
+  rounded once, where XLA rounds each addition. Both copies of the loops (see above)."""
+  if loops == "any_x86":
+    monkeypatch.setenv("CNNJAX_ONEDNN_POOL_LOOPS", loops)
   rng = np.random.default_rng(0)
   x = np.maximum(np.round(rng.normal(size=shape) * 1.5), 0).astype(np.float32)  # many ties
   x.flat[rng.choice(x.size, 3, replace=False)] = [np.inf, -np.inf, -0.0]

@@ -590,13 +590,16 @@ namespace avx512 {
 #pragma GCC pop_options
 
 // f(loops): the pooling loops for c channels on this CPU (any_x86's or avx512's MaxPoolLoops).
+// CNNJAX_ONEDNN_POOL_LOOPS=any_x86 forces the loops every CPU runs (tests, on AVX-512 CPUs).
 template <typename F>
 void WithPoolLoops(int64_t c, F f) {
   static const bool avx512 = __builtin_cpu_supports("avx512f") &&
                              __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") &&
                              __builtin_cpu_supports("avx512dq");
-  if (avx512 && c >= 16) {
+  const char* mode = std::getenv("CNNJAX_ONEDNN_POOL_LOOPS");
+  const bool any_x86_only = mode != nullptr && std::strcmp(mode, "any_x86") == 0;
+  if (avx512 && c >= 16 && !any_x86_only) {
     f(avx512::MaxPoolLoops{});
   } else {
     f(any_x86::MaxPoolLoops{});
