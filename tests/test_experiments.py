@@ -7,9 +7,11 @@ import sys
 
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from cnnjax import config as config_lib, models, train
 from experiments import entry
+from tests.conftest import event_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +53,30 @@ def _assert_one_line_error(proc, pattern):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
   assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.slow
+def test_the_train_command_ends_with_everything_written(tmp_path, npz_path):
+  """``python -m experiments.train`` ends its process without the interpreter's teardown
+  (``entry.end_process``): exit status 0, the test line last, every file whole, and a rerun
+  finds the run finished."""
+  workdir = tmp_path / "run"
+  args = ("--config", "experiments/configs/runlocal.py", "--workdir", str(workdir),
+          f"--config.data.source={npz_path}", "--config.num_epochs=1")
+  proc = _run(*args)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines()[-1].startswith("Test | loss "), proc.stdout
+  result = json.loads((workdir / "test_metrics.json").read_text())
+  assert result["count"] == 64
+  assert [json.loads(line)["epoch"] for line in
+          (workdir / "metrics.jsonl").read_text().splitlines()] == [1]
+  for name in ("curves.png", "confusion.png", "predictions.png"):
+    assert Image.open(workdir / name).load() is not None  # a whole PNG
+  tags = {v.tag for e in event_records(workdir) for v in e.summary.value}
+  assert {"test/accuracy", "predictions"} <= tags  # the last events, framed and checked
+  rerun = _run(*args)
+  assert rerun.returncode == 0, rerun.stderr
+  assert json.loads((workdir / "test_metrics.json").read_text()) == result
 
 
 @pytest.mark.slow
