@@ -254,6 +254,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   history = logs.read_history(workdir, start_step // run.steps_per_epoch)
   events = tensorboard.Events(workdir, start_step) if is_main else None
   logs.say(f"Ready to train in {time.time() - start:.1f}s (the first step compiles)")
+  try:
+    return _fit_and_test(config, workdir, run, state, checkpoints, events, history)
+  finally:  # the events' last buffer also when the run fails (a course goes on to the next)
+    if events is not None:
+      events.close()
+
+
+def _fit_and_test(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                  run: assemble.Run, state: steps.TrainState, checkpoints: Checkpoints,
+                  events: "tensorboard.Events | None",
+                  history: list[dict[str, Any]]) -> dict[str, Any]:
+  """``_train_and_evaluate`` from its first step on: fit, then the test and its pictures."""
+  is_main = jax.process_index() == 0
 
   recorder = _Recorder(workdir, config.num_epochs, history, checkpoints, events, run.schedule,
                        run.total_steps)
@@ -277,8 +290,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     checkpoints.save(int(state.step), state)
     checkpoints.wait()
     checkpoints.close()
-    if events is not None:
-      events.close()
     return {"interrupted": True, "step": int(state.step)}
 
   checkpoints.wait()
@@ -295,7 +306,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                             if k == "test_loss" or k.startswith(("accuracy", "macro_"))}, step)
     for name in ("confusion", "predictions"):
       events.image(name, workdir / f"{name}.png", step)
-    events.close()
   return result
 
 

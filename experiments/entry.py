@@ -18,10 +18,11 @@ one error path.
    or a multi-process launcher ask for it, then the kernel choice (``runtime.configure``).
 4. ``main(config)`` (or ``main()``); a ``UserError`` ends in one ``error:`` line (exit 2),
    a run stopped by a signal exits with 130.
-5. **Exit.** A command's process (``python -m experiments...``) ends once its threads are
-   joined, the ``atexit`` handlers have run and stdout and stderr are flushed, skipping the
-   interpreter's teardown of JAX and XLA, which writes nothing and took ~0.5 s
-   (``end_process``).
+5. **Exit**, once ``main`` has returned: a command's process (``python -m
+   experiments.<command>``) ends when its non-daemon threads are joined, the ``atexit``
+   handlers have run and stdout and stderr are flushed, skipping the interpreter's teardown
+   of JAX and XLA, which writes nothing and took 0.59 s (``end_process``). ``--help``, an
+   ``error:`` line and a ``KeyboardInterrupt`` out of ``main`` exit the usual way.
 """
 import ast
 import atexit
@@ -32,7 +33,7 @@ import pathlib
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from absl import flags, logging
 
@@ -62,24 +63,35 @@ def command_flags(distributed: bool = False) -> flags.FlagValues:
 INTERRUPTED = 130
 
 
-def _is_command() -> bool:
-  """Whether this process is ``python -m experiments.<command>`` or ``python -m benchmarks``."""
-  argv = getattr(sys, "orig_argv", [])
+def _is_command(module: str = "experiments") -> bool:
+  """Whether this process is ``python -m experiments.<command>`` (``module``: or that
+  module, exactly)."""
+  argv = sys.orig_argv
   return (len(argv) >= 3 and argv[1] == "-m"
-          and (argv[2].split(".")[0] == "experiments" or argv[2] == "benchmarks"))
+          and (argv[2].split(".")[0] == "experiments" or argv[2] == module))
 
 
-def end_process(status: int) -> None:
-  """Step 5 of ``run``: ends a command's process with ``status``. First what a normal exit
-  does first, in its order: thread pools are told to stop and non-daemon threads joined
-  (``threading._shutdown``), then the ``atexit`` handlers run (logging's flush, orbax's and
-  absl's clean-ups); then stdout and stderr are flushed and ``os._exit`` skips the rest,
-  the interpreter's teardown of the modules (JAX's, XLA's client), which writes nothing.
-  Every file a run writes is closed before ``main`` returns."""
-  threading._shutdown()  # pylint: disable=protected-access
+def end_process(status: int) -> NoReturn:
+  """Step 5 of ``run``: ends the process with ``status``. First what a normal exit does
+  first, in its order: thread pools are told to stop and non-daemon threads (an orbax
+  checkpoint's writer) joined (``threading._shutdown``), then the ``atexit`` handlers run
+  (JAX's ``clean_up``: its backends and ``jax.distributed.shutdown``; logging's flush); then
+  stdout and stderr are flushed and ``os._exit`` skips the rest, the interpreter's teardown
+  of the modules (JAX's, XLA's client), which writes nothing: the runs close what they
+  write (``train_and_evaluate``'s TensorBoard events also when it fails). Ctrl-C while
+  threads are joined exits with 130, a closed stdout (``| head``) with 120, as Python
+  does."""
+  try:
+    threading._shutdown()  # pylint: disable=protected-access
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    status = INTERRUPTED
   atexit._run_exitfuncs()  # pylint: disable=protected-access
-  sys.stdout.flush()
-  sys.stderr.flush()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # a closed pipe
+      status = status or 120
   os._exit(status)
 
 
@@ -92,7 +104,7 @@ def prepare_process() -> None:
   changes = runtime.process_environment(os.environ)
   if "XLA_FLAGS" in changes:
     os.environ["XLA_FLAGS"] = changes["XLA_FLAGS"]
-  if "GLIBC_TUNABLES" in changes and _is_command():
+  if "GLIBC_TUNABLES" in changes and _is_command("benchmarks"):
     sys.stdout.flush()
     sys.stderr.flush()
     argv = sys.orig_argv
@@ -244,7 +256,9 @@ def run(main: Callable[..., Any], *, doc: str, fv: flags.FlagValues, config: boo
       starts ``jax.distributed``).
     config: whether the command takes ``--config``.
     required: absl flags that must be given (``--config`` is, when ``config``).
-    argv: the command line, program name first (default ``sys.argv``).
+    argv: the command line, program name first (default ``sys.argv``). With the default, in
+      a ``python -m experiments.<command>`` process, the process ends in ``end_process``
+      (callers' ``finally`` blocks do not run); a given ``argv`` ends in ``SystemExit``.
   """
   prepare_process()
   from cnnjax.errors import UserError

@@ -55,6 +55,31 @@ def _assert_one_line_error(proc, pattern):
   assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
 
 
+END_PROCESS = """
+import atexit, concurrent.futures, pathlib, sys, threading, time
+from experiments import entry
+out = pathlib.Path(sys.argv[1])
+def later(name):
+  time.sleep(0.3)
+  (out / name).write_text(name)
+threading.Thread(target=later, args=("thread",)).start()
+pool = concurrent.futures.ThreadPoolExecutor(1)
+pool.submit(later, "pool")
+atexit.register(lambda: (out / "atexit").write_text("atexit"))
+print("unflushed", end="")
+entry.end_process(3)
+print("not reached")
+"""
+
+
+def test_end_process_finishes_what_a_normal_exit_finishes(tmp_path):
+  """Threads, a thread pool's work, ``atexit`` handlers and buffered stdout, then the status."""
+  proc = subprocess.run([sys.executable, "-c", END_PROCESS, str(tmp_path)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (3, "unflushed", "")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["atexit", "pool", "thread"]
+
+
 @pytest.mark.slow
 def test_the_train_command_ends_with_everything_written(tmp_path, npz_path):
   """``python -m experiments.train`` ends its process without the interpreter's teardown
@@ -71,7 +96,8 @@ def test_the_train_command_ends_with_everything_written(tmp_path, npz_path):
   assert [json.loads(line)["epoch"] for line in
           (workdir / "metrics.jsonl").read_text().splitlines()] == [1]
   for name in ("curves.png", "confusion.png", "predictions.png"):
-    assert Image.open(workdir / name).load() is not None  # a whole PNG
+    with Image.open(workdir / name) as image:
+      image.load()  # raises on a truncated PNG
   tags = {v.tag for e in event_records(workdir) for v in e.summary.value}
   assert {"test/accuracy", "predictions"} <= tags  # the last events, framed and checked
   rerun = _run(*args)
