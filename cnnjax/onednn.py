@@ -16,7 +16,7 @@ gradient on an output map of at most 4x4 is one matrix product of the input's pa
 ``dy`` instead (oneDNN's backward-weights convolution is slow there;
 ``CNNJAX_ONEDNN_WEIGHTS_MATMUL=1`` or ``=0`` forces the choice). ``max_pool(x, window)`` is
 the extension's own OpenMP loop (compiled for AVX-512 too: ``cnnjax/csrc/max_pool.h``;
-``CNNJAX_ONEDNN_POOL_LOOPS=any_x86`` forces the other CPUs' copy), not
+``CNNJAX_ONEDNN_POOL_LOOPS=any_x86`` forces the copy for CPUs without it), not
 oneDNN's (whose gradient goes to one maximum of a tie):
 ``cnnjax.models.blocks.max_pool``'s values and gradient in one pass each way, where XLA
 materialises the window's views in the forward pass and runs bfloat16 at half the speed of

@@ -490,17 +490,17 @@ def test_batch_norm_module_evaluates_bfloat16_on_onednn_as_flax_does(options, mo
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("shape, window", [((3, 8, 8, 5), 2), ((2, 7, 9, 4), 2), ((2, 9, 10, 3), 3),
-                                           ((2, 1, 5, 3), 2),  # no output rows
-                                           # 16 channels or more: AVX-512's loops where the
-                                           # CPU has it (17: a remainder lane)
-                                           ((2, 8, 8, 32), 2), ((2, 7, 9, 17), 2)])
-@pytest.mark.parametrize("loops", ["this CPU's", "any_x86"])
+@pytest.mark.parametrize("shape, window, loops", [
+    ((3, 8, 8, 5), 2, "native"), ((2, 7, 9, 4), 2, "native"), ((2, 9, 10, 3), 3, "native"),
+    ((2, 1, 5, 3), 2, "native"),  # no output rows
+    # 16 channels or more: AVX-512's loops where the CPU has it (17: a remainder lane), and
+    # forced to the loops of CPUs without it (under 16 channels every CPU runs those)
+    ((2, 8, 8, 32), 2, "native"), ((2, 7, 9, 17), 2, "native"),
+    ((2, 8, 8, 32), 2, "any_x86"), ((2, 7, 9, 17), 2, "any_x86")])
 def test_max_pool_values_and_gradients_equal_the_xla_version_bit_for_bit(shape, window, dtype,
                                                                         loops, monkeypatch):
   # Rounded values tie often; NaN, infinities and signed zeros sprinkled in. The XLA version
-  # (blocks.max_pool) is tested against reduce_max in test_models.py. "any_x86": the loops
-  # of CPUs without AVX-512, forced on those with it.
+  # (blocks.max_pool) is tested against reduce_max in test_models.py.
   if loops == "any_x86":
     monkeypatch.setenv("CNNJAX_ONEDNN_POOL_LOOPS", loops)
   rng = np.random.default_rng(0)
@@ -538,20 +538,21 @@ def test_pool_runs_max_pooling_on_the_extension_for_float32_and_bfloat16_only(mo
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("shape, window, stride, padding", [
-    ((2, 9, 9, 5), 3, 2, ((1, 1), (1, 1))),  # ResNet's stem
-    ((2, 8, 7, 3), 3, 2, ((0, 1), (1, 0))),  # unequal padding
-    ((2, 7, 7, 3), 3, 1, ((1, 1), (1, 1))),  # every pixel in nine windows
-    ((1, 6, 5, 4), 2, 2, ((0, 0), (0, 0))),  # non-overlapping, a remainder column
-    ((1, 2, 2, 3), 3, 2, ((3, 3), (3, 3))),  # first windows wholly in the padding: -inf
-    ((2, 9, 9, 32), 3, 2, ((1, 1), (1, 1))),  # AVX-512's loops where the CPU has it
-    ((1, 7, 7, 17), 3, 1, ((1, 1), (1, 1)))])
-@pytest.mark.parametrize("loops", ["this CPU's", "any_x86"])
+@pytest.mark.parametrize("shape, window, stride, padding, loops", [
+    ((2, 9, 9, 5), 3, 2, ((1, 1), (1, 1)), "native"),  # ResNet's stem
+    ((2, 8, 7, 3), 3, 2, ((0, 1), (1, 0)), "native"),  # unequal padding
+    ((2, 7, 7, 3), 3, 1, ((1, 1), (1, 1)), "native"),  # every pixel in nine windows
+    ((1, 6, 5, 4), 2, 2, ((0, 0), (0, 0)), "native"),  # non-overlapping, a remainder column
+    ((1, 2, 2, 3), 3, 2, ((3, 3), (3, 3)), "native"),  # first windows all padding: -inf
+    ((2, 9, 9, 32), 3, 2, ((1, 1), (1, 1)), "native"),  # AVX-512's loops where the CPU has it
+    ((1, 7, 7, 17), 3, 1, ((1, 1), (1, 1)), "native"),
+    ((2, 9, 9, 32), 3, 2, ((1, 1), (1, 1)), "any_x86"),  # the loops of CPUs without it
+    ((1, 7, 7, 17), 3, 1, ((1, 1), (1, 1)), "any_x86")])
 def test_window_max_pool_values_and_gradients_equal_flax_s(shape, window, stride, padding,
                                                            dtype, loops, monkeypatch):
   """``nn.max_pool``'s values, and its gradient (all to a window's first maximum) on ties:
   bit for bit in float32; in bfloat16 overlapping windows' shares are summed in float32 and
-  rounded once, where XLA rounds each addition. Both copies of the loops (see above)."""
+  rounded once, where XLA rounds each addition. Both copies of the loops (as above)."""
   if loops == "any_x86":
     monkeypatch.setenv("CNNJAX_ONEDNN_POOL_LOOPS", loops)
   rng = np.random.default_rng(0)
