@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import jax
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "tensorflow-datasets")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "ml_dtypes",
+            "tensorflow-datasets")
 
 
 def say(line: str) -> None:
