@@ -425,7 +425,9 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
 // Batch normalisation over the rows of x [M, C] (any [..., C] flattened): in training mode
 // statistics per channel over all M rows (biased variance), y = (x - mean) / sqrt(var + eps)
 // * scale + shift, and its backward, dx, dscale and dshift from dy; in inference mode y from
-// the given mean and var, and max(y, 0) (kInferenceRelu).
+// the given mean and var, and max(y, 0) (kInferenceRelu). x [B, ..., C] is described to
+// oneDNN as what it is, B images of M / B pixels in NHWC: as [M, C] its kernels ran 2.5-2.8x
+// slower, forward and backward, bfloat16 and float32 (BENCHMARKS.md, 2026-12-06).
 enum class NormPass { kForward, kBackward, kInference, kInferenceRelu };
 
 struct NormPlan {
@@ -433,17 +435,18 @@ struct NormPlan {
   dnnl::memory::desc rows_md, channels_md;
 };
 
-ffi::Error RunNorm(NormPass pass, dt type, int64_t rows, int64_t channels, float epsilon,
-                   const std::unordered_map<int, void*>& args) {
+ffi::Error RunNorm(NormPass pass, dt type, int64_t batch, int64_t rows, int64_t channels,
+                   float epsilon, const std::unordered_map<int, void*>& args) {
   using tag = dnnl::memory::format_tag;
   using flag = dnnl::normalization_flags;
   std::lock_guard<std::mutex> guard(Lock());
-  static std::map<std::tuple<NormPass, dt, int64_t, int64_t, float>, std::unique_ptr<NormPlan>>
+  static std::map<std::tuple<NormPass, dt, int64_t, int64_t, int64_t, float>,
+                  std::unique_ptr<NormPlan>>
       plans;
-  auto& plan = plans[{pass, type, rows, channels, epsilon}];
+  auto& plan = plans[{pass, type, batch, rows, channels, epsilon}];
   if (!plan) {
     plan = std::make_unique<NormPlan>();
-    plan->rows_md = Desc({rows, channels}, tag::nc, type);
+    plan->rows_md = Desc({batch, channels, 1, rows / batch}, tag::nhwc, type);
     plan->channels_md = Desc({channels}, tag::a);
     const bool inference = pass == NormPass::kInference || pass == NormPass::kInferenceRelu;
     const auto flags = flag::use_scale | flag::use_shift |
@@ -483,8 +486,9 @@ bool ActivationType(dt* type, const ffi::AnyBuffer& first, const Buffers&... res
          ((rest.element_type() == first.element_type()) && ...);
 }
 
-// RunNorm on x [..., C] (C: the per-channel operands' length) after checking that the
-// activations (x and the others, `named` as in " and y") share a dtype oneDNN takes.
+// RunNorm on x [..., C] (C: the per-channel operands' length; its first axis the batch
+// where it has three or more) after checking that the activations (x and the others,
+// `named` as in " and y") share a dtype oneDNN takes.
 template <typename... Buffers>
 ffi::Error Norm(NormPass pass, int64_t channels, float epsilon, const char* named,
                 const std::unordered_map<int, void*>& args, const ffi::AnyBuffer& x,
@@ -494,8 +498,11 @@ ffi::Error Norm(NormPass pass, int64_t channels, float epsilon, const char* name
     return ffi::Error::InvalidArgument(std::string("batch norm's x") + named +
                                        " must be float32 or bfloat16");
   }
+  const int64_t rows = x.element_count() / channels;
+  const auto d = x.dimensions();
+  const int64_t batch = d.size() >= 3 && d[0] > 0 ? d[0] : std::max<int64_t>(rows, 1);
   return Guarded("batch norm", [&] {
-    return RunNorm(pass, type, x.element_count() / channels, channels, epsilon, args);
+    return RunNorm(pass, type, batch, rows, channels, epsilon, args);
   });
 }
 
