@@ -79,8 +79,8 @@ def end_process(status: int) -> NoReturn:
   stdout and stderr are flushed and ``os._exit`` skips the rest, the interpreter's teardown
   of the modules (JAX's, XLA's client), which writes nothing: the runs close what they
   write (``train_and_evaluate``'s TensorBoard events also when it fails). Ctrl-C while
-  threads are joined exits with 130, a closed stdout (``| head``) with 120, as Python
-  does."""
+  threads are joined exits with 130 (where Python would keep the status); a closed pipe on
+  stdout (``| head``) with 120, as Python does."""
   try:
     threading._shutdown()  # pylint: disable=protected-access
   except KeyboardInterrupt:
@@ -90,8 +90,10 @@ def end_process(status: int) -> NoReturn:
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()
-    except (OSError, ValueError):  # a closed pipe
-      status = status or 120
+    except OSError:  # a closed pipe
+      status = 120
+    except ValueError:  # a stream the program closed: nothing to flush
+      pass
   os._exit(status)
 
 

@@ -426,8 +426,8 @@ ffi::Error RunConv(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b,
 // statistics per channel over all M rows (biased variance), y = (x - mean) / sqrt(var + eps)
 // * scale + shift, and its backward, dx, dscale and dshift from dy; in inference mode y from
 // the given mean and var, and max(y, 0) (kInferenceRelu). x [B, ..., C] is described to
-// oneDNN as what it is, B images of M / B pixels in NHWC: as [M, C] its kernels ran 2.5-2.8x
-// slower, forward and backward, bfloat16 and float32 (BENCHMARKS.md, 2026-12-06).
+// oneDNN as what it is, B images of M / B pixels in NHWC: as [M, C] its kernels ran 2.0-3.4x
+// slower in bfloat16, 1.4-1.7x in float32 (BNCNN's 32x32x32 layer; BENCHMARKS.md, 2026-12-06).
 enum class NormPass { kForward, kBackward, kInference, kInferenceRelu };
 
 struct NormPlan {
