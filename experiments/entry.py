@@ -63,12 +63,15 @@ def command_flags(distributed: bool = False) -> flags.FlagValues:
 INTERRUPTED = 130
 
 
-def _is_command(module: str = "experiments") -> bool:
-  """Whether this process is ``python -m experiments.<command>`` (``module``: or that
-  module, exactly)."""
+def _main_module() -> str:
+  """The module of ``python -m MODULE ...`` this process runs ('' otherwise)."""
   argv = sys.orig_argv
-  return (len(argv) >= 3 and argv[1] == "-m"
-          and (argv[2].split(".")[0] == "experiments" or argv[2] == module))
+  return argv[2] if len(argv) >= 3 and argv[1] == "-m" else ""
+
+
+def _is_command() -> bool:
+  """Whether this process is ``python -m experiments.<command>``."""
+  return _main_module().split(".")[0] == "experiments"
 
 
 def end_process(status: int) -> NoReturn:
@@ -106,7 +109,7 @@ def prepare_process() -> None:
   changes = runtime.process_environment(os.environ)
   if "XLA_FLAGS" in changes:
     os.environ["XLA_FLAGS"] = changes["XLA_FLAGS"]
-  if "GLIBC_TUNABLES" in changes and _is_command("benchmarks"):
+  if "GLIBC_TUNABLES" in changes and (_is_command() or _main_module() == "benchmarks"):
     sys.stdout.flush()
     sys.stderr.flush()
     argv = sys.orig_argv
