@@ -5,8 +5,8 @@ r"""Throughput benchmarks of cnnjax on this machine.
   python -m benchmarks --mode=convs [--no_torch]
   python -m benchmarks --mode=input [--source cifar10.npz] [--folder hymenoptera/train]
       [--batch_sizes 32,128] [--workers 2] [--folder_batch_size 32] [--step_model bn_cnn]
-  common: [--windows 7] [--window_seconds 3] [--warmup_seconds 3] [--quiet_cores 0.1]
-      [--out BENCHMARKS.md]
+  common: [--windows 7] [--window_seconds 3] [--warmup_seconds 3] [--settle_seconds 0.5]
+      [--quiet_cores 0.1] [--out BENCHMARKS.md]
 
 models: a train step of each cnnjax model against its PyTorch peer (benchmarks/model_rows.py);
 convs: each model convolution under lax, cnnjax's lowering and PyTorch
@@ -85,6 +85,8 @@ def _flag_values() -> flags.FlagValues:
                            flag_values=fv)
   flags.DEFINE_float("warmup_seconds", 3.0, "untimed work before the windows", lower_bound=0,
                      **define)
+  flags.DEFINE_float("settle_seconds", 0.5, "untimed work before each window of a row whose "
+                     "variants take turns", lower_bound=0, **define)
   flags.DEFINE_float("quiet_cores", 0.1, "keep a window when other processes used fewer "
                      "cores than this", lower_bound=0, **define)
   # --mode=models and --mode=convs
@@ -151,7 +153,8 @@ def _printed(measured: Iterator[Any], header: list[str],
 
 def run(fv: flags.FlagValues, command: str) -> str:
   """Measures the mode of the parsed flags ``fv``; returns the report of ``command``."""
-  windows = harness.Windows(fv.windows, fv.window_seconds, fv.warmup_seconds, fv.quiet_cores)
+  windows = harness.Windows(fv.windows, fv.window_seconds, fv.warmup_seconds, fv.quiet_cores,
+                            fv.settle_seconds)
   notes = []
   with_torch = fv.mode != "input" and not fv.no_torch and _with_torch(notes)
   m = harness.machine(with_torch)

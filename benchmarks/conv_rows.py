@@ -14,12 +14,13 @@ both gradients (``value_and_grad`` of ``sum(y * r)`` with respect to input and k
 fixed random float32 operands, one step in flight), once with ``lax.conv_general_dilated``
 and once with ``cnnjax.models.conv.conv_general_dilated``, and, where torch is installed,
 in a process of its own, the same work in PyTorch (``conv2d`` in float32 channels_last,
-oneDNN's kernels). The table
+oneDNN's kernels), the three in turn (``harness.timed``). The table
 shows the lowering ``cnnjax.models.conv.lowering`` picks (onednn, im2col or xla), ms per
 step and GFLOP/s (3x the forward FLOPs) of each, the speedup of cnnjax over lax (a row
 lowered to XLA times the same op twice, its ~1.0x a check of the noise) and cnnjax's speed
 relative to PyTorch's.
 """
+import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator
 
@@ -168,22 +169,26 @@ def _conv_dispatch(conv_fn: Callable[..., jax.Array], spec: ConvSpec) -> Callabl
 
 
 def _conv_row(spec: ConvSpec, with_torch: bool, windows: Windows, notes: list[str]) -> ConvRow:
-  """Measures ``spec`` with lax's lowering, with cnnjax's, then (``with_torch``) with
-  PyTorch's float32 channels_last convolution in a process of its own (if that fails, a note
-  says why and the torch cells stay empty)."""
+  """Measures ``spec`` with lax's lowering, with cnnjax's and (``with_torch``) with PyTorch's
+  float32 channels_last convolution in a process of its own, in turn (``harness.timed``; if
+  the peer fails, a note says why and the torch cells stay empty)."""
   batch_size = spec.x_shape[0]
-  timed = {name: harness.timed_jax(f"{spec.title} {name}", _conv_dispatch(fn, spec),
-                                   batch_size, windows)[0]
+  sides = {name: harness.jax_side(_conv_dispatch(fn, spec), batch_size)[0]
            for name, fn in (("lax", lax.conv_general_dilated),
                             ("cnnjax", conv.conv_general_dilated))}
-  if with_torch:
-    conv_args = {"x_shape": spec.x_shape, "kernel_shape": spec.kernel_shape,
-                 "strides": spec.strides, "pads": spec.pads}
-    peer = harness.peer_process({"conv": conv_args}, windows, notes, spec.title)
-    if peer is not None:
-      timed["torch"] = harness.peer_measurement(f"{spec.title} torch", batch_size, peer, windows)
+  with contextlib.ExitStack() as stack:
+    peer = None
+    if with_torch:
+      conv_args = {"x_shape": spec.x_shape, "kernel_shape": spec.kernel_shape,
+                   "strides": spec.strides, "pads": spec.pads}
+      peer = stack.enter_context(harness.Peer({"conv": conv_args}))
+      sides.update({"torch": peer.side(v) for v in peer.variants})
+    measured = harness.timed(sides, batch_size, windows)
+  if peer is not None and peer.failure is not None:
+    harness.note(notes, f"{spec.title}: PyTorch peer not measured ({peer.failure})")
+    measured.pop("torch", None)
   return ConvRow(spec, conv.lowering(spec.x_shape, spec.kernel_shape, spec.strides,
-                                     spec.pads), **timed)
+                                     spec.pads), **measured)
 
 
 def conv_rows(with_torch: bool, windows: Windows, notes: list[str]) -> Iterator[ConvRow]:
@@ -232,5 +237,6 @@ CONV_NOTE = ("Each row times a jitted `jax.value_and_grad` of `sum(conv(x, kerne
              "(2 x B x Ho x Wo x kh x kw x Cin x Cout) per step; speedup = lax ms / cnnjax ms. "
              "torch: PyTorch's eager `conv2d` on the same shapes in float32 channels_last "
              "(oneDNN), forward and `backward()` to input and weight, `os.cpu_count()` "
-             "threads, in a process of its own per row; cnnjax / torch = torch ms / cnnjax ms "
+             "threads, in a process of its own per row, its windows taken in turn with lax's and "
+             "cnnjax's; cnnjax / torch = torch ms / cnnjax ms "
              "(> 1: cnnjax faster).")

@@ -1,15 +1,17 @@
 """Timing windows on a shared machine, and the markdown report of a run.
 
-Every figure is the median of steady-state windows after a warm-up. The CPU time that other
-processes (all but this one and its descendants, e.g. pipeline workers) used during each
-window is read from /proc; a window is kept only when they used fewer than
-``Windows.quiet_cores`` cores. When no window of a row was quiet, the row shows the median
-of all windows and is marked busy: such a figure is a lower bound, not a measurement of
-this code.
+Every figure is the median of steady-state windows after a warm-up. The variants of a row
+(JAX float32 and bf16, the PyTorch peers) take their windows in turn, round after round
+(``timed``), so that a VM whose speed drifts over minutes slows all of them alike and their
+ratios hold. The CPU time that other processes (all but this one and its descendants, e.g.
+pipeline workers or the peer) used during each window is read from /proc; a window is kept
+only when they used fewer than ``Windows.quiet_cores`` cores. When no window of a row was
+quiet, the row shows the median of all its windows and is marked busy: such a figure is a
+lower bound, not a measurement of this code.
 
-The PyTorch peers are measured in a process of their own (``peer_process``): in a process
-that had run cnnjax's steps, PyTorch's BNCNN step ran 20-25% slower (BENCHMARKS.md). That
-process imports this module for ``measure``, so JAX and cnnjax are imported where used.
+The PyTorch peers run in a process of their own (``Peer``): in a process that had run
+cnnjax's steps, PyTorch's BNCNN step ran 20-25% slower (BENCHMARKS.md). That process
+imports this module for ``Local``, so JAX and cnnjax are imported where used.
 """
 import dataclasses
 import datetime
@@ -18,9 +20,10 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 # Versions that matter for the figures beyond those of ``logs.run_info``.
 PACKAGES = ("pillow", "onednn-cpu-gomp")
@@ -29,12 +32,15 @@ TORCH_PACKAGES = ("torch", "torchvision", "efficientnet-lite-pytorch")
 
 @dataclasses.dataclass(frozen=True)
 class Windows:
-  """How each row is timed: ``count`` windows of ``seconds`` after ``warmup_seconds`` of
-  untimed work; a window is kept when other processes used fewer than ``quiet_cores``."""
+  """How each row is timed: ``count`` windows of ``seconds`` per variant after
+  ``warmup_seconds`` of untimed work, each window after ``settle_seconds`` more where a row
+  has several variants (they take turns); a window is kept when other processes used fewer
+  than ``quiet_cores``."""
   count: int
   seconds: float
   warmup_seconds: float
   quiet_cores: float
+  settle_seconds: float = 0.5
 
 
 @dataclasses.dataclass
@@ -98,41 +104,46 @@ def cpu_ticks() -> tuple[int, int]:
   return machine, sum(ticks.get(p, 0) for p in ours)
 
 
-def measure(step: Callable[[], int], sync: Callable[[], None],
-            windows: Windows) -> tuple[list[float], list[float]]:
-  """Runs ``step`` (one unit of work, returning its number of images) in timed windows
-  after the warm-up; ``sync`` waits for asynchronous work (a dispatched step) to finish.
-  A window ends after the step that crosses its length.
+class Side(Protocol):
+  """One variant of a row, timed in windows."""
 
-  Returns:
-    ``(rates, others)``: images/second and the cores other processes used, per window.
-  """
-  hz = os.sysconf("SC_CLK_TCK")
-  start = time.perf_counter()
-  while time.perf_counter() - start < windows.warmup_seconds:
-    step()
-  sync()
-  rates, others = [], []
-  for _ in range(windows.count):
+  def warm_up(self, seconds: float) -> None:
+    """Runs untimed work for ``seconds``."""
+
+  def window(self, seconds: float) -> tuple[float, float] | None:
+    """Works for ``seconds`` (to the end of the step that crosses them); returns ``(images
+    per second, cores other processes used meanwhile)``, or None if it can no longer run."""
+
+
+@dataclasses.dataclass
+class Local:
+  """A variant run in this process: ``step`` does one unit of work and returns its number
+  of images; ``sync`` waits for work still in flight (a dispatched step)."""
+  step: Callable[[], int]
+  sync: Callable[[], None]
+
+  def warm_up(self, seconds: float) -> None:
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+      self.step()
+    self.sync()
+
+  def window(self, seconds: float) -> tuple[float, float]:
     machine0, ours0 = cpu_ticks()
     start, images = time.perf_counter(), 0
-    while time.perf_counter() - start < windows.seconds:
-      images += step()
-    sync()
-    seconds = time.perf_counter() - start
+    while time.perf_counter() - start < seconds:
+      images += self.step()
+    self.sync()
+    elapsed = time.perf_counter() - start
     machine1, ours1 = cpu_ticks()
-    rates.append(images / seconds)
-    others.append(max(0.0, (machine1 - machine0) - (ours1 - ours0)) / hz / seconds)
-  return rates, others
+    others = max(0.0, (machine1 - machine0) - (ours1 - ours0)) / os.sysconf("SC_CLK_TCK")
+    return images / elapsed, others / elapsed
 
 
-def timed_jax(name: str, dispatch: Callable[[], Any], batch_size: int,
-              windows: Windows) -> tuple[Measurement, float]:
-  """Measures ``dispatch`` (launches one jitted call on a batch, returns its outputs) with
-  one call in flight, as in the training loop.
-
-  Returns the measurement and the seconds of the first call (trace, compile, one run).
-  """
+def jax_side(dispatch: Callable[[], Any], batch_size: int) -> tuple[Local, float]:
+  """``dispatch`` (launches one jitted call on a batch of ``batch_size``, returns its
+  outputs) as a side with one call in flight, as in the training loop; and the seconds of
+  its first call (trace, compile, one run), made here."""
   import jax  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   held = [jax.block_until_ready(dispatch())]
@@ -142,9 +153,27 @@ def timed_jax(name: str, dispatch: Callable[[], Any], batch_size: int,
     previous, held[0] = held[0], dispatch()
     jax.block_until_ready(previous)
     return batch_size
+  return Local(step, lambda: jax.block_until_ready(held[0])), first
 
-  rates, others = measure(step, lambda: jax.block_until_ready(held[0]), windows)
-  return Measurement(name, batch_size, None, rates, others, windows.quiet_cores), first
+
+def timed(sides: dict[str, Side], batch_size: int, windows: Windows) -> dict[str, Measurement]:
+  """Each of ``sides`` (name -> side; batches of ``batch_size``) warmed up, then timed in
+  ``windows.count`` rounds: in each round every side in turn runs ``windows.settle_seconds``
+  untimed (where there are several: caches and threads back to its own work) and one window.
+  A side that stops answering (a failed peer) keeps the windows it had."""
+  for side in sides.values():
+    side.warm_up(windows.warmup_seconds)
+  results = {name: ([], []) for name in sides}
+  for _ in range(windows.count):
+    for name, side in sides.items():
+      if len(sides) > 1:
+        side.warm_up(windows.settle_seconds)
+      figures = side.window(windows.seconds)
+      if figures is not None:
+        results[name][0].append(figures[0])
+        results[name][1].append(figures[1])
+  return {name: Measurement(name, batch_size, None, rates, others, windows.quiet_cores)
+          for name, (rates, others) in results.items()}
 
 
 def peer_environment() -> dict[str, str]:
@@ -158,27 +187,76 @@ def peer_environment() -> dict[str, str]:
   return env
 
 
-def peer_process(request: dict[str, Any], windows: Windows, notes: list[str],
-                 what: str) -> dict[str, Any] | None:
-  """What ``python -m benchmarks.torch_peers`` measures for ``request`` (see its
-  ``measure_request``) with ``windows``, in a fresh process of its own; None if that process
-  fails, with a note on ``what`` saying why (the row keeps its JAX figures)."""
-  payload = json.dumps({**request, "windows": dataclasses.asdict(windows)})
-  done = subprocess.run([sys.executable, "-m", "benchmarks.torch_peers", payload],
-                        capture_output=True, text=True, env=peer_environment(), check=False)
-  if done.returncode:
-    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    note(notes, f"{what}: PyTorch peer not measured (the PyTorch peer's process exited with "
-                f"{done.returncode}: {last})")
+class Peer:
+  """A PyTorch peer (``python -m benchmarks.torch_peers``, see its ``serve``) in a process of
+  its own for one row, alive while the row is timed: it builds the row's steps from
+  ``request``, then warms up or times one window of a variant at each command.
+
+  Attributes:
+    params: the peer's parameter count (None for a convolution).
+    variants: the names of its variants (``side`` takes one).
+    failure: why the process stopped answering ('the PyTorch peer's process exited with
+      1: ImportError: ...'), else None.
+  """
+
+  def __init__(self, request: dict[str, Any]):
+    self.failure: str | None = None
+    self._stderr = tempfile.TemporaryFile("w+")
+    self._process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.torch_peers"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=peer_environment())
+    built = self.ask(request) or {}
+    self.params: int | None = built.get("params")
+    self.variants: list[str] = built.get("variants", [])
+
+  def ask(self, message: dict[str, Any]) -> dict[str, Any] | None:
+    """The peer's answer to ``message``; None once it has failed (``failure`` says why)."""
+    if self.failure is not None:
+      return None
+    try:
+      self._process.stdin.write(json.dumps(message) + "\n")
+      self._process.stdin.flush()
+      answer = self._process.stdout.readline()
+    except OSError:  # a closed pipe: the process has ended
+      answer = ""
+    if answer:
+      return json.loads(answer)
+    code = self._process.wait()
+    self._stderr.seek(0)
+    last = (self._stderr.read().strip().splitlines() or ["no output"])[-1]
+    self.failure = f"the PyTorch peer's process exited with {code}: {last}"
     return None
-  return json.loads(done.stdout.strip().splitlines()[-1])
+
+  def side(self, variant: str) -> "PeerVariant":
+    """The side that times ``variant`` (one of ``variants``) in the peer's process."""
+    return PeerVariant(self, variant)
+
+  def close(self) -> None:
+    """Ends the process (end of input) and waits for it."""
+    if self._process.poll() is None:
+      self._process.stdin.close()
+      self._process.wait()
+    self._stderr.close()
+
+  def __enter__(self) -> "Peer":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
 
 
-def peer_measurement(name: str, batch_size: int, result: dict[str, list[float]],
-                     windows: Windows) -> Measurement:
-  """A ``Measurement`` of a peer's ``{'rates', 'others'}``."""
-  return Measurement(name, batch_size, None, result["rates"], result["others"],
-                     windows.quiet_cores)
+@dataclasses.dataclass
+class PeerVariant:
+  """A variant of a ``Peer``, timed in its process (nothing once the peer has failed)."""
+  peer: Peer
+  variant: str
+
+  def warm_up(self, seconds: float) -> None:
+    self.peer.ask({"variant": self.variant, "warm_up": seconds})
+
+  def window(self, seconds: float) -> tuple[float, float] | None:
+    answer = self.peer.ask({"variant": self.variant, "window": seconds})
+    return None if answer is None else (answer["rate"], answer["others"])
 
 
 def windows_kept(measurements: list[Measurement]) -> str:
@@ -246,7 +324,9 @@ def report(title: str, command: str, measurements: list[Measurement], table: lis
       f"- Machine: {m['machine']}", f"- Versions: {m['versions']}", f"- {m['tunables']}",
       f"- cnnjax kernels: {m['kernels']}",
       f"- Method: median images/s over {windows.count} windows of {windows.seconds:g} s "
-      f"after {windows.warmup_seconds:g} s of warm-up; a window is kept when other processes "
-      f"used < {windows.quiet_cores:g} cores during it (from /proc).",
+      f"after {windows.warmup_seconds:g} s of warm-up; the variants of a row take their "
+      f"windows in turn, each after {windows.settle_seconds:g} s of untimed work; a window "
+      f"is kept when other processes used < {windows.quiet_cores:g} cores during it "
+      f"(from /proc).",
       f"- {state}", "", *table, "", *(f"- {n}" for n in notes), "", ""]
   return "\n".join(lines)

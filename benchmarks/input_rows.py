@@ -112,9 +112,10 @@ def _pipeline_row(name: str, ds, batch_size: int, workers: int,
   batches = pipeline.prefetch(ds.repeat(), workers=workers)
   next(batches)
   first = time.perf_counter() - start
-  rates, others = harness.measure(lambda: len(next(batches)["label"]), lambda: None, windows)
+  side = harness.Local(lambda: len(next(batches)["label"]), lambda: None)
+  measured = harness.timed({name: side}, batch_size, windows)[name]
   batches.close()
-  return Measurement(name, batch_size, workers, rates, others, windows.quiet_cores, first)
+  return dataclasses.replace(measured, workers=workers, first_batch_seconds=first)
 
 
 def _train_step_row(step_model: str, batch_size: int, windows: Windows) -> Measurement:
@@ -123,8 +124,9 @@ def _train_step_row(step_model: str, batch_size: int, windows: Windows) -> Measu
   dispatch, _ = model_rows.train_dispatch(
       create_model(step_model, num_classes=model_rows.NUM_CLASSES), (),
       model_rows.synthetic_batch(batch_size, CIFAR_TRAIN_SHAPE[1:]))
-  return harness.timed_jax(f"{step_model} train step (synthetic)", dispatch, batch_size,
-                           windows)[0]
+  name = f"{step_model} train step (synthetic)"
+  return harness.timed({name: harness.jax_side(dispatch, batch_size)[0]}, batch_size,
+                       windows)[name]
 
 
 def input_rows(data: InputData, batch_sizes: list[int], workers: int, folder_batch_size: int,

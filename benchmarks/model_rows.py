@@ -16,15 +16,17 @@ step in flight; its first call (trace + compile + one step) is reported apart as
 compile time; where this machine computes bfloat16 (``cnnjax.runtime.compute_dtype``) the
 same step runs again with ``precision='bfloat16'`` (bf16 compute, float32 parameters,
 optimizer and loss). The PyTorch peers (``benchmarks.torch_peers``, where torch is
-installed) run in a process of their own per row (``harness.peer_process``: without JAX, and
+installed) run in a process of their own per row (``harness.Peer``: without JAX, and
 without cnnjax's malloc tunables), eagerly on ``os.cpu_count()`` threads with Adam in
 ``model.train()`` (a frozen base in ``eval()`` without gradients; a feature extractor in
 ``eval()`` under ``torch.inference_mode()``), in float32 NCHW, float32 channels_last and bf16 autocast
-channels_last; the table shows the faster float32 layout, bf16, and JAX's ratios: float32 to
-float32, bf16 to bf16 autocast.
+channels_last. Every variant of a row, JAX's and PyTorch's, takes its windows in turn
+(``harness.timed``). The table shows the faster float32 layout, bf16, and JAX's ratios:
+float32 to float32, bf16 to bf16 autocast.
 The parameter counts of both sides must agree (they are in the table); a row that cannot
 be built or measured is left out with a note saying why.
 """
+import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator
 
@@ -179,9 +181,10 @@ def _jax_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...]]:
 
 def _model_row(name: str, batch_size: int, with_torch: bool, windows: Windows,
                notes: list[str]) -> ModelRow:
-  """Measures the cnnjax step of row ``name`` and, ``with_torch``, each torch variant of its
-  peer in a process of their own (``harness.peer_process``), checking that the parameter
-  counts agree; a peer that fails leaves the row's torch cells empty, with a note."""
+  """Measures the cnnjax step of row ``name`` (float32, and bf16 where this machine has it)
+  and, ``with_torch``, each torch variant of its peer in a process of their own
+  (``harness.Peer``), all in turn (``harness.timed``), checking that the parameter counts
+  agree; a peer that fails leaves the row's torch cells empty, with a note."""
   spec = MODEL_ROWS[name]
   batch = synthetic_batch(batch_size, spec.image_shape)
   model, groups = _jax_model(spec)
@@ -191,30 +194,30 @@ def _model_row(name: str, batch_size: int, with_torch: bool, windows: Windows,
       return _features_dispatch(model.backbone_model(), batch, dtype)
     return train_dispatch(model, groups, batch, dtype)
   dispatch, params = jax_dispatch("float32")
-  jax_row, compile_seconds = harness.timed_jax(f"{spec.title} JAX", dispatch, batch_size,
-                                               windows)
-  del dispatch  # frees the train state before the next runs
-  jax_bf16 = None
+  sides = {}
+  sides["JAX"], compile_seconds = harness.jax_side(dispatch, batch_size)
   if runtime.compute_dtype("bfloat16")[0] == "bfloat16":
-    dispatch, _ = jax_dispatch("bfloat16")
-    jax_bf16, _ = harness.timed_jax(f"{spec.title} JAX bf16", dispatch, batch_size, windows)
-    del dispatch
-  torch_rows, peer = {}, None
-  if with_torch:
-    peer = harness.peer_process(
-        {"row": name, "kind": spec.kind, "model": spec.model, "image_shape": spec.image_shape,
-         "batch_size": batch_size, "num_classes": NUM_CLASSES,
-         "dropout": getattr(model, "dropout_rate", 0.0)}, windows, notes, name)
-  if peer is not None:
-    if peer["params"] != params:
-      raise RuntimeError(f"parameter counts differ: cnnjax {params:,}, torch "
-                         f"{peer['params']:,}; expected the same architecture")
-    torch_rows = {variant: harness.peer_measurement(f"{spec.title} torch {variant}", batch_size,
-                                                    result, windows)
-                  for variant, result in peer["variants"].items()}
+    sides["JAX bf16"], _ = harness.jax_side(jax_dispatch("bfloat16")[0], batch_size)
+  with contextlib.ExitStack() as stack:
+    peer = None
+    if with_torch:
+      peer = stack.enter_context(harness.Peer(
+          {"row": name, "kind": spec.kind, "model": spec.model, "image_shape": spec.image_shape,
+           "batch_size": batch_size, "num_classes": NUM_CLASSES,
+           "dropout": getattr(model, "dropout_rate", 0.0)}))
+      if peer.failure is None and peer.params != params:
+        raise RuntimeError(f"parameter counts differ: cnnjax {params:,}, torch "
+                           f"{peer.params:,}; expected the same architecture")
+      sides.update({f"torch {v}": peer.side(v) for v in peer.variants})
+    measured = harness.timed(sides, batch_size, windows)
+  torch_rows = {}
+  if peer is not None and peer.failure is not None:
+    harness.note(notes, f"{name}: PyTorch peer not measured ({peer.failure})")
+  elif peer is not None:
+    torch_rows = {v: measured[f"torch {v}"] for v in peer.variants}
   gflops = roofline.train_gflops(model, spec.image_shape) if spec.kind == "train" else None
-  return ModelRow(spec, batch_size, params, jax_row, compile_seconds, torch_rows, jax_bf16,
-                  gflops)
+  return ModelRow(spec, batch_size, params, measured["JAX"], compile_seconds, torch_rows,
+                  measured.get("JAX bf16"), gflops)
 
 
 def model_rows(names: list[str], batches: dict[str, int], with_torch: bool,
@@ -271,7 +274,8 @@ MODEL_NOTE = ("JAX: the cnnjax train step (`cnnjax.steps.Runner`: jit, donated s
               "jitted inference, on one synthetic uint8 batch normalised in the step; compile "
               "= its first call (trace + compile + one step), before the warm-up. PyTorch "
               "(benchmarks/torch_peers.py): the same architecture and parameter count, in a "
-              "process of its own per row (no JAX, glibc's default malloc settings), eager, "
+              "process of its own per row (no JAX, glibc's default malloc settings), its "
+              "windows taken in turn with JAX's, eager, "
               "`torch.set_num_threads(os.cpu_count())`, Adam, `model.train()`, backward, "
               "step; a frozen base in eval mode without gradients; a feature extractor in "
               "eval mode under `torch.inference_mode()`.")

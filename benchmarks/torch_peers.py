@@ -9,15 +9,16 @@ EfficientNet-Lite0 the ``efficientnet_lite_pytorch`` package's model; as backbon
 lose their classifier (and Lite0 its dropout) and return pooled features ``[B, D]``, as
 ``TransferNet``'s backbone does.
 
-The benchmark runs this module in a process of its own (``benchmarks.harness.peer_process``:
-``python -m benchmarks.torch_peers REQUEST``, see ``measure_request``), apart from JAX;
-``cnnjax`` never imports torch.
+The benchmark runs this module in a process of its own per row (``benchmarks.harness.Peer``:
+``python -m benchmarks.torch_peers``, see ``serve``), apart from JAX, and times its variants
+in turn with cnnjax's; ``cnnjax`` never imports torch.
 """
 import contextlib
+import copy
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import torch
 import torchvision
@@ -209,7 +210,7 @@ def make_step(kind: str, base: nn.Module | None, top: nn.Module | None, batch_si
       'frozen' (``base`` with requires_grad off in eval mode, ``top`` trains on its
       features) or 'features' (``base`` alone in eval mode under ``torch.inference_mode``).
     base, top: the modules the kind uses (the other may be None); moved to the variant's
-      memory format in place, so one pair serves every variant in turn.
+      memory format in place (each variant takes a copy of its own).
     batch_size: images per step.
     image_shape: ``[H, W, C]``; the batch is uint8 ``[B, C, H, W]`` in the variant's memory
       format, normalised in the step (``(x - 127) / 64``) as the cnnjax step does.
@@ -261,35 +262,55 @@ def make_step(kind: str, base: nn.Module | None, top: nn.Module | None, batch_si
   return train
 
 
-def measure_request(request: dict[str, Any]) -> dict[str, Any]:
-  """Measures what ``request`` names with ``harness.measure`` in its ``windows`` (the fields
-  of ``harness.Windows``).
+def steps_of(request: dict[str, Any]) -> tuple[int | None, dict[str, Callable[[], int]]]:
+  """``(params, {variant: step})`` of what ``request`` names.
 
   A model row (``row``, ``kind``, ``model``, ``image_shape``, ``batch_size``,
-  ``num_classes``, ``dropout``: see ``build`` and ``make_step``) returns ``{'params': n,
-  'variants': {variant: {'rates': [...], 'others': [...]}}}`` over every variant of
-  VARIANTS in turn; a convolution (``conv``: the arguments of ``make_conv_step``) returns
-  ``{'rates': [...], 'others': [...]}``.
+  ``num_classes``, ``dropout``: see ``build`` and ``make_step``) has every variant of
+  VARIANTS, each on its own copy of the modules; a convolution (``conv``: the arguments of
+  ``make_conv_step``) has one, 'f32 channels_last', and no parameter count.
   """
-  from benchmarks import harness  # pylint: disable=import-outside-toplevel
-  windows = harness.Windows(**request["windows"])
-
-  def timed(step: Callable[[], int]) -> dict[str, list[float]]:
-    rates, others = harness.measure(step, lambda: None, windows)
-    return {"rates": rates, "others": others}
   if "conv" in request:
     c = request["conv"]
-    return timed(make_conv_step(tuple(c["x_shape"]), tuple(c["kernel_shape"]),
-                                tuple(c["strides"]), [tuple(p) for p in c["pads"]]))
+    return None, {"f32 channels_last": make_conv_step(
+        tuple(c["x_shape"]), tuple(c["kernel_shape"]), tuple(c["strides"]),
+        [tuple(p) for p in c["pads"]])}
   image_shape = tuple(request["image_shape"])
-  base, top = build(request["kind"], request["row"], request["model"], image_shape,
-                    request["num_classes"], request["dropout"])
-  return {"params": count_params(base, top),
-          "variants": {variant: timed(make_step(request["kind"], base, top,
-                                                request["batch_size"], image_shape,
-                                                request["num_classes"], variant))
-                       for variant in VARIANTS}}
+  modules = build(request["kind"], request["row"], request["model"], image_shape,
+                  request["num_classes"], request["dropout"])
+  return count_params(*modules), {
+      variant: make_step(request["kind"], *copy.deepcopy(modules), request["batch_size"],
+                         image_shape, request["num_classes"], variant)
+      for variant in VARIANTS}
+
+
+def serve(commands: IO[str], answers: IO[str]) -> None:
+  """Answers ``benchmarks.harness.Peer``, one JSON line per line of ``commands``: the first
+  is a request (``steps_of``), answered ``{'params', 'variants'}``; then ``{'variant',
+  'warm_up': seconds}``, answered ``{}`` after that much untimed work, or ``{'variant',
+  'window': seconds}``, answered ``{'rate', 'others'}`` (``harness.Local.window``). Ends at
+  the end of ``commands``."""
+  from benchmarks import harness  # pylint: disable=import-outside-toplevel
+  params, steps = steps_of(json.loads(commands.readline()))
+  sides = {variant: harness.Local(step, lambda: None) for variant, step in steps.items()}
+
+  def answer(message: dict[str, Any]) -> None:
+    answers.write(json.dumps(message) + "\n")
+    answers.flush()
+  answer({"params": params, "variants": list(sides)})
+  for line in commands:
+    command = json.loads(line)
+    side = sides[command["variant"]]
+    if "warm_up" in command:
+      side.warm_up(command["warm_up"])
+      answer({})
+    else:
+      rate, others = side.window(command["window"])
+      answer({"rate": rate, "others": others})
 
 
 if __name__ == "__main__":
-  print(json.dumps(measure_request(json.loads(sys.argv[1]))), flush=True)
+  # The answers get stdout's file of their own; what else prints goes to stderr.
+  answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+  os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+  serve(sys.stdin, answers)

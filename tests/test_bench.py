@@ -3,6 +3,7 @@
 PyTorch comparisons are slow and skip without torch."""
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ import flax.linen as nn
 from benchmarks import conv_rows, harness, model_rows, roofline
 from cnnjax import onednn, runtime
 
-TINY = ["--windows", "1", "--window_seconds", "0.05", "--warmup_seconds", "0"]
+TINY = ["--windows", "1", "--window_seconds", "0.05", "--warmup_seconds", "0",
+        "--settle_seconds", "0"]
 
 
 def _run(args: list[str], capsys) -> str:
@@ -118,10 +120,13 @@ def test_models_mode_compares_jax_with_torch_peers(capsys):
 
 
 def test_a_failing_torch_peer_is_a_note_and_keeps_the_jax_figures(monkeypatch, capsys):
+  real_popen = subprocess.Popen
+
   def failing(cmd, **kwargs):  # the peer's process, as where torch does not import
-    return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nImportError: no torch\n")
+    return real_popen([sys.executable, "-c", "import sys; sys.exit('ImportError: no torch')"],
+                      **kwargs)
   monkeypatch.setattr(bench, "_with_torch", lambda notes: True)
-  monkeypatch.setattr(harness.subprocess, "run", failing)
+  monkeypatch.setattr(harness.subprocess, "Popen", failing)
   text = _run(["--mode=models", "--only", "lenet", "--model_batches", "lenet=8", *TINY], capsys)
   (row,) = _table_rows(text)
   assert row.startswith("| LeNet | 8 | 61,706 | ") and " | - | - | " in row
@@ -129,6 +134,47 @@ def test_a_failing_torch_peer_is_a_note_and_keeps_the_jax_figures(monkeypatch, c
           "ImportError: no torch)") in text
 
 
+def test_sides_take_their_windows_in_turn_and_a_failed_peer_keeps_its_windows():
+  order = []
+
+  class Counted:
+    def __init__(self, name, fail_after=None):
+      self.name, self.fail_after, self.windows = name, fail_after, 0
+
+    def warm_up(self, seconds):
+      order.append(f"warm {self.name} {seconds:g}")
+
+    def window(self, seconds):
+      self.windows += 1
+      order.append(f"window {self.name}")
+      if self.fail_after is not None and self.windows > self.fail_after:
+        return None
+      return 100.0 * self.windows, 0.5 * (self.windows % 2)
+
+  windows = harness.Windows(3, 1.0, 2.0, quiet_cores=0.1, settle_seconds=0.25)
+  measured = harness.timed({"a": Counted("a"), "b": Counted("b", fail_after=1)}, 8, windows)
+  assert order == ["warm a 2", "warm b 2",
+                   *["warm a 0.25", "window a", "warm b 0.25", "window b"] * 3]
+  assert measured["a"].rates == [100.0, 200.0, 300.0] and measured["a"].kept == [200.0]
+  assert measured["b"].rates == [100.0] and measured["b"].batch_size == 8
+  order.clear()
+  harness.timed({"alone": Counted("alone")}, 8, windows)  # nothing to take turns with
+  assert order == ["warm alone 2", "window alone", "window alone", "window alone"]
+
+
+def test_a_peer_answers_each_command_and_reports_how_it_ended():
+  pytest.importorskip("torch")
+  conv = {"conv": {"x_shape": [2, 6, 6, 3], "kernel_shape": [3, 3, 3, 4], "strides": [1, 1],
+                   "pads": [[1, 1], [1, 1]]}}
+  with harness.Peer(conv) as peer:
+    assert (peer.params, peer.variants, peer.failure) == (None, ["f32 channels_last"], None)
+    side = peer.side("f32 channels_last")
+    side.warm_up(0.0)
+    rate, others = side.window(0.05)
+    assert rate > 0 and others >= 0
+    peer.ask({"variant": "no such variant", "window": 0.05})  # the peer raises KeyError
+    assert peer.failure.startswith("the PyTorch peer's process exited with 1: KeyError: ")
+    assert side.window(0.05) is None
 def test_the_peers_run_without_the_commands_malloc_tunables(monkeypatch):
   monkeypatch.setenv("GLIBC_TUNABLES", runtime.malloc_tunables({}))
   assert "GLIBC_TUNABLES" not in harness.peer_environment()
