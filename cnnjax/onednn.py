@@ -261,7 +261,10 @@ conv_bias.defvjp(_conv_bias_fwd, _conv_bias_bwd)
 
 
 def _check_channels(x: jax.Array, *per_channel: jax.Array) -> None:
-  """The kernels read ``x.shape[-1]`` values of each per-channel operand: refuse others."""
+  """The kernels read ``x.shape[-1]`` values of each per-channel operand, and normalise at
+  least one value per channel: refuse others."""
+  if x.ndim == 0 or x.size == 0:
+    raise ValueError(f"batch norm of x {x.shape}; expected at least one channel and one row")
   if any(a.shape != x.shape[-1:] for a in per_channel):
     raise ValueError(f"batch norm of x {x.shape} with per-channel operands of shapes "
                      f"{[a.shape for a in per_channel]}; expected ({x.shape[-1]},) each")

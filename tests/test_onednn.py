@@ -452,6 +452,24 @@ def test_batch_norm_refuses_per_channel_operands_of_another_length():
     onednn.batch_norm_inference(x, mean[:5], var, scale, shift, 1e-5)
   with pytest.raises(ValueError, match=r"expected \(16,\) each"):
     onednn.batch_norm(x, scale, jnp.zeros(9), 1e-5)
+  empty = jnp.zeros((4, 0))  # no channel (the kernels would divide by it) or no row
+  with pytest.raises(ValueError, match=r"x \(4, 0\); expected at least one channel and one row"):
+    onednn.batch_norm(empty, jnp.zeros(0), jnp.zeros(0), 1e-5)
+  with pytest.raises(ValueError, match=r"x \(0, 16\); expected at least one channel"):
+    onednn.batch_norm_inference(x[0, 0, :0], mean, var, scale, shift, 1e-5)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="must hold whole rows of its channels"):
+    onednn._call("norm_fwd", [((0, 16), jnp.float32), ((16,), jnp.float32),  # the FFI's own check
+                              ((16,), jnp.float32)], x[0, 0, :0], scale, shift,
+                 epsilon=np.float32(1e-5))
+
+
+@pytest.mark.parametrize("shape", [(4, 0), (0, 16)])
+def test_the_batch_norm_module_leaves_empty_inputs_to_flax(shape, monkeypatch):
+  monkeypatch.setattr(onednn, "batch_norm", lambda *a: pytest.fail("oneDNN used"))
+  x = jnp.zeros(shape)
+  module = BatchNorm(use_running_average=False)
+  y, _ = module.apply(module.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+  assert y.shape == shape
 
 
 @pytest.mark.parametrize("options", [{}, {"use_scale": False, "use_bias": False},

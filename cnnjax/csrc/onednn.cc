@@ -498,6 +498,9 @@ ffi::Error Norm(NormPass pass, int64_t channels, float epsilon, const char* name
     return ffi::Error::InvalidArgument(std::string("batch norm's x") + named +
                                        " must be float32 or bfloat16");
   }
+  if (channels <= 0 || x.element_count() == 0 || x.element_count() % channels != 0) {
+    return ffi::Error::InvalidArgument("batch norm's x must hold whole rows of its channels");
+  }
   const int64_t rows = x.element_count() / channels;
   const auto d = x.dimensions();
   const int64_t batch = d.size() >= 3 && d[0] > 0 ? d[0] : std::max<int64_t>(rows, 1);

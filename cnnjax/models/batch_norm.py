@@ -56,7 +56,7 @@ class BatchNorm(nn.BatchNorm):
 
   def _runs_on_onednn(self, x: jax.Array, train: bool, mask: jax.Array | None) -> bool:
     return ((train or (x.dtype == jnp.bfloat16 and self.activation != "relu6"))
-            and (x.dtype != jnp.bfloat16 or x.shape[-1] % 16 == 0)
+            and (x.dtype != jnp.bfloat16 or x.shape[-1] % 16 == 0) and x.size > 0
             and mask is None and self.axis_name is None and not self.is_initializing()
             and self.param_dtype == jnp.float32 and self.dtype in (None, jnp.float32)
             and self.axis in (-1, x.ndim - 1, (-1,)) and runtime.onednn_in_use(x.dtype.name))
