@@ -20,7 +20,6 @@ step and GFLOP/s (3x the forward FLOPs) of each, the speedup of cnnjax over lax 
 lowered to XLA times the same op twice, its ~1.0x a check of the noise) and cnnjax's speed
 relative to PyTorch's.
 """
-import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator
 
@@ -128,6 +127,7 @@ CONV_SHAPES = (
     _conv_spec("Lite0 head 1x1", 32, 7, 320, 1280, 1, padding="SAME"),
 )
 CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+TORCH_VARIANT = "f32 channels_last"  # the one variant of a convolution's peer (torch_peers)
 
 
 @dataclasses.dataclass
@@ -170,25 +170,22 @@ def _conv_dispatch(conv_fn: Callable[..., jax.Array], spec: ConvSpec) -> Callabl
 
 def _conv_row(spec: ConvSpec, with_torch: bool, windows: Windows, notes: list[str]) -> ConvRow:
   """Measures ``spec`` with lax's lowering, with cnnjax's and (``with_torch``) with PyTorch's
-  float32 channels_last convolution in a process of its own, in turn (``harness.timed``; if
-  the peer fails, a note says why and the torch cells stay empty)."""
+  float32 channels_last convolution in a process of its own, in turn
+  (``harness.timed_against_peer``; if the peer fails, a note says why and the torch cells
+  stay empty)."""
   batch_size = spec.x_shape[0]
   sides = {name: harness.jax_side(_conv_dispatch(fn, spec), batch_size)[0]
            for name, fn in (("lax", lax.conv_general_dilated),
                             ("cnnjax", conv.conv_general_dilated))}
-  with contextlib.ExitStack() as stack:
-    peer = None
-    if with_torch:
-      conv_args = {"x_shape": spec.x_shape, "kernel_shape": spec.kernel_shape,
-                   "strides": spec.strides, "pads": spec.pads}
-      peer = stack.enter_context(harness.Peer({"conv": conv_args}))
-      sides.update({"torch": peer.side(v) for v in peer.variants})
-    measured = harness.timed(sides, batch_size, windows)
-  if peer is not None and peer.failure is not None:
-    harness.note(notes, f"{spec.title}: PyTorch peer not measured ({peer.failure})")
-    measured.pop("torch", None)
-  return ConvRow(spec, conv.lowering(spec.x_shape, spec.kernel_shape, spec.strides,
-                                     spec.pads), **measured)
+  if with_torch:
+    request = {"conv": {"x_shape": spec.x_shape, "kernel_shape": spec.kernel_shape,
+                        "strides": spec.strides, "pads": spec.pads}}
+    measured = harness.timed_against_peer(sides, request, batch_size, windows, spec.title,
+                                          notes)
+  else:
+    measured = harness.timed(sides, batch_size, windows, spec.title)
+  return ConvRow(spec, conv.lowering(spec.x_shape, spec.kernel_shape, spec.strides, spec.pads),
+                 measured["lax"], measured["cnnjax"], measured.get(f"torch {TORCH_VARIANT}"))
 
 
 def conv_rows(with_torch: bool, windows: Windows, notes: list[str]) -> Iterator[ConvRow]:

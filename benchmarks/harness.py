@@ -16,7 +16,9 @@ imports this module for ``Local``, so JAX and cnnjax are imported where used.
 import dataclasses
 import datetime
 import json
+import contextlib
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from typing import Any, Callable, Protocol
 
 # Versions that matter for the figures beyond those of ``logs.run_info``.
 PACKAGES = ("pillow", "onednn-cpu-gomp")
+PEER_ANSWER_SECONDS = 600  # a peer silent longer than this (building, one window) has hung
 TORCH_PACKAGES = ("torch", "torchvision", "efficientnet-lite-pytorch")
 
 
@@ -156,11 +159,13 @@ def jax_side(dispatch: Callable[[], Any], batch_size: int) -> tuple[Local, float
   return Local(step, lambda: jax.block_until_ready(held[0])), first
 
 
-def timed(sides: dict[str, Side], batch_size: int, windows: Windows) -> dict[str, Measurement]:
+def timed(sides: dict[str, Side], batch_size: int, windows: Windows,
+          title: str = "") -> dict[str, Measurement]:
   """Each of ``sides`` (name -> side; batches of ``batch_size``) warmed up, then timed in
   ``windows.count`` rounds: in each round every side in turn runs ``windows.settle_seconds``
   untimed (where there are several: caches and threads back to its own work) and one window.
-  A side that stops answering (a failed peer) keeps the windows it had."""
+  A side that stops answering (a failed peer) keeps the windows it had. The measurements
+  are keyed by side and named '``title`` side'."""
   for side in sides.values():
     side.warm_up(windows.warmup_seconds)
   results = {name: ([], []) for name in sides}
@@ -172,7 +177,8 @@ def timed(sides: dict[str, Side], batch_size: int, windows: Windows) -> dict[str
       if figures is not None:
         results[name][0].append(figures[0])
         results[name][1].append(figures[1])
-  return {name: Measurement(name, batch_size, None, rates, others, windows.quiet_cores)
+  return {name: Measurement(f"{title} {name}".strip(), batch_size, None, rates, others,
+                            windows.quiet_cores)
           for name, (rates, others) in results.items()}
 
 
@@ -188,55 +194,82 @@ def peer_environment() -> dict[str, str]:
 
 
 class Peer:
-  """A PyTorch peer (``python -m benchmarks.torch_peers``, see its ``serve``) in a process of
-  its own for one row, alive while the row is timed: it builds the row's steps from
-  ``request``, then warms up or times one window of a variant at each command.
+  """A PyTorch peer (``python -m benchmarks.torch_peers FD``, see its ``serve``) in a process
+  of its own for one row, alive while the row is timed: it builds the row's steps from
+  ``request``, then warms up or times one window of a variant at each command. Answers come
+  through a pipe of their own (file descriptor FD), so nothing the libraries print can mix
+  with them; the process's stdout and stderr go to a file whose last line ``failure`` quotes.
 
   Attributes:
     params: the peer's parameter count (None for a convolution).
     variants: the names of its variants (``side`` takes one).
-    failure: why the process stopped answering ('the PyTorch peer's process exited with
-      1: ImportError: ...'), else None.
+    failure: why the peer stopped answering ('the PyTorch peer's process exited with 1:
+      ImportError: ...'), else None; it is then ended and answers nothing more.
   """
 
   def __init__(self, request: dict[str, Any]):
     self.failure: str | None = None
-    self._stderr = tempfile.TemporaryFile("w+")
-    self._process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.torch_peers"], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=peer_environment())
+    self._output = tempfile.TemporaryFile("w+")
+    read_end, write_end = os.pipe()
+    try:
+      self._process = subprocess.Popen(
+          [sys.executable, "-m", "benchmarks.torch_peers", str(write_end)], pass_fds=(write_end,),
+          stdin=subprocess.PIPE, stdout=self._output, stderr=self._output, text=True,
+          env=peer_environment())
+    finally:
+      os.close(write_end)
+    self._answers = os.fdopen(read_end)
     built = self.ask(request) or {}
     self.params: int | None = built.get("params")
     self.variants: list[str] = built.get("variants", [])
 
   def ask(self, message: dict[str, Any]) -> dict[str, Any] | None:
-    """The peer's answer to ``message``; None once it has failed (``failure`` says why)."""
+    """The peer's answer to ``message``, within ``PEER_ANSWER_SECONDS``; None once it has
+    failed (``failure`` says why)."""
     if self.failure is not None:
       return None
+    answer, why = "", ""
     try:
       self._process.stdin.write(json.dumps(message) + "\n")
       self._process.stdin.flush()
-      answer = self._process.stdout.readline()
+      if select.select([self._answers], [], [], PEER_ANSWER_SECONDS)[0]:
+        answer = self._answers.readline()
+      else:
+        why = f"no answer within {PEER_ANSWER_SECONDS} s"
     except OSError:  # a closed pipe: the process has ended
-      answer = ""
-    if answer:
-      return json.loads(answer)
-    code = self._process.wait()
-    self._stderr.seek(0)
-    last = (self._stderr.read().strip().splitlines() or ["no output"])[-1]
-    self.failure = f"the PyTorch peer's process exited with {code}: {last}"
-    return None
+      pass
+    try:
+      return json.loads(answer) if answer else self._fail(why)
+    except json.JSONDecodeError:
+      return self._fail(f"answered {answer.strip()[:80]!r}")
+
+  def _fail(self, why: str) -> None:
+    """Ends the process and records why it failed: ``why`` or its exit status and last
+    line of output."""
+    code = self._end()
+    self._output.seek(0)
+    last = (self._output.read().strip().splitlines() or ["no output"])[-1]
+    self.failure = why or f"the PyTorch peer's process exited with {code}: {last}"
+
+  def _end(self) -> int:
+    """Closes the peer's input (its end) and waits for it; kills it if it does not end."""
+    with contextlib.suppress(OSError):
+      self._process.stdin.close()
+    try:
+      return self._process.wait(PEER_ANSWER_SECONDS)
+    except subprocess.TimeoutExpired:
+      self._process.kill()
+      return self._process.wait()
 
   def side(self, variant: str) -> "PeerVariant":
     """The side that times ``variant`` (one of ``variants``) in the peer's process."""
     return PeerVariant(self, variant)
 
   def close(self) -> None:
-    """Ends the process (end of input) and waits for it."""
-    if self._process.poll() is None:
-      self._process.stdin.close()
-      self._process.wait()
-    self._stderr.close()
+    """Ends the process and closes the pipes and the output file."""
+    self._end()
+    self._answers.close()
+    self._output.close()
 
   def __enter__(self) -> "Peer":
     return self
@@ -257,6 +290,28 @@ class PeerVariant:
   def window(self, seconds: float) -> tuple[float, float] | None:
     answer = self.peer.ask({"variant": self.variant, "window": seconds})
     return None if answer is None else (answer["rate"], answer["others"])
+
+
+def timed_against_peer(sides: dict[str, Side], request: dict[str, Any], batch_size: int,
+                       windows: Windows, title: str, notes: list[str],
+                       params: int | None = None) -> dict[str, Measurement]:
+  """``timed`` of ``sides`` and, as 'torch VARIANT', the variants of a ``Peer`` of
+  ``request``, all in turn. A peer that fails (at its start or during the windows) leaves
+  only ``sides``' measurements, with a note on ``title`` saying why.
+
+  Raises:
+    RuntimeError: the peer's model has other than ``params`` parameters (when given).
+  """
+  with Peer(request) as peer:
+    if peer.failure is None and params is not None and peer.params != params:
+      raise RuntimeError(f"parameter counts differ: cnnjax {params:,}, torch "
+                         f"{peer.params:,}; expected the same architecture")
+    measured = timed({**sides, **{f"torch {v}": peer.side(v) for v in peer.variants}},
+                     batch_size, windows, title)
+  if peer.failure is not None:
+    note(notes, f"{title}: PyTorch peer not measured ({peer.failure})")
+    return {name: m for name, m in measured.items() if name in sides}
+  return measured
 
 
 def windows_kept(measurements: list[Measurement]) -> str:
@@ -324,8 +379,9 @@ def report(title: str, command: str, measurements: list[Measurement], table: lis
       f"- Machine: {m['machine']}", f"- Versions: {m['versions']}", f"- {m['tunables']}",
       f"- cnnjax kernels: {m['kernels']}",
       f"- Method: median images/s over {windows.count} windows of {windows.seconds:g} s "
-      f"after {windows.warmup_seconds:g} s of warm-up; the variants of a row take their "
-      f"windows in turn, each after {windows.settle_seconds:g} s of untimed work; a window "
+      f"after {windows.warmup_seconds:g} s of warm-up; the variants of a row (where it has "
+      f"several) take their windows in turn, each after {windows.settle_seconds:g} s of "
+      f"untimed work; a window "
       f"is kept when other processes used < {windows.quiet_cores:g} cores during it "
       f"(from /proc).",
       f"- {state}", "", *table, "", *(f"- {n}" for n in notes), "", ""]

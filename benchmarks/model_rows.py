@@ -26,7 +26,6 @@ float32 to float32, bf16 to bf16 autocast.
 The parameter counts of both sides must agree (they are in the table); a row that cannot
 be built or measured is left out with a note saying why.
 """
-import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator
 
@@ -182,9 +181,10 @@ def _jax_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...]]:
 def _model_row(name: str, batch_size: int, with_torch: bool, windows: Windows,
                notes: list[str]) -> ModelRow:
   """Measures the cnnjax step of row ``name`` (float32, and bf16 where this machine has it)
-  and, ``with_torch``, each torch variant of its peer in a process of their own
-  (``harness.Peer``), all in turn (``harness.timed``), checking that the parameter counts
-  agree; a peer that fails leaves the row's torch cells empty, with a note."""
+  and, ``with_torch``, each torch variant of its peer in a process of their own, all in
+  turn (``harness.timed_against_peer``: the parameter counts must agree; a peer that fails
+  leaves the row's torch cells empty, with a note). Both JAX steps and the peer's models
+  are alive together."""
   spec = MODEL_ROWS[name]
   batch = synthetic_batch(batch_size, spec.image_shape)
   model, groups = _jax_model(spec)
@@ -198,23 +198,16 @@ def _model_row(name: str, batch_size: int, with_torch: bool, windows: Windows,
   sides["JAX"], compile_seconds = harness.jax_side(dispatch, batch_size)
   if runtime.compute_dtype("bfloat16")[0] == "bfloat16":
     sides["JAX bf16"], _ = harness.jax_side(jax_dispatch("bfloat16")[0], batch_size)
-  with contextlib.ExitStack() as stack:
-    peer = None
-    if with_torch:
-      peer = stack.enter_context(harness.Peer(
-          {"row": name, "kind": spec.kind, "model": spec.model, "image_shape": spec.image_shape,
-           "batch_size": batch_size, "num_classes": NUM_CLASSES,
-           "dropout": getattr(model, "dropout_rate", 0.0)}))
-      if peer.failure is None and peer.params != params:
-        raise RuntimeError(f"parameter counts differ: cnnjax {params:,}, torch "
-                           f"{peer.params:,}; expected the same architecture")
-      sides.update({f"torch {v}": peer.side(v) for v in peer.variants})
-    measured = harness.timed(sides, batch_size, windows)
-  torch_rows = {}
-  if peer is not None and peer.failure is not None:
-    harness.note(notes, f"{name}: PyTorch peer not measured ({peer.failure})")
-  elif peer is not None:
-    torch_rows = {v: measured[f"torch {v}"] for v in peer.variants}
+  if with_torch:
+    request = {"row": name, "kind": spec.kind, "model": spec.model,
+               "image_shape": spec.image_shape, "batch_size": batch_size,
+               "num_classes": NUM_CLASSES, "dropout": getattr(model, "dropout_rate", 0.0)}
+    measured = harness.timed_against_peer(sides, request, batch_size, windows, spec.title,
+                                          notes, params)
+  else:
+    measured = harness.timed(sides, batch_size, windows, spec.title)
+  torch_rows = {name.removeprefix("torch "): m for name, m in measured.items()
+                if name.startswith("torch ")}
   gflops = roofline.train_gflops(model, spec.image_shape) if spec.kind == "train" else None
   return ModelRow(spec, batch_size, params, measured["JAX"], compile_seconds, torch_rows,
                   measured.get("JAX bf16"), gflops)

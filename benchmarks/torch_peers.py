@@ -10,8 +10,9 @@ lose their classifier (and Lite0 its dropout) and return pooled features ``[B, D
 ``TransferNet``'s backbone does.
 
 The benchmark runs this module in a process of its own per row (``benchmarks.harness.Peer``:
-``python -m benchmarks.torch_peers``, see ``serve``), apart from JAX, and times its variants
-in turn with cnnjax's; ``cnnjax`` never imports torch.
+``python -m benchmarks.torch_peers FD``, see ``serve``; answers go to file descriptor FD),
+apart from JAX, and times its variants in turn with cnnjax's; ``cnnjax`` never imports
+torch.
 """
 import contextlib
 import copy
@@ -310,7 +311,4 @@ def serve(commands: IO[str], answers: IO[str]) -> None:
 
 
 if __name__ == "__main__":
-  # The answers get stdout's file of their own; what else prints goes to stderr.
-  answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-  os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-  serve(sys.stdin, answers)
+  serve(sys.stdin, os.fdopen(int(sys.argv[1]), "w"))  # answers on the harness's own pipe

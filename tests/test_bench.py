@@ -130,8 +130,28 @@ def test_a_failing_torch_peer_is_a_note_and_keeps_the_jax_figures(monkeypatch, c
   text = _run(["--mode=models", "--only", "lenet", "--model_batches", "lenet=8", *TINY], capsys)
   (row,) = _table_rows(text)
   assert row.startswith("| LeNet | 8 | 61,706 | ") and " | - | - | " in row
-  assert ("- lenet: PyTorch peer not measured (the PyTorch peer's process exited with 1: "
+  assert ("- LeNet: PyTorch peer not measured (the PyTorch peer's process exited with 1: "
           "ImportError: no torch)") in text
+
+
+@pytest.mark.slow
+def test_a_peer_that_dies_during_the_windows_is_a_note_and_keeps_the_jax_figures(
+    monkeypatch, capsys):
+  pytest.importorskip("torch")
+  real_ask, asked = harness.Peer.ask, []
+
+  def dying(peer, message):  # the peer's process killed after its first window
+    if "window" in message and asked:
+      peer._process.kill()
+    asked.extend(["window"] if "window" in message else [])
+    return real_ask(peer, message)
+  monkeypatch.setattr(harness.Peer, "ask", dying)
+  text = _run(["--mode=models", "--only", "lenet", "--model_batches", "lenet=8", "--windows",
+               "2", "--window_seconds", "0.05", "--warmup_seconds", "0", "--settle_seconds",
+               "0"], capsys)
+  (row,) = _table_rows(text)
+  assert row.startswith("| LeNet | 8 | 61,706 | ") and " | - | - | " in row
+  assert "- LeNet: PyTorch peer not measured (the PyTorch peer's process exited with -9: " in text
 
 
 def test_sides_take_their_windows_in_turn_and_a_failed_peer_keeps_its_windows():

@@ -463,6 +463,7 @@ def test_batch_norm_refuses_per_channel_operands_of_another_length():
                  epsilon=np.float32(1e-5))
 
 
+@needs_onednn
 @pytest.mark.parametrize("shape", [(4, 0), (0, 16)])
 def test_the_batch_norm_module_leaves_empty_inputs_to_flax(shape, monkeypatch):
   monkeypatch.setattr(onednn, "batch_norm", lambda *a: pytest.fail("oneDNN used"))

@@ -503,7 +503,7 @@ ffi::Error Norm(NormPass pass, int64_t channels, float epsilon, const char* name
   }
   const int64_t rows = x.element_count() / channels;
   const auto d = x.dimensions();
-  const int64_t batch = d.size() >= 3 && d[0] > 0 ? d[0] : std::max<int64_t>(rows, 1);
+  const int64_t batch = d.size() >= 3 ? d[0] : rows;
   return Guarded("batch norm", [&] {
     return RunNorm(pass, type, batch, rows, channels, epsilon, args);
   });
