@@ -244,8 +244,10 @@ class Peer:
       return self._fail(f"answered {answer.strip()[:80]!r}")
 
   def _fail(self, why: str) -> None:
-    """Ends the process and records why it failed: ``why`` or its exit status and last
-    line of output."""
+    """Ends the process (killed when it is still running: ``why`` says it misbehaved) and
+    records why it failed: ``why`` or its exit status and last line of output."""
+    if why:
+      self._process.kill()
     code = self._end()
     self._output.seek(0)
     last = (self._output.read().strip().splitlines() or ["no output"])[-1]

@@ -2,8 +2,10 @@
 ``--mode=models`` (small models) and ``--mode=convs`` (tiny shapes), with tiny windows; the
 PyTorch comparisons are slow and skip without torch."""
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -180,6 +182,21 @@ def test_sides_take_their_windows_in_turn_and_a_failed_peer_keeps_its_windows():
   order.clear()
   harness.timed({"alone": Counted("alone")}, 8, windows)  # nothing to take turns with
   assert order == ["warm alone 2", "window alone", "window alone", "window alone"]
+
+
+def test_a_peer_that_answers_nonsense_is_ended_with_what_it_said(monkeypatch):
+  real_popen = subprocess.Popen
+
+  def babbling(cmd, **kwargs):  # writes a line that is not JSON, then hangs
+    script = "import os, sys, time; os.write(int(sys.argv[1]), b'hello\\n'); time.sleep(600)"
+    return real_popen([sys.executable, "-c", script, cmd[-1]], **kwargs)
+  monkeypatch.setattr(harness.subprocess, "Popen", babbling)
+  monkeypatch.setattr(harness, "PEER_ANSWER_SECONDS", 60)
+  start = time.monotonic()
+  with harness.Peer({"conv": {}}) as peer:
+    assert peer.failure == "answered 'hello'" and peer.variants == []
+    assert peer._process.returncode == -signal.SIGKILL
+  assert time.monotonic() - start < 30  # killed at once, not after the 60 s a peer is given
 
 
 def test_a_peer_answers_each_command_and_reports_how_it_ended():
