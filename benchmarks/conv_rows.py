@@ -177,13 +177,10 @@ def _conv_row(spec: ConvSpec, with_torch: bool, windows: Windows, notes: list[st
   sides = {name: harness.jax_side(_conv_dispatch(fn, spec), batch_size)[0]
            for name, fn in (("lax", lax.conv_general_dilated),
                             ("cnnjax", conv.conv_general_dilated))}
-  if with_torch:
-    request = {"conv": {"x_shape": spec.x_shape, "kernel_shape": spec.kernel_shape,
-                        "strides": spec.strides, "pads": spec.pads}}
-    measured = harness.timed_against_peer(sides, request, batch_size, windows, spec.title,
-                                          notes)
-  else:
-    measured = harness.timed(sides, batch_size, windows, spec.title)
+  request = {"conv": {"x_shape": spec.x_shape, "kernel_shape": spec.kernel_shape,
+                      "strides": spec.strides, "pads": spec.pads}}
+  measured = harness.timed_against_peer(sides, request if with_torch else None, batch_size,
+                                        windows, spec.title, notes)
   return ConvRow(spec, conv.lowering(spec.x_shape, spec.kernel_shape, spec.strides, spec.pads),
                  measured["lax"], measured["cnnjax"], measured.get(f"torch {TORCH_VARIANT}"))
 

@@ -13,10 +13,10 @@ The PyTorch peers run in a process of their own (``Peer``): in a process that ha
 cnnjax's steps, PyTorch's BNCNN step ran 20-25% slower (BENCHMARKS.md). That process
 imports this module for ``Local``, so JAX and cnnjax are imported where used.
 """
+import contextlib
 import dataclasses
 import datetime
 import json
-import contextlib
 import os
 import select
 import statistics
@@ -29,8 +29,8 @@ from typing import Any, Callable, Protocol
 
 # Versions that matter for the figures beyond those of ``logs.run_info``.
 PACKAGES = ("pillow", "onednn-cpu-gomp")
-PEER_ANSWER_SECONDS = 600  # a peer silent longer than this (building, one window) has hung
 TORCH_PACKAGES = ("torch", "torchvision", "efficientnet-lite-pytorch")
+PEER_ANSWER_SECONDS = 600  # a peer silent longer than this (building, one window) has hung
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,16 +294,19 @@ class PeerVariant:
     return None if answer is None else (answer["rate"], answer["others"])
 
 
-def timed_against_peer(sides: dict[str, Side], request: dict[str, Any], batch_size: int,
-                       windows: Windows, title: str, notes: list[str],
+def timed_against_peer(sides: dict[str, Side], request: dict[str, Any] | None,
+                       batch_size: int, windows: Windows, title: str, notes: list[str],
                        params: int | None = None) -> dict[str, Measurement]:
   """``timed`` of ``sides`` and, as 'torch VARIANT', the variants of a ``Peer`` of
-  ``request``, all in turn. A peer that fails (at its start or during the windows) leaves
-  only ``sides``' measurements, with a note on ``title`` saying why.
+  ``request`` (None: ``sides`` alone), all in turn. A peer that fails (at its start or
+  during the windows) leaves only ``sides``' measurements, with a note on ``title`` saying
+  why.
 
   Raises:
     RuntimeError: the peer's model has other than ``params`` parameters (when given).
   """
+  if request is None:
+    return timed(sides, batch_size, windows, title)
   with Peer(request) as peer:
     if peer.failure is None and params is not None and peer.params != params:
       raise RuntimeError(f"parameter counts differ: cnnjax {params:,}, torch "
@@ -383,8 +386,7 @@ def report(title: str, command: str, measurements: list[Measurement], table: lis
       f"- Method: median images/s over {windows.count} windows of {windows.seconds:g} s "
       f"after {windows.warmup_seconds:g} s of warm-up; the variants of a row (where it has "
       f"several) take their windows in turn, each after {windows.settle_seconds:g} s of "
-      f"untimed work; a window "
-      f"is kept when other processes used < {windows.quiet_cores:g} cores during it "
-      f"(from /proc).",
+      f"untimed work; a window is kept when other processes used < {windows.quiet_cores:g} "
+      f"cores during it (from /proc).",
       f"- {state}", "", *table, "", *(f"- {n}" for n in notes), "", ""]
   return "\n".join(lines)

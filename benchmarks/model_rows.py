@@ -198,16 +198,13 @@ def _model_row(name: str, batch_size: int, with_torch: bool, windows: Windows,
   sides["JAX"], compile_seconds = harness.jax_side(dispatch, batch_size)
   if runtime.compute_dtype("bfloat16")[0] == "bfloat16":
     sides["JAX bf16"], _ = harness.jax_side(jax_dispatch("bfloat16")[0], batch_size)
-  if with_torch:
-    request = {"row": name, "kind": spec.kind, "model": spec.model,
-               "image_shape": spec.image_shape, "batch_size": batch_size,
-               "num_classes": NUM_CLASSES, "dropout": getattr(model, "dropout_rate", 0.0)}
-    measured = harness.timed_against_peer(sides, request, batch_size, windows, spec.title,
-                                          notes, params)
-  else:
-    measured = harness.timed(sides, batch_size, windows, spec.title)
-  torch_rows = {name.removeprefix("torch "): m for name, m in measured.items()
-                if name.startswith("torch ")}
+  request = {"row": name, "kind": spec.kind, "model": spec.model,
+             "image_shape": spec.image_shape, "batch_size": batch_size,
+             "num_classes": NUM_CLASSES, "dropout": getattr(model, "dropout_rate", 0.0)}
+  measured = harness.timed_against_peer(sides, request if with_torch else None, batch_size,
+                                        windows, spec.title, notes, params)
+  torch_rows = {side.removeprefix("torch "): m for side, m in measured.items()
+                if side.startswith("torch ")}
   gflops = roofline.train_gflops(model, spec.image_shape) if spec.kind == "train" else None
   return ModelRow(spec, batch_size, params, measured["JAX"], compile_seconds, torch_rows,
                   measured.get("JAX bf16"), gflops)

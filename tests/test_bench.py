@@ -121,14 +121,16 @@ def test_models_mode_compares_jax_with_torch_peers(capsys):
   assert "not measured" not in text
 
 
-def test_a_failing_torch_peer_is_a_note_and_keeps_the_jax_figures(monkeypatch, capsys):
+def _peers_run(script: str, monkeypatch) -> None:
+  """Peers run ``python -c script FD`` (FD: the answers' pipe) instead of torch_peers."""
   real_popen = subprocess.Popen
+  monkeypatch.setattr(harness.subprocess, "Popen", lambda cmd, **kwargs: real_popen(
+      [sys.executable, "-c", script, cmd[-1]], **kwargs))
 
-  def failing(cmd, **kwargs):  # the peer's process, as where torch does not import
-    return real_popen([sys.executable, "-c", "import sys; sys.exit('ImportError: no torch')"],
-                      **kwargs)
+
+def test_a_failing_torch_peer_is_a_note_and_keeps_the_jax_figures(monkeypatch, capsys):
   monkeypatch.setattr(bench, "_with_torch", lambda notes: True)
-  monkeypatch.setattr(harness.subprocess, "Popen", failing)
+  _peers_run("import sys; sys.exit('ImportError: no torch')", monkeypatch)  # no torch there
   text = _run(["--mode=models", "--only", "lenet", "--model_batches", "lenet=8", *TINY], capsys)
   (row,) = _table_rows(text)
   assert row.startswith("| LeNet | 8 | 61,706 | ") and " | - | - | " in row
@@ -140,12 +142,13 @@ def test_a_failing_torch_peer_is_a_note_and_keeps_the_jax_figures(monkeypatch, c
 def test_a_peer_that_dies_during_the_windows_is_a_note_and_keeps_the_jax_figures(
     monkeypatch, capsys):
   pytest.importorskip("torch")
-  real_ask, asked = harness.Peer.ask, []
+  real_ask, windows = harness.Peer.ask, []
 
   def dying(peer, message):  # the peer's process killed after its first window
-    if "window" in message and asked:
-      peer._process.kill()
-    asked.extend(["window"] if "window" in message else [])
+    if "window" in message:
+      if windows:
+        peer._process.kill()
+      windows.append(message)
     return real_ask(peer, message)
   monkeypatch.setattr(harness.Peer, "ask", dying)
   text = _run(["--mode=models", "--only", "lenet", "--model_batches", "lenet=8", "--windows",
@@ -156,7 +159,7 @@ def test_a_peer_that_dies_during_the_windows_is_a_note_and_keeps_the_jax_figures
   assert "- LeNet: PyTorch peer not measured (the PyTorch peer's process exited with -9: " in text
 
 
-def test_sides_take_their_windows_in_turn_and_a_failed_peer_keeps_its_windows():
+def test_sides_take_their_windows_in_turn_and_one_that_stops_keeps_its_windows():
   order = []
 
   class Counted:
@@ -185,12 +188,8 @@ def test_sides_take_their_windows_in_turn_and_a_failed_peer_keeps_its_windows():
 
 
 def test_a_peer_that_answers_nonsense_is_ended_with_what_it_said(monkeypatch):
-  real_popen = subprocess.Popen
-
-  def babbling(cmd, **kwargs):  # writes a line that is not JSON, then hangs
-    script = "import os, sys, time; os.write(int(sys.argv[1]), b'hello\\n'); time.sleep(600)"
-    return real_popen([sys.executable, "-c", script, cmd[-1]], **kwargs)
-  monkeypatch.setattr(harness.subprocess, "Popen", babbling)
+  _peers_run("import os, sys, time; os.write(int(sys.argv[1]), b'hello\\n'); time.sleep(600)",
+             monkeypatch)  # a line that is not JSON, then hangs
   monkeypatch.setattr(harness, "PEER_ANSWER_SECONDS", 60)
   start = time.monotonic()
   with harness.Peer({"conv": {}}) as peer:
